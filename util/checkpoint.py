@@ -1,0 +1,114 @@
+"""Checkpoints: atomic saving, safe loading (``weights_only=True``), hash verification, key checks.
+
+Layout (SPEC 8, the released one): ``{"model", "optimizer", "epoch", "scaler", "args"}``; this project adds
+``"stats"`` (normalisation statistics used), ``"schedule"`` (optional state of extra schedules) and
+``"format_version"``. ``args`` is a plain dict here; released files hold an ``argparse.Namespace``, which
+is allow-listed for loading.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from sarwmix.errors import CheckpointError
+
+FORMAT_VERSION = 1
+CHECKSUMS_FILE = Path(__file__).resolve().parents[1] / "CHECKSUMS.txt"
+
+
+def save_atomic(obj: dict, path: str | Path) -> Path:
+    """Write ``obj`` with torch.save to a temporary file, fsync, then rename over ``path``.
+
+    A crash or kill at any moment leaves either the previous file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def known_hashes(checksums: Path = CHECKSUMS_FILE) -> dict[str, str]:
+    """File name -> SHA-256 from a ``sha256sum``-format file (empty when the file is absent)."""
+    if not checksums.exists():
+        return {}
+    out = {}
+    for line in checksums.read_text().splitlines():
+        m = re.match(r"^([0-9a-fA-F]{64})\s+\*?(.+?)\s*$", line)
+        if m:
+            out[Path(m.group(2)).name] = m.group(1).lower()
+    return out
+
+
+def verify(path: Path, expected: str | None) -> None:
+    """Refuse a file whose SHA-256 differs from ``expected`` (or from CHECKSUMS.txt for its name)."""
+    expected = expected or known_hashes().get(path.name)
+    if not expected:
+        return
+    actual = sha256_of(path)
+    if actual != expected.lower():
+        raise CheckpointError(f"{path}: SHA-256 mismatch: expected {expected.lower()}, got {actual}; "
+                              f"the file is corrupted or not the released one")
+
+
+def load_checkpoint(path: str | Path, sha256: str | None = None) -> dict:
+    """Load a checkpoint safely on the CPU (``weights_only=True``), verifying its hash when known.
+
+    Raises CheckpointError for a missing, truncated, corrupted or non-checkpoint file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    verify(path, sha256)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupted?): {first}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    return ckpt
+
+
+def model_state(ckpt: dict, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model state dict of a checkpoint (``model`` key, or a bare state dict)."""
+    sd = ckpt.get("model", ckpt)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: no model state dict found (keys: {sorted(ckpt)[:8]})")
+    return sd
+
+
+def args_dict(args) -> dict:
+    """A checkpoint's ``args`` as a plain dict, whether it is a Namespace (released) or a dict (ours)."""
+    if args is None:
+        return {}
+    return dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+
+
+def check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise CheckpointError naming the first key whose shape does not fit the model."""
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            raise CheckpointError(f"{path}: shape of {k!r} is {tuple(v.shape)} in the checkpoint but "
+                                  f"{tuple(own[k].shape)} in the model; wrong --model or --input_size?")

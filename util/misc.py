@@ -1,0 +1,158 @@
+"""Distributed setup, precision, seeding and run-output helpers shared by both entry points."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("sarwmix")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "none"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# (launcher, rank var, world-size var, local-rank var), checked in this order.
+_LAUNCHER_VARS = (
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+
+
+def dist_env(env: Mapping[str, str]) -> DistInfo:
+    """Read rank, world size and local rank from torchrun, Open MPI, MPICH/PMI or SLURM variables.
+
+    A launcher that gives no local rank (some PMI setups) falls back to ``rank % local world size``
+    when ``LOCAL_WORLD_SIZE``/``MPI_LOCALNRANKS`` is known, else to 0.
+    """
+    for name, rk, ws, lr in _LAUNCHER_VARS:
+        if rk in env and ws in env:
+            rank, world = int(env[rk]), int(env[ws])
+            if lr in env:
+                local = int(env[lr])
+            else:
+                per_node = int(env.get("LOCAL_WORLD_SIZE", env.get("MPI_LOCALNRANKS", "0")) or 0)
+                local = rank % per_node if per_node else 0
+            return DistInfo(rank, world, local, name)
+    return DistInfo()
+
+
+def init_distributed(device_arg: str = "auto", dist_url: str = "env://") -> tuple[DistInfo, torch.device]:
+    """Start the process group if launched by torchrun/mpirun/srun; pick this rank's device.
+
+    NCCL on GPU, gloo on CPU. mpirun sets no MASTER_ADDR/PORT: the launch scripts export them; without
+    them a single-host default (127.0.0.1:29500) is used.
+    """
+    info = dist_env(os.environ)
+    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    device = torch.device(f"cuda:{info.local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if info.distributed:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=dist_url,
+                                rank=info.rank, world_size=info.world_size)
+        dist.barrier()
+    if device.type == "cpu" and "SARWMIX_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["SARWMIX_THREADS"]))
+    return info, device
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    """Average a Python float over ranks (identity when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``--amp auto|bf16|fp16|off``; None means full fp32."""
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def setup_logging(is_main: bool) -> None:
+    """Info-level logging on rank 0, warnings only elsewhere."""
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+
+
+class JsonLines:
+    """Append-only JSON-lines file, flushed per record (a killed run keeps every finished line)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._fh = open(path, "a", encoding="utf-8") if path is not None else None
+
+    def write(self, record: dict) -> None:
+        if self._fh is not None:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def truncate_jsonl(path: Path, keep: callable) -> None:
+    """Rewrite a JSON-lines log keeping the records for which ``keep(record)`` holds (used on resume)."""
+    if not path.exists():
+        return
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if keep(rec):
+            lines.append(line)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+    os.replace(tmp, path)

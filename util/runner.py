@@ -1,0 +1,187 @@
+"""What both entry points share: common flags, run setup, the epoch loop with checkpoints, and teardown.
+
+``main_pretrain.py`` and ``main_finetune.py`` only parse their own flags, build their model and step, and
+hand them to ``Trainer``; the loop, logging, resume and checkpoint code exists once, here.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sarwmix.constants import CHANNELS
+from sarwmix.errors import ConfigError
+from util.config import coerce, write_config
+from util.misc import DistInfo, JsonLines, init_distributed, resolve_amp, setup_logging
+
+log = logging.getLogger("sarwmix")
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """Flags shared by pretraining and finetuning (declared once, used as ``parents=[...]``)."""
+    from util.datasets import DATASET_NAMES
+
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--config", default=None, help="YAML file of flag: value (explicit flags win)")
+    p.add_argument("--override", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="config overrides, flag names or dotted keys (MODEL.BACKBONE=...); flags still win")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="mixmim_base", help="model name (see README)")
+    g.add_argument("--input_size", type=int, default=128, help="image side in pixels")
+    g.add_argument("--channels", nargs="+", default=list(CHANNELS), help="subset of VH VV, in that order")
+    g.add_argument("--dataset", default="synthetic", choices=DATASET_NAMES)
+    g.add_argument("--data_path", default=None, help="root of the data set (not needed for synthetic)")
+    g.add_argument("--split_file", default=None, help="official split list / CSV to select patches")
+    g.add_argument("--num_samples", type=int, default=None, help="synthetic: number of training samples")
+    g.add_argument("--skip_bad", action="store_true", help="skip (and count) unreadable patches")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=64, help="per process")
+    g.add_argument("--epochs", type=int, default=400)
+    g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff_batch / 256)")
+    g.add_argument("--blr", type=float, default=1.5e-4, help="base lr per 256 images")
+    g.add_argument("--min_lr", type=float, default=0.0)
+    g.add_argument("--warmup_epochs", type=float, default=40)
+    g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (default: log only)")
+    g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back if unavailable)")
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing in the encoder")
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default="./output_dir")
+    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
+    g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto' (output_dir/checkpoint.pth)")
+    g.add_argument("--start_epoch", type=int, default=0)
+    g.add_argument("--save_freq", type=int, default=0, help="also keep checkpoint_<N>.pth every N epochs")
+    g.add_argument("--num_workers", type=int, default=2)
+    g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--num_threads", type=int, default=0, help="torch CPU threads per process (0: torch default)")
+    g.add_argument("--dist_on_itp", action="store_true", help="accepted for compatibility; launchers are detected")
+    g.add_argument("--dist_url", default="env://")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
+    return p
+
+
+# Dotted keys of the SimMIM guide (seed 000) -> flags.
+DOTTED_KEYS: dict[str, str] = {
+    "MODEL.BACKBONE": "model", "MODEL.IN_CHANS": "in_chans", "MODEL.MASK_RATIO": "mask_ratio",
+    "MODEL.MASK_PATCH_SIZE": "mask_patch_size", "MODEL.DROP_PATH": "drop_path",
+    "DATA.IMG_SIZE": "input_size", "DATA.TRAIN_DATA": "data_path", "DATA.DATASET": "dataset",
+    "DATA.NUM_WORKERS": "num_workers", "TRAIN.BATCH_SIZE": "batch_size", "TRAIN.EPOCHS": "epochs",
+    "TRAIN.LR": "lr", "TRAIN.BASE_LR": "blr", "TRAIN.MIN_LR": "min_lr", "TRAIN.WARMUP_EPOCHS": "warmup_epochs",
+    "TRAIN.WEIGHT_DECAY": "weight_decay", "TRAIN.ACCUM_ITER": "accum_iter", "TRAIN.SEED": "seed",
+    "TRAIN.OUTPUT_DIR": "output_dir", "TRAIN.SAVE_FREQ": "save_freq", "TRAIN.CLIP_GRAD": "clip_grad",
+}
+
+
+def override_values(parser: argparse.ArgumentParser, first: argparse.Namespace) -> dict:
+    """``--override KEY=VALUE ...`` as flag values (YAML-typed), validated like config keys."""
+    import yaml
+
+    out: dict = {}
+    for item in first.override or []:
+        if "=" not in item:
+            raise ConfigError(f"--override {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        dest = DOTTED_KEYS.get(key.upper(), key) if "." in key else key
+        if "." in key and key.upper() not in DOTTED_KEYS:
+            from util.config import nearest
+
+            raise ConfigError(f"--override: unknown key {key!r}; did you mean {nearest(key.upper(), list(DOTTED_KEYS))!r}?")
+        if dest == "in_chans":  # the channel count is set through the channel list
+            n = coerce_int(raw, key)
+            dest, raw = "channels", " ".join(CHANNELS[-n:]) if n <= len(CHANNELS) else raw
+        value = yaml.safe_load(raw) if dest != "channels" else raw.split()
+        out[dest] = coerce(parser, dest, value, f"--override {key}")
+    return out
+
+
+def coerce_int(raw: str, key: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"--override {key}={raw!r}: expected an integer") from None
+
+
+@dataclass
+class Run:
+    """Process-level state of one run."""
+
+    info: DistInfo
+    device: torch.device
+    output_dir: Path
+    amp_dtype: torch.dtype | None
+    tb: object = None
+    epoch_log: JsonLines = field(default_factory=lambda: JsonLines(None))
+    step_log: JsonLines = field(default_factory=lambda: JsonLines(None))
+
+
+def derive(args: argparse.Namespace, world_size: int) -> None:
+    """Effective batch and absolute lr, computed in one place and printed once."""
+    args.channels = list(args.channels)
+    args.eff_batch_size = args.batch_size * args.accum_iter * world_size
+    if args.lr is None:
+        args.lr = args.blr * args.eff_batch_size / 256
+    log.info("effective batch %d = %d x %d (accum) x %d (processes); lr %.3e", args.eff_batch_size,
+             args.batch_size, args.accum_iter, world_size, args.lr)
+
+
+def start(args: argparse.Namespace, task: str) -> Run:
+    """Distributed setup, logging, seeding, output folder, resolved config; validates cheap flags first."""
+    validate_common(args)
+    info, device = init_distributed(args.device, args.dist_url)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    setup_logging(info.is_main)
+    derive(args, info.world_size)
+    torch.manual_seed(args.seed + info.rank)
+    out = Path(args.output_dir)
+    run = Run(info, device, out, resolve_amp(args.amp, device))
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(args, out / "config.yaml")
+        from torch.utils.tensorboard import SummaryWriter
+
+        run.tb = SummaryWriter(log_dir=str(args.log_dir or out))
+    log.info("%s on %s x%d (%s launcher), amp=%s, output %s", task, device, info.world_size, info.launcher,
+             run.amp_dtype, out.resolve())
+    return run
+
+
+def validate_common(args: argparse.Namespace) -> None:
+    """Refuse bad flags before any data or model is built (one clear line each)."""
+    from models_mixmim import ENCODER_CONFIGS, check_input_size
+
+    if args.model in ENCODER_CONFIGS:
+        check_input_size(args.input_size, (8, 8, 8, 4))
+    for name in ("batch_size", "epochs", "accum_iter"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} {getattr(args, name)}: expected a positive integer")
+    if args.dataset != "synthetic" and not args.data_path:
+        raise ConfigError(f"--dataset {args.dataset} needs --data_path (the folder or file of the data set)")
+
+
+def build_train_data(args: argparse.Namespace, run: Run, split: str = "train"):
+    from util.datasets import build_dataset
+
+    return build_dataset(args.dataset, data_path=args.data_path, split=split, input_size=args.input_size,
+                         channels=tuple(args.channels), split_file=args.split_file, skip_bad=args.skip_bad,
+                         num_samples=args.num_samples if split == "train" else None, seed=args.seed)
+
+
+def finish(run: Run) -> None:
+    from util.misc import cleanup_distributed
+
+    if run.tb is not None:
+        run.tb.close()
+    run.epoch_log.close()
+    run.step_log.close()
+    if run.info.is_main:
+        log.info("outputs in %s: checkpoint.pth, log.txt, train_log.json, config.yaml, TensorBoard events",
+                 run.output_dir.resolve())
+    cleanup_distributed()

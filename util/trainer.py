@@ -1,0 +1,182 @@
+"""The epoch loop of every run: data loader, optimizer, resume, evaluation hook and checkpoints.
+
+Checkpoints (rank 0 only, each written atomically): ``checkpoint.pth`` after every epoch (resume point),
+``checkpoint_<N>.pth`` every ``--save_freq`` epochs and at the last (or ``--stop_epoch``) epoch, and
+``checkpoint_best.pth`` when an evaluation hook reports a better selection metric.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from engine_pretrain import StepFn, train_one_epoch
+from util import checkpoint as ckpt_io
+from util.config import plain_dict
+from util.lr_decay import param_groups
+from util.lr_sched import lr_at
+from util.misc import JsonLines, truncate_jsonl
+from util.runner import Run
+from util.sampler import BlockShardSampler
+
+log = logging.getLogger("sarwmix")
+
+# evaluate(raw_model, epoch) -> metrics (plain floats), e.g. {"mAP_macro": 0.61, ...}
+EvalFn = Callable[[nn.Module, int], dict]
+
+
+class Trainer:
+    """Owns the loop; the caller owns the model, the data set and the step.
+
+    Args:
+        groups: optimizer parameter groups (default: weight-decay groups of the model).
+        betas: AdamW betas ((0.9, 0.95) for pretraining, as the released recipe).
+        evaluate / select_metric: optional per-epoch evaluation and the metric (higher is better) that
+            selects ``checkpoint_best.pth``.
+        on_iteration: passed to the engine (e.g. a token-keep schedule stepped per update).
+        extra_state: objects with ``state_dict``/``load_state_dict`` stored under ``"extra"``.
+    """
+
+    def __init__(self, args: argparse.Namespace, run: Run, model: nn.Module, dataset, step: StepFn, *,
+                 groups: list[dict] | None = None, betas: tuple[float, float] = (0.9, 0.95),
+                 evaluate: EvalFn | None = None, select_metric: str | None = None,
+                 on_iteration: Callable[[int], dict] | None = None,
+                 extra_state: dict[str, object] | None = None) -> None:
+        self.args, self.run, self.dataset, self.step = args, run, dataset, step
+        self.evaluate, self.select_metric, self.on_iteration = evaluate, select_metric, on_iteration
+        self.extra_state = extra_state or {}
+        self.raw_model = model
+        if args.grad_ckpt and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        self.model = _wrap(model, args, run)
+        self.sampler = BlockShardSampler(len(dataset), args.batch_size, run.info.world_size, run.info.rank,
+                                         args.accum_iter, args.seed)
+        self.loader = _loader(dataset, self.sampler, args, run)
+        groups = groups if groups is not None else param_groups(model, args.weight_decay)
+        self.optimizer = _adamw(groups, args.lr, betas, run.device)
+        fp16_cuda = run.amp_dtype == torch.float16 and run.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
+        self.start_epoch, self.best = args.start_epoch, float("-inf")
+        self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if args.resume:
+            self._resume()
+
+    def lr_fn(self, epoch: float) -> float:
+        a = self.args
+        return lr_at(epoch, a.lr, a.min_lr, a.warmup_epochs, a.epochs)
+
+    @property
+    def end_epoch(self) -> int:
+        stop = getattr(self.args, "stop_epoch", None)
+        return min(self.args.epochs, stop) if stop else self.args.epochs
+
+    def fit(self) -> dict:
+        """Train from ``start_epoch`` to the end (or ``--stop_epoch``); return the last epoch's record."""
+        run, args = self.run, self.args
+        self._open_logs()
+        record, t_start = {}, time.time()
+        for epoch in range(self.start_epoch, self.end_epoch):
+            self.sampler.set_epoch(epoch)
+            torch.manual_seed(args.seed * 1_000 + epoch * 7 + run.info.rank)  # drop path etc.: resumable
+            stats = train_one_epoch(
+                self.model, self.loader, self.optimizer, self.step, epoch=epoch, lr_fn=self.lr_fn,
+                device=run.device, amp_dtype=run.amp_dtype, scaler=self.scaler, accum_iter=args.accum_iter,
+                clip_grad=args.clip_grad, seed=args.seed, rank=run.info.rank, step_log=run.step_log,
+                tb_writer=run.tb, progress=args.progress and run.info.is_main, t_start=t_start,
+                on_iteration=self.on_iteration)
+            record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items() if k not in
+                                        ("epoch_time_s", "img_per_s")},
+                      "epoch_time_s": stats["epoch_time_s"], "img_per_s": stats["img_per_s"],
+                      "n_parameters": self.n_parameters}
+            metrics = self.evaluate(self.raw_model, epoch) if self.evaluate else {}
+            record.update({f"val_{k}": v for k, v in metrics.items()})
+            self._save(epoch, metrics)
+            run.epoch_log.write(record)
+            log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v
+                                             for k, v in record.items()})
+        return record
+
+    def _open_logs(self) -> None:
+        run = self.run
+        if not run.info.is_main:
+            return
+        for name in ("log.txt", "train_log.json"):  # drop records of epochs that will be redone
+            truncate_jsonl(run.output_dir / name, lambda r: r.get("epoch", -1) < self.start_epoch)
+        run.epoch_log = JsonLines(run.output_dir / "log.txt")
+        run.step_log = JsonLines(run.output_dir / "train_log.json")
+
+    def state(self, epoch: int) -> dict:
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "epoch": epoch, "scaler": self.scaler.state_dict() if self.scaler else None,
+                "args": plain_dict(self.args), "stats": dict(self.dataset.stats), "best": self.best,
+                "extra": {k: v.state_dict() for k, v in self.extra_state.items()},
+                "format_version": ckpt_io.FORMAT_VERSION}
+
+    def _save(self, epoch: int, metrics: dict) -> None:
+        if not self.run.info.is_main:
+            return
+        out, n = self.run.output_dir, epoch + 1
+        state = self.state(epoch)
+        improved = self.select_metric is not None and metrics.get(self.select_metric, float("-inf")) > self.best
+        if improved:
+            self.best = state["best"] = float(metrics[self.select_metric])
+            ckpt_io.save_atomic(state, out / "checkpoint_best.pth")
+        ckpt_io.save_atomic(state, out / "checkpoint.pth")
+        freq = self.args.save_freq
+        if (freq and n % freq == 0) or n == self.end_epoch:
+            ckpt_io.save_atomic(state, out / f"checkpoint_{n}.pth")
+
+    def _resume(self) -> None:
+        path = Path(self.run.output_dir / "checkpoint.pth" if self.args.resume == "auto" else self.args.resume)
+        if self.args.resume == "auto" and not path.exists():
+            log.info("--resume auto: no %s yet, starting fresh", path)
+            return
+        ckpt = ckpt_io.load_checkpoint(path)
+        state = ckpt_io.model_state(ckpt, path)
+        ckpt_io.check_shapes(self.raw_model, state, path)
+        self.raw_model.load_state_dict(state, strict=True)
+        if "optimizer" in ckpt and ckpt["optimizer"] is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        for k, obj in self.extra_state.items():
+            if k in ckpt.get("extra", {}):
+                obj.load_state_dict(ckpt["extra"][k])
+        self.best = float(ckpt.get("best", float("-inf")))
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+
+def _wrap(model: nn.Module, args: argparse.Namespace, run: Run) -> nn.Module:
+    """Optional torch.compile, then DDP when distributed. The raw model stays reachable for saving."""
+    wrapped = model
+    if args.compile:
+        try:
+            wrapped = torch.compile(model)
+        except Exception as e:  # noqa: BLE001 - any backend failure falls back to eager
+            log.warning("torch.compile unavailable (%s); running eager", str(e).splitlines()[0][:120])
+    if run.info.distributed:
+        ids = [run.device.index] if run.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
+    return wrapped
+
+
+def _loader(dataset, sampler, args: argparse.Namespace, run: Run) -> DataLoader:
+    workers = args.num_workers
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=args.pin_mem and run.device.type == "cuda", drop_last=True,
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+def _adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device):
+    """AdamW, fused where the build supports it on this device, else the multi-tensor (foreach) path."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
