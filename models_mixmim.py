@@ -214,7 +214,8 @@ class SwinEncoder(nn.Module):
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
         self.patch_embed.norm = nn.LayerNorm(embed_dim)
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid0 * grid0, embed_dim), requires_grad=False)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n_blocks = sum(depths)
+        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]  # stochastic depth rule
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
             grid = grid0 // 2**i

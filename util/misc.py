@@ -156,3 +156,22 @@ def truncate_jsonl(path: Path, keep: callable) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def check_replicas(model: torch.nn.Module, device: torch.device) -> str:
+    """SHA-256 of all parameters; raises TrainingError if ranks disagree (DDP replicas must be identical)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    digest = h.hexdigest()
+    if dist.is_available() and dist.is_initialized():
+        digests: list = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            from sarwmix.errors import TrainingError
+
+            raise TrainingError(f"model replicas differ across ranks: {digests}")
+        log.info("parameters identical on %d ranks (sha256 %s)", len(digests), digest[:16])
+    return digest

@@ -21,7 +21,7 @@ from util import checkpoint as ckpt_io
 from util.config import plain_dict
 from util.lr_decay import param_groups
 from util.lr_sched import lr_at
-from util.misc import JsonLines, truncate_jsonl
+from util.misc import JsonLines, check_replicas, truncate_jsonl
 from util.runner import Run
 from util.sampler import BlockShardSampler
 
@@ -100,6 +100,7 @@ class Trainer:
             run.epoch_log.write(record)
             log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v
                                              for k, v in record.items()})
+        check_replicas(self.raw_model, run.device)
         return record
 
     def _open_logs(self) -> None:

@@ -1,0 +1,147 @@
+"""Downstream metrics against the pretraining checkpoint epoch (powers of two, 1 to 1024).
+
+Usage::
+
+    python analysis/plot_epoch_sweep.py "output/sweep/**/results.json" --metric mAP_macro --out figures/
+
+Each finetune ``results.json`` gives one point at its ``pretrain_epoch`` (the completed epochs stored in the
+pretraining checkpoint it started from); runs repeated with other seeds are averaged (error bar: sample
+standard deviation). Runs from random initialisation (``finetune: null``) are drawn as a dashed horizontal
+reference. Writes ``epoch_sweep.png`` and ``epoch_sweep.csv`` (``metric, split, model, train_fraction, init,
+pretrain_epoch, mean, std, n``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+if __package__ in (None, ""):
+    # Run as `python analysis/plot_epoch_sweep.py`: make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.logs import (
+    PRETRAINED,
+    RANDOM_INIT,
+    metric_column,
+    output_parser,
+    read_results,
+    run_main,
+    select_task,
+    summarise,
+    write_outputs,
+)
+from sarwmix.errors import DataError
+
+GROUP = ["model", "train_fraction", "init", "pretrain_epoch"]
+TASK_TITLES = {"ben": "BigEarthNet", "sen12flood": "SEN12-FLOOD"}
+
+
+def epoch_ticks(max_epoch: int) -> list[int]:
+    """Powers of two from 1 up to 1024, or further if a checkpoint is later than that."""
+    ticks = [1]
+    while ticks[-1] < max(1024, max_epoch):
+        ticks.append(ticks[-1] * 2)
+    return ticks
+
+
+def drawable(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows that have a place on the plot: pretrained with an epoch >= 1, or random init."""
+    pretrained = frame["init"] == PRETRAINED
+    bad = pretrained & (frame["pretrain_epoch"].isna() | (frame["pretrain_epoch"].fillna(0) < 1))
+    for path in frame.loc[bad, "path"]:
+        print(f"warning: {path}: pretrained run without a pretrain_epoch >= 1; left out", file=sys.stderr)
+    return frame[~bad].reset_index(drop=True)
+
+
+def sweep_table(frame: pd.DataFrame, metrics: list[str | None], split: str) -> pd.DataFrame:
+    """Mean/std/count of each metric per model, training fraction, initialisation and pretraining epoch."""
+    parts = []
+    for metric in metrics:
+        column = metric_column(frame, metric, split)
+        table = summarise(frame, GROUP, column)
+        table.insert(0, "split", split)
+        table.insert(0, "metric", column.split("_", 1)[1])
+        parts.append(table)
+    return pd.concat(parts, ignore_index=True)
+
+
+def _series_label(model: str, fraction: float, frame: pd.DataFrame) -> str:
+    """Name a line only by what varies between lines."""
+    parts = [str(model)] if frame["model"].nunique() > 1 else []
+    if frame["train_fraction"].nunique() > 1:
+        parts.append(f"{fraction * 100:g}% labels")
+    return ", ".join(parts) or "pretrained"
+
+
+def _draw_metric(ax, table: pd.DataFrame, metric: str, split: str) -> None:
+    """One panel: a line per (model, fraction) over epochs, random init as a dashed level."""
+    series = table.drop_duplicates(["model", "train_fraction"])[["model", "train_fraction"]]
+    for index, (model, fraction) in enumerate(series.itertuples(index=False)):
+        color = f"C{index % 10}"
+        rows = table[(table["model"] == model) & (table["train_fraction"] == fraction)]
+        label = _series_label(model, fraction, table)
+        points = rows[rows["init"] == PRETRAINED].sort_values("pretrain_epoch")
+        if not points.empty:
+            ax.errorbar(points["pretrain_epoch"].astype(float), points["mean"], yerr=points["std"].fillna(0),
+                        color=color, marker="o", capsize=3, label=label)
+        for level in rows.loc[rows["init"] == RANDOM_INIT, "mean"]:
+            ax.axhline(level, color=color, linestyle="--", linewidth=1, label=f"{label}: {RANDOM_INIT}")
+    ax.set_xscale("log", base=2)
+    ticks = epoch_ticks(int(table["pretrain_epoch"].max()) if table["pretrain_epoch"].notna().any() else 1)
+    ax.set_xticks(ticks, [str(tick) for tick in ticks])
+    ax.set_xlim(ticks[0] / 1.25, ticks[-1] * 1.25)
+    ax.set(xlabel="pretraining epochs of the checkpoint (log2 scale)", ylabel=f"{split} {metric}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def draw(table: pd.DataFrame, task: str) -> Figure:
+    """One panel per metric of ``table`` (from sweep_table)."""
+    metrics = list(dict.fromkeys(table["metric"]))
+    figure = Figure(figsize=(6.5 * len(metrics), 4.5), layout="constrained")
+    axes = figure.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        rows = table[table["metric"] == metric]
+        _draw_metric(ax, rows, metric, rows["split"].iloc[0])
+        ax.set_title(f"{TASK_TITLES.get(task, task)}: {metric} vs pretraining length")
+    return figure
+
+
+def plot_epoch_sweep(patterns: list[str], metrics: list[str] | None = None, split: str = "test",
+                     task: str | None = None) -> tuple[Figure, pd.DataFrame]:
+    """Read the results, aggregate them per pretraining epoch and build the figure and the table."""
+    frame = drawable(select_task(read_results(patterns), task))
+    if not (frame["init"] == PRETRAINED).any():
+        raise DataError(f"{' '.join(patterns)}: no results from a pretrained checkpoint with pretrain_epoch")
+    table = sweep_table(frame, metrics or [None], split)
+    return draw(table, frame["task"].iloc[0]), table
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
+    parser.add_argument("results", nargs="+", help="results.json files, globs (quote ** globs) or folders")
+    parser.add_argument("--metric", nargs="+", default=None,
+                        help="metric name(s), e.g. mAP_macro f1_micro (default: mAP_macro for ben, "
+                        "f1 for sen12flood)")
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="results block to plot")
+    parser.add_argument("--task", default=None, help="keep only this task (ben or sen12flood)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+
+    def job() -> list[Path]:
+        figure, table = plot_epoch_sweep(args.results, args.metric, args.split, args.task)
+        stem = args.name or "epoch_sweep"
+        return write_outputs(args.out, stem, figure, {"": table}, args.dpi, args.title)
+
+    return run_main(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

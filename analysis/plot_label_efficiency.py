@@ -1,0 +1,138 @@
+"""Label efficiency: a downstream metric against the fraction of labelled training data used.
+
+Usage::
+
+    python analysis/plot_label_efficiency.py "output/label_eff/**/results.json" --out figures/
+
+Pretrained runs (``finetune`` set) and runs from random initialisation (``finetune: null``) form two lines;
+runs repeated with other seeds are averaged (error bar: sample standard deviation). If the pretrained runs
+start from checkpoints of several pretraining lengths, each length gets its own line (or keep one with
+``--pretrain_epoch``). Writes ``label_efficiency.png`` and ``label_efficiency.csv`` (``metric, split, model,
+init, pretrain_epoch, train_fraction, percent, mean, std, n``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+if __package__ in (None, ""):
+    # Run as `python analysis/plot_label_efficiency.py`: make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.logs import (
+    PRETRAINED,
+    RANDOM_INIT,
+    metric_column,
+    output_parser,
+    read_results,
+    run_main,
+    select_task,
+    summarise,
+    write_outputs,
+)
+from sarwmix.errors import ConfigError
+
+GROUP = ["model", "init", "pretrain_epoch", "train_fraction"]
+# The fractions of the paper's protocol always get a tick, other fractions found in the results are added.
+STANDARD_PERCENTS = (12.5, 25.0, 50.0, 100.0)
+TASK_TITLES = {"ben": "BigEarthNet", "sen12flood": "SEN12-FLOOD"}
+
+
+def keep_pretrain_epoch(frame: pd.DataFrame, epoch: int | None) -> pd.DataFrame:
+    """Keep random-init runs and the pretrained runs from checkpoints of ``epoch`` (all if None)."""
+    if epoch is None:
+        return frame
+    keep = (frame["init"] == RANDOM_INIT) | (frame["pretrain_epoch"] == epoch).fillna(False)
+    if not (keep & (frame["init"] == PRETRAINED)).any():
+        found = sorted(int(e) for e in frame["pretrain_epoch"].dropna().unique())
+        raise ConfigError(f"--pretrain_epoch {epoch}: no pretrained results with it; found {found}")
+    return frame[keep].reset_index(drop=True)
+
+
+def efficiency_table(frame: pd.DataFrame, metric: str | None, split: str) -> pd.DataFrame:
+    """Mean/std/count of the metric per model, initialisation, pretraining epoch and training fraction."""
+    column = metric_column(frame, metric, split)
+    table = summarise(frame, GROUP, column)
+    table.insert(table.columns.get_loc("train_fraction") + 1, "percent", table["train_fraction"] * 100.0)
+    table.insert(0, "split", split)
+    table.insert(0, "metric", column.split("_", 1)[1])
+    return table
+
+
+def _series(table: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """(label, init, rows) per line, pretrained lines first; labels name only what varies between lines."""
+    several_models = table["model"].nunique() > 1
+    several_epochs = table.loc[table["init"] == PRETRAINED, "pretrain_epoch"].nunique() > 1
+    keys = table[["model", "init", "pretrain_epoch"]].drop_duplicates()
+    keys = pd.concat([keys[keys["init"] == PRETRAINED], keys[keys["init"] == RANDOM_INIT]])
+    lines = []
+    for model, init, epoch in keys.itertuples(index=False):
+        same_epoch = table["pretrain_epoch"].isna() if pd.isna(epoch) else table["pretrain_epoch"] == epoch
+        rows = table[(table["model"] == model) & (table["init"] == init) & same_epoch.fillna(False)]
+        label = init
+        if init == PRETRAINED and several_epochs:
+            label += f" ({int(epoch)}-epoch checkpoint)" if not pd.isna(epoch) else " (epoch unknown)"
+        label = f"{model}: {label}" if several_models else label
+        lines.append((label, init, rows.sort_values("percent")))
+    return lines
+
+
+def draw(table: pd.DataFrame, task: str) -> Figure:
+    """Metric against labelled fraction (log2 axis in percent), one line per initialisation."""
+    metric, split = table["metric"].iloc[0], table["split"].iloc[0]
+    figure = Figure(figsize=(6.5, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for index, (label, init, rows) in enumerate(_series(table)):
+        style = "--" if init == RANDOM_INIT else "-"
+        ax.errorbar(rows["percent"], rows["mean"], yerr=rows["std"].fillna(0), color=f"C{index % 10}",
+                    linestyle=style, marker="o", capsize=3, label=label)
+    percents = sorted(set(STANDARD_PERCENTS) | set(table["percent"].round(6)))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(percents, [f"{p:g}%" for p in percents])
+    ax.set_xlim(percents[0] / 1.3, percents[-1] * 1.3)
+    ax.set(xlabel="labelled training data used (% of the training split, log2 scale)",
+           ylabel=f"{split} {metric}", title=f"{TASK_TITLES.get(task, task)}: label efficiency")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return figure
+
+
+def plot_label_efficiency(patterns: list[str], metric: str | None = None, split: str = "test",
+                          task: str | None = None, pretrain_epoch: int | None = None
+                          ) -> tuple[Figure, pd.DataFrame]:
+    """Read the results, aggregate them per training fraction and build the figure and the table."""
+    frame = keep_pretrain_epoch(select_task(read_results(patterns), task), pretrain_epoch)
+    table = efficiency_table(frame, metric, split)
+    return draw(table, frame["task"].iloc[0]), table
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
+    parser.add_argument("results", nargs="+", help="results.json files, globs (quote ** globs) or folders")
+    parser.add_argument("--metric", default=None,
+                        help="metric name, e.g. mAP_micro (default: mAP_macro for ben, f1 for sen12flood)")
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="results block to plot")
+    parser.add_argument("--task", default=None, help="keep only this task (ben or sen12flood)")
+    parser.add_argument("--pretrain_epoch", type=int, default=None,
+                        help="keep only pretrained runs from checkpoints of this many epochs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+
+    def job() -> list[Path]:
+        figure, table = plot_label_efficiency(args.results, args.metric, args.split, args.task,
+                                              args.pretrain_epoch)
+        stem = args.name or "label_efficiency"
+        return write_outputs(args.out, stem, figure, {"": table}, args.dpi, args.title)
+
+    return run_main(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

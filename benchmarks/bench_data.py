@@ -1,0 +1,121 @@
+"""Samples/s of one data-loader worker for each storage format, measured in one run.
+
+A sample is read + decode + resize 120 -> 128 + normalise (the weight map is excluded: it is computed on
+the device). The data are written by the synthetic writers into a temporary folder first, so the run
+needs no download. One thread, one process, warm page cache (each format is read once before timing).
+
+    python benchmarks/bench_data.py [--n 500] [--min_seconds 2]
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one loader worker = one core; set before numpy/torch load
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sarwmix.packed import convert
+from sarwmix.synthetic import write_benv1, write_benv1_zarr, write_benv2, write_benv2_lmdb
+from util.datasets import build_dataset
+
+# (label, dataset name, sub-folder written by the setup below)
+FORMATS = (
+    ("GeoTIFF folders (v1)", "benv1", "benv1"),
+    ("GeoTIFF folders (v2)", "benv2", "benv2"),
+    ("Zarr v2 container", "benv1_zarr", "zarr2"),
+    ("Zarr v3 container", "benv1_zarr", "zarr3"),
+    ("LMDB (safetensors)", "benv2_lmdb", "lmdb"),
+    ("packed (memmap .npy)", "packed", "packed"),
+)
+
+
+def write_all(root: Path, n: int, seed: int) -> None:
+    """Write the same ``n`` synthetic patches in every format under ``root``."""
+    write_benv1(root / "benv1", n, seed)
+    write_benv2(root / "benv2", n, seed)
+    write_benv1_zarr(root / "zarr2", n, seed, zarr_format=2)
+    write_benv1_zarr(root / "zarr3", n, seed, zarr_format=3)
+    write_benv2_lmdb(root / "lmdb", n, seed)
+    convert("benv1", root / "benv1", root / "packed")
+
+
+def samples_per_second(dataset: torch.utils.data.Dataset, min_seconds: float) -> float:
+    """Items/s of ``dataset[i]`` + normalisation, looping over the data set for at least ``min_seconds``."""
+    mean = torch.tensor(dataset.stats["mean"]).view(-1, 1, 1)
+    std = torch.tensor(dataset.stats["std"]).view(-1, 1, 1)
+    for i in range(len(dataset)):  # warm-up pass: page cache, lazily opened handles
+        dataset[i]
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        for i in range(len(dataset)):
+            x, _ = dataset[i]
+            (x - mean) / std
+        count += len(dataset)
+    return count / (time.perf_counter() - start)
+
+
+def time_v2_index(root: Path, rows: int, seed: int) -> dict[str, float]:
+    """Seconds to load a ``rows``-row metadata parquet (real size: 480,038) and index its train split."""
+    import numpy as np
+    import pandas as pd
+
+    from sarwmix.bigearthnetv2 import load_metadata, select_split, targets_from_labels
+    from sarwmix.constants import BEN_19_CLASSES
+
+    rng = np.random.default_rng(seed)
+    # A pool of label combinations stands in for the real ones (a few thousand distinct lists).
+    pool = [list(rng.choice(BEN_19_CLASSES, size=rng.integers(1, 6), replace=False)) for _ in range(4000)]
+    names = pd.Series(np.arange(rows)).map("S1A_IW_GRDH_1SDV_20170613T165043_33UUP_{}_0".format)
+    table = pd.DataFrame({"patch_id": names.str.replace("S1A", "S2A"),
+                          "labels": [pool[i] for i in rng.integers(len(pool), size=rows)],
+                          "split": rng.choice(["train", "validation", "test"], size=rows, p=[0.5, 0.25, 0.25]),
+                          "country": "Austria", "s1_name": names, "s2v1_name": names,
+                          "contains_seasonal_snow": False, "contains_cloud_or_shadow": False})
+    table.to_parquet(root / "big_metadata.parquet", index=False)
+    start = time.perf_counter()
+    meta = load_metadata(root / "big_metadata.parquet")
+    loaded = time.perf_counter()
+    train = select_split(meta, "train", include_snow_cloud=False)
+    targets_from_labels(train["labels"], "big_metadata.parquet")
+    return {"load": loaded - start, "index": time.perf_counter() - loaded, "train_rows": len(train)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=500, help="synthetic patches written per format")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--input_size", type=int, default=128)
+    parser.add_argument("--min_seconds", type=float, default=2.0, help="timing duration per format")
+    parser.add_argument("--data_dir", default=None, help="write the data here (default: a temp folder)")
+    parser.add_argument("--index_rows", type=int, default=480_038, help="rows of the v2 index timing (0: skip)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        root = Path(args.data_dir or tmp)
+        start = time.perf_counter()
+        write_all(root, args.n, args.seed)
+        print(f"wrote {args.n} patches in {len(FORMATS)} formats to {root} in {time.perf_counter() - start:.1f} s")
+        results = []
+        for label, name, folder in FORMATS:
+            dataset = build_dataset(name, data_path=str(root / folder), split="train",
+                                    input_size=args.input_size)
+            results.append((label, len(dataset), samples_per_second(dataset, args.min_seconds)))
+        index_time = time_v2_index(root, args.index_rows, args.seed) if args.index_rows else None
+    base = results[0][2]
+    print(f"\none loader worker, 1 thread, {args.input_size} px, read+decode+resize+normalise")
+    print(f"| {'format':<22} | {'patches':>7} | {'samples/s':>9} | {'ms/sample':>9} | {'vs GeoTIFF v1':>13} |")
+    print(f"|{'-' * 24}|{'-' * 8}:|{'-' * 10}:|{'-' * 10}:|{'-' * 14}:|")
+    for label, count, rate in results:
+        print(f"| {label:<22} | {count:>7} | {rate:>9.0f} | {1000 / rate:>9.3f} | {rate / base:>12.1f}x |")
+    if index_time:
+        print(f"\nv2 index of a {args.index_rows}-row metadata.parquet: read {index_time['load']:.2f} s, "
+              f"train split + 19-class targets ({index_time['train_rows']} rows) {index_time['index']:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Finetuning: the step for the shared training loop, distributed evaluation, data selection, results.
+
+Training runs in ``engine_pretrain.train_one_epoch`` (through ``util.trainer.Trainer``); this file only
+says how a batch becomes a loss (``make_finetune_step``) and how a split is scored (``evaluate``).
+
+Evaluation is sharded with ``StridedEvalSampler`` (rank r takes samples r, r + W, ...; no padding), and
+the predictions of all ranks are gathered with their sample indices and put back in data-set order, so
+every sample counts exactly once whatever the number of processes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from engine_pretrain import StepFn
+from sarwmix.errors import DataError
+from util.augment import check_finite, normalize, random_flips
+from util.metrics import task_metrics
+from util.sampler import StridedEvalSampler
+
+log = logging.getLogger("sarwmix")
+
+TASKS: tuple[str, ...] = ("ben", "sen12flood")
+
+
+def make_criterion(task: str) -> nn.Module:
+    """BigEarthNet: MultiLabelSoftMarginLoss (= BCE-with-logits averaged over classes and samples).
+    SEN12-FLOOD: CrossEntropyLoss over (no flood, flood)."""
+    return nn.MultiLabelSoftMarginLoss() if task == "ben" else nn.CrossEntropyLoss()
+
+
+def prepare_input(x: torch.Tensor, device: torch.device, mean: torch.Tensor, std: torch.Tensor,
+                  input_size: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Raw dB batch -> normalised model input on the device.
+
+    Args:
+        x: (B, C, S, S) patches or (B, 2, C, H, W) SEN12-FLOOD pairs, raw dB.
+        input_size: resize the last two axes to this side first (pairs only; patches come sized).
+        generator: draw random flips (training); None for evaluation.
+    """
+    x = x.to(device, non_blocking=True).float()
+    check_finite(x, "the finetuning input")
+    if input_size is not None and x.shape[-1] != input_size:
+        lead = x.shape[:-3]
+        x = F.interpolate(x.flatten(0, x.dim() - 4), size=(input_size, input_size), mode="bilinear",
+                          align_corners=False).view(*lead, x.shape[-3], input_size, input_size)
+    if generator is not None:
+        x = random_flips(x, generator)  # the same flips for both dates of a pair
+    return normalize(x, mean, std)
+
+
+def make_finetune_step(device: torch.device, mean: Sequence[float], std: Sequence[float], task: str,
+                       input_size: int | None = None, flips: bool = True) -> StepFn:
+    """Step for ``train_one_epoch``: flips, normalisation, forward, task loss.
+
+    Args:
+        mean, std: per-channel dB statistics of the data set (``dataset.stats``).
+        task: ``ben`` (multi-hot float targets) or ``sen12flood`` (int64 labels).
+        input_size: SEN12-FLOOD only: side the pair images are resized to (None: as stored).
+    """
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device)
+    criterion = make_criterion(task)
+
+    def step(model: nn.Module, batch, gen: torch.Generator) -> tuple[torch.Tensor, dict, int]:
+        x = prepare_input(batch[0], device, mean_t, std_t, input_size, gen if flips else None)
+        target = batch[1].to(device, non_blocking=True)
+        logits = model(x).float()
+        return criterion(logits, target), {}, x.shape[0]
+
+    return step
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, world_size: int = 1, rank: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """Loader over this rank's share of ``dataset`` (every sample once over all ranks, in index order)."""
+    sampler = StridedEvalSampler(len(dataset), world_size, rank)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=False)
+
+
+def gather_predictions(indices: Sequence[int], logits: torch.Tensor,
+                       targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collect (logits, targets) of every rank and sort them by sample index.
+
+    Args:
+        indices: the data-set index of each local row (the sampler's indices, in loader order).
+        logits, targets: local rows, CPU tensors.
+    Returns:
+        all rows of all ranks in index order.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (list(indices), logits.numpy(), targets.numpy()))
+        indices = [i for p in parts for i in p[0]]
+        logits = torch.cat([torch.from_numpy(p[1]) for p in parts])
+        targets = torch.cat([torch.from_numpy(p[2]) for p in parts])
+    assert len(set(indices)) == len(indices), "evaluation sample seen twice"
+    order = torch.argsort(torch.tensor(list(indices)))
+    return logits[order], targets[order]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: str, mean: Sequence[float],
+             std: Sequence[float], amp_dtype: torch.dtype | None = None,
+             input_size: int | None = None) -> dict[str, float]:
+    """Score a split: loss and the task metrics (``util.metrics``) over all ranks' predictions.
+
+    Returns:
+        ``{"loss": ..., **metrics, "n_samples": N}`` (the same on every rank).
+    """
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device)
+    was_training = model.training
+    model.eval()
+    outs, tgts = [], []
+    for x, y in loader:
+        x = prepare_input(x, device, mean_t, std_t, input_size)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outs.append(model(x).float().cpu())
+        tgts.append(y)
+    model.train(was_training)
+    empty = torch.zeros((0, 2 if task == "sen12flood" else 1))
+    logits = torch.cat(outs) if outs else empty
+    targets = torch.cat(tgts) if tgts else torch.zeros((0,) if task == "sen12flood" else (0, 1))
+    logits, targets = gather_predictions(getattr(loader.sampler, "indices", range(len(logits))), logits, targets)
+    loss = float(make_criterion(task)(logits, targets.long() if task == "sen12flood" else targets.float()))
+    return {"loss": loss, **task_metrics(task, logits, targets), "n_samples": float(len(targets))}
+
+
+# --- data selection -------------------------------------------------------------------------------
+
+class SubsetView(Dataset):
+    """Some items of a data set, keeping the attributes the run needs (``stats``, ``num_classes``)."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int]) -> None:
+        self.base, self.indices = base, list(indices)
+        self.stats, self.num_classes = base.stats, base.num_classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+
+def fraction_indices(n: int, fraction: float, seed: int) -> list[int]:
+    """A seeded subset of ``round(fraction * n)`` indices (at least 1), sorted.
+
+    The subset is a prefix of one seeded permutation of ``range(n)``, so for one seed the subsets of
+    smaller fractions are contained in those of larger ones (1.0 > 0.5 > 0.25 > 0.125: nested).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction {fraction}: expected 0 < fraction <= 1")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7_919)).tolist()
+    return sorted(order[: max(1, round(fraction * n))])
+
+
+def pair_sequence(path: Path) -> str:
+    """The sequence of a SEN12-FLOOD pair file ``<seq>__<file1>__<file2>__<label>.npy``."""
+    return Path(path).name.split("__")[0]
+
+
+def holdout_by_sequence(files: Sequence[Path], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split training pairs into (train, validation) indices by whole sequences, seeded.
+
+    ``max(1, round(fraction * n_sequences))`` sequences go to validation, so no scene is in both parts.
+    """
+    seqs = sorted({pair_sequence(f) for f in files})
+    if len(seqs) < 2:
+        raise DataError(f"SEN12-FLOOD training split has {len(seqs)} sequence(s): at least 2 are needed to "
+                        f"hold some out for validation (or provide a val/ folder)")
+    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed + 104_729)).tolist()
+    n_val = min(len(seqs) - 1, max(1, round(fraction * len(seqs))))
+    held = {seqs[i] for i in order[:n_val]}
+    train = [i for i, f in enumerate(files) if pair_sequence(f) not in held]
+    return train, [i for i, f in enumerate(files) if pair_sequence(f) in held]
+
+
+# --- results --------------------------------------------------------------------------------------
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def write_results(path: Path, results: dict) -> Path:
+    """Write ``results.json`` (NaN metrics become null, so the file stays valid JSON)."""
+    path.write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    return path
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of the val and test metrics of ``results``."""
+    names = [k for k in results["test"] if k not in ("n_samples", "n_classes_present")]
+    lines = [f"{'metric':<18}{'val':>10}{'test':>10}"]
+    for k in names:
+        row = [results[s].get(k, float("nan")) for s in ("val", "test")]
+        lines.append(f"{k:<18}" + "".join(f"{v:>10.4f}" for v in row))
+    lines.append(f"{'samples':<18}" + "".join(f"{int(results[s].get('n_samples', 0)):>10d}"
+                                                for s in ("val", "test")))
+    return "\n".join(lines)

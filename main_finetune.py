@@ -1,0 +1,216 @@
+"""Finetuning entry point: BigEarthNet v1/v2 (multi-label) and SEN12-FLOOD (flood change on pairs).
+
+    python main_finetune.py --finetune output_dir/checkpoint.pth      # short CPU run on synthetic data
+    python main_finetune.py --config configs/finetune_benv1_base.yaml --data_path /data/BigEarthNet-S1-v1.0 \
+        --finetune benv1_pretrain_checkpoint_64.pth
+    python main_finetune.py --eval --resume benv1_finetune_checkpoint_best.pth --model mixmim_base ...
+
+The best epoch is chosen on the validation split by ``--select_metric`` (BigEarthNet: mAP_macro,
+SEN12-FLOOD: f1); at the end ``checkpoint_best.pth`` is scored once on val and test and the scores go to
+``<output_dir>/results.json`` and a printed table. SEN12-FLOOD has no validation split: unless
+``<data_path>/val`` exists, ``--val_fraction`` of the training sequences (seeded) are held out for it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import engine_finetune as E
+from models_mixmim import check_input_size
+from models_mixmim_ft import build_mixmim_ft
+from models_sen12_ft import PATCH_OPS, build_sen12_ft
+from sarwmix.errors import ConfigError
+from util import runner
+from util.checkpoint import args_dict
+from util.config import parse_with_config, run_cli
+from util.datasets import build_dataset
+from util.lr_decay import param_groups
+from util.metrics import BEN_METRICS, SEN12_METRICS
+from util.pretrained import checkpoint_epoch, load_pretrained_file
+from util.trainer import Trainer
+
+log = logging.getLogger("sarwmix")
+DEFAULT_METRIC = {"ben": "mAP_macro", "sen12flood": "f1"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("SAR-W-MixMAE finetuning", parents=[runner.common_parser()],
+                                     allow_abbrev=False)
+    g = parser.add_argument_group("finetuning")
+    g.add_argument("--task", default=None, choices=E.TASKS, help="default: from --dataset")
+    g.add_argument("--finetune", default="", help="pretraining checkpoint to start from (ours or released)")
+    g.add_argument("--checkpoint_sha256", default=None, help="expected SHA-256 of the checkpoint loaded")
+    g.add_argument("--eval", action="store_true", help="only evaluate the finetuned checkpoint --resume PATH")
+    g.add_argument("--dist_eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="shard evaluation over processes (off: every process scores the whole split)")
+    g.add_argument("--nb_classes", type=int, default=None, help="head outputs (default: from the data set)")
+    g.add_argument("--label_set", type=int, default=19, choices=(19, 43), help="BigEarthNet nomenclature")
+    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
+    g.add_argument("--layer_decay", type=float, default=0.7, help="layer-wise lr decay (1.0: off)")
+    g.add_argument("--freeze_encoder", action="store_true", help="linear probing: train the head only")
+    g.add_argument("--train_fraction", type=float, default=1.0,
+                   help="seeded, nested subset of the training split (label-efficiency study)")
+    g.add_argument("--select_metric", default=None,
+                   help="validation metric that picks checkpoint_best.pth (default mAP_macro / f1)")
+    g.add_argument("--patch_op", default="avg", choices=PATCH_OPS, help="SEN12-FLOOD: pooling over tiles")
+    g.add_argument("--tile_size", type=int, default=128, help="SEN12-FLOOD: encoder input side (tile)")
+    g.add_argument("--val_fraction", type=float, default=0.1,
+                   help="SEN12-FLOOD: share of training sequences held out for validation")
+    g.add_argument("--num_eval_samples", type=int, default=None,
+                   help="synthetic only: samples in val and test (default 128)")
+    parser.set_defaults(model="mixmim_tiny", input_size=None, epochs=2, warmup_epochs=1, batch_size=16,
+                        blr=5e-4, weight_decay=0.05, num_samples=64, num_eval_samples=32,
+                        output_dir="./output_finetune")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse_with_config(get_args_parser(), argv, extra=runner.override_values)
+
+
+def resolve_task(args: argparse.Namespace) -> None:
+    """Derive task, input size and selection metric; refuse inconsistent flags (ConfigError)."""
+    task = "sen12flood" if args.dataset == "sen12flood" else "ben"
+    if args.task not in (None, task):
+        raise ConfigError(f"--task {args.task} does not fit --dataset {args.dataset} (expected {task})")
+    args.task = task
+    if args.input_size is None:  # SEN12-FLOOD: side of the pair images (512, released); BEN: patch side
+        args.input_size = 512 if task == "sen12flood" else 128
+    if task == "sen12flood":
+        check_input_size(args.tile_size, (8, 8, 8, 4))
+        if args.input_size % args.tile_size:
+            raise ConfigError(f"--input_size {args.input_size} is not a multiple of --tile_size {args.tile_size}")
+    valid = BEN_METRICS if task == "ben" else SEN12_METRICS
+    args.select_metric = args.select_metric or DEFAULT_METRIC[task]
+    if args.select_metric not in valid:
+        raise ConfigError(f"--select_metric {args.select_metric!r}: expected one of {list(valid)} for {task}")
+    if not 0.0 < args.train_fraction <= 1.0:
+        raise ConfigError(f"--train_fraction {args.train_fraction}: expected 0 < fraction <= 1")
+    if args.eval and args.resume in ("", None):
+        raise ConfigError("--eval needs the finetuned checkpoint as --resume PATH")
+    if args.freeze_encoder and args.drop_path:
+        log.info("--freeze_encoder: drop path %.2f -> 0 (the frozen encoder is deterministic)", args.drop_path)
+        args.drop_path = 0.0
+
+
+def _split(args: argparse.Namespace, split: str):
+    n = args.num_samples if split == "train" else args.num_eval_samples
+    return build_dataset(args.dataset, data_path=args.data_path, split=split, input_size=args.input_size,
+                         channels=tuple(args.channels), split_file=args.split_file, skip_bad=args.skip_bad,
+                         num_samples=n, seed=args.seed, label_set=args.label_set)
+
+
+def build_splits(args: argparse.Namespace, world_size: int) -> dict:
+    """train (``--train_fraction`` of it), val and test data sets of the run."""
+    train = _split(args, "train")
+    if args.task == "sen12flood" and not (Path(args.data_path) / "val").is_dir():
+        keep, held = E.holdout_by_sequence(train.files, args.val_fraction, args.seed)
+        val, train = E.SubsetView(train, held), E.SubsetView(train, keep)
+        log.info("SEN12-FLOOD validation: %d pairs of held-out training sequences (seed %d)", len(val), args.seed)
+    else:
+        val = _split(args, "val")
+    if args.train_fraction < 1.0:
+        train = E.SubsetView(train, E.fraction_indices(len(train), args.train_fraction, args.seed))
+    per_update = args.batch_size * args.accum_iter * world_size
+    if not args.eval and len(train) < per_update:
+        raise ConfigError(f"training split has {len(train)} samples, fewer than one global batch of "
+                          f"{per_update}; lower --batch_size or raise --train_fraction/--num_samples")
+    log.info("samples: train %d, val %d", len(train), len(val))
+    return {"train": train, "val": val, "test": _split(args, "test")}
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    if args.nb_classes is not None and args.nb_classes != num_classes:
+        raise ConfigError(f"--nb_classes {args.nb_classes} but the data set has {num_classes} classes")
+    common = {"in_chans": len(args.channels), "drop_path_rate": args.drop_path}
+    if args.task == "sen12flood":
+        return build_sen12_ft(args.model, num_classes, args.patch_op, img_size=args.tile_size, **common)
+    return build_mixmim_ft(args.model, num_classes, img_size=args.input_size, **common)
+
+
+def optimizer_groups(args: argparse.Namespace, model) -> list[dict]:
+    """AdamW groups with layer-wise lr decay; the encoder is frozen first for linear probing."""
+    if args.freeze_encoder:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+    return param_groups(model, args.weight_decay, model.layer_id, model.num_layers, args.layer_decay)
+
+
+def pretrain_epoch_of(args: argparse.Namespace, init: dict | None, evaluated: dict) -> int | None:
+    """Epoch of the pretraining checkpoint behind the result: from the --finetune file when it was
+    loaded, else from the name of the --finetune recorded in the evaluated checkpoint's args."""
+    if init is not None:
+        return checkpoint_epoch(args.finetune, init)
+    source = args.finetune or args_dict(evaluated.get("args")).get("finetune")
+    return checkpoint_epoch(source, {}) if source else None
+
+
+def score(args, run, model, splits: dict) -> dict:
+    """val and test metrics of ``model``."""
+    world, rank = (run.info.world_size, run.info.rank) if args.dist_eval else (1, 0)
+    out = {}
+    for split in ("val", "test"):
+        loader = E.eval_loader(splits[split], args.batch_size, args.num_workers, world, rank)
+        out[split] = E.evaluate(model, loader, run.device, args.task, splits[split].stats["mean"],
+                                splits[split].stats["std"], run.amp_dtype, _pair_size(args))
+    return out
+
+
+def _pair_size(args: argparse.Namespace) -> int | None:
+    return args.input_size if args.task == "sen12flood" else None
+
+
+def train(args, run, model, splits: dict) -> Path:
+    """Finetune with the shared loop; return the checkpoint to report (best on validation)."""
+    stats = splits["train"].stats
+    step = E.make_finetune_step(run.device, stats["mean"], stats["std"], args.task, _pair_size(args))
+    world, rank = (run.info.world_size, run.info.rank) if args.dist_eval else (1, 0)
+    val_loader = E.eval_loader(splits["val"], args.batch_size, args.num_workers, world, rank)
+
+    def validate(raw_model, epoch: int) -> dict:
+        return E.evaluate(raw_model, val_loader, run.device, args.task, stats["mean"], stats["std"],
+                          run.amp_dtype, _pair_size(args))
+
+    trainer = Trainer(args, run, model, splits["train"], step, groups=optimizer_groups(args, model),
+                      betas=(0.9, 0.999), evaluate=validate, select_metric=args.select_metric)
+    trainer.fit()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 has written checkpoint_best.pth
+    best = run.output_dir / "checkpoint_best.pth"
+    if not best.exists():
+        log.warning("no epoch improved %s (NaN?): reporting the last checkpoint", args.select_metric)
+        best = run.output_dir / "checkpoint.pth"
+    return best
+
+
+def main(args: argparse.Namespace) -> dict:
+    resolve_task(args)
+    run = runner.start(args, task=f"finetune ({args.task})")
+    splits = build_splits(args, run.info.world_size)
+    model = build_model(args, splits["train"].num_classes).to(run.device)
+    init = None
+    if args.finetune and not args.eval:
+        init, _ = load_pretrained_file(model, args.finetune, args.checkpoint_sha256)
+    if args.eval:
+        chosen = run.output_dir / "checkpoint_best.pth" if args.resume == "auto" else Path(args.resume)
+    else:
+        chosen = train(args, run, model, splits)
+    sha = args.checkpoint_sha256 if args.eval else None
+    ckpt, _ = load_pretrained_file(model, chosen, sha, keep_head=True)
+    results = {"task": args.task, "model": args.model, "dataset": args.dataset, "finetune": args.finetune or None,
+               "pretrain_epoch": pretrain_epoch_of(args, init, ckpt), "train_fraction": args.train_fraction,
+               "best_epoch": ckpt.get("epoch"), "selection_metric": args.select_metric,
+               "evaluated_checkpoint": str(chosen), **score(args, run, model, splits)}
+    if run.info.is_main:
+        E.write_results(run.output_dir / "results.json", results)
+        print(E.format_table(results), flush=True)
+    runner.finish(run)
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,295 @@
+"""Packed format: memory-mapped .npy shards of whole patches, for data loading at GPU-cluster speed.
+
+Layout of a packed folder::
+
+    packed.json          format version, dtype, patch shape, statistics name, label set, shard list
+    index.parquet        one row per patch: name (S1), split (train / val / test)
+    targets.npy          uint8 (N, label_set) multi-hot, row-aligned with the index
+    shard_00000.npy ...  (n_i, 2, 120, 120) float32 (or float16) dB, [VH, VV]; patch g is row
+                         g % shard_size of shard g // shard_size
+
+Why this and not sharded zarr or LMDB: reading a patch is one slice of a memory-mapped array, with no
+file open, no decompression and no deserialisation, so one core delivers thousands of patches/s and
+the page cache does the rest; ``.npy`` needs nothing beyond numpy to read. Shards (4096 patches, 236 MB
+in float32) keep single files of a manageable size for copying to node-local disks.
+
+Converter (``packed.json`` is written last, so a folder without it is incomplete)::
+
+    python -m sarwmix.packed convert --source benv1 /data/BigEarthNet-S1-v1.0 /data/benv1_packed
+    python -m sarwmix.packed convert --source synthetic /tmp/packed --n 512
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sarwmix.constants import BEN_19_FROM_43, CHANNELS
+from sarwmix.errors import ConfigError, DataError, SarwmixError
+from util.datasets import PatchDataset, build_dataset
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "sarwmix-packed"
+FORMAT_VERSION = 1
+SOURCES = ("benv1", "benv1_zarr", "benv2", "benv2_lmdb", "synthetic")
+PACKED_SPLITS = ("train", "val", "test")
+# 43 -> 19 class merge as a (43, 19) 0/1 matrix, so a whole split converts with one matmul.
+_MERGE_43_TO_19 = np.zeros((43, 19), np.float32)
+for _j, _sources in enumerate(BEN_19_FROM_43):
+    _MERGE_43_TO_19[list(_sources), _j] = 1.0
+
+
+def _read_meta(root: Path) -> dict:
+    """Read and check ``packed.json``."""
+    path = root / "packed.json"
+    if not path.is_file():
+        raise DataError(f"{root}: no packed.json (not a packed folder, or its conversion did not finish)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not readable JSON ({err})") from err
+    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path}: expected format {FORMAT_NAME!r} version {FORMAT_VERSION}, got "
+                        f"{meta.get('format')!r} version {meta.get('version')!r}")
+    return meta
+
+
+class PackedDataset(PatchDataset):
+    """Reader of the packed format (see the module docstring).
+
+    Args:
+        data_path: the packed folder.
+        split: ``train | val | test`` (``validation`` accepted).
+        input_size, channels, label_set, skip_bad: see ``util.datasets.PatchDataset``. ``label_set=19``
+            works for every packed source; 43 only for v1 sources (stored with 43 classes).
+    """
+
+    def __init__(self, data_path: str | Path, split: str, *, input_size: int = 128,
+                 channels: tuple[str, ...] = CHANNELS, label_set: int = 19, skip_bad: bool = False) -> None:
+        self.root = Path(data_path)
+        self.meta = _read_meta(self.root)
+        super().__init__(input_size=input_size, channels=channels, stats_name=self.meta["stats"],
+                         label_set=label_set, skip_bad=skip_bad)
+        split = "val" if split == "validation" else split
+        index = pd.read_parquet(self.root / "index.parquet")
+        self.rows = np.flatnonzero(index["split"].to_numpy() == split)
+        if len(self.rows) == 0:
+            raise DataError(f"{self.root}: split {split!r} is empty (splits present: "
+                            f"{sorted(index['split'].unique())})")
+        self.names = index["name"].to_numpy()[self.rows].tolist()
+        self.targets = self._targets(np.load(self.root / "targets.npy", mmap_mode="r")[self.rows])
+        self._shards: tuple[int, list[np.ndarray]] | None = None
+
+    def _targets(self, stored: np.ndarray) -> np.ndarray:
+        """Stored multi-hot (rows, stored label set) -> float32 (rows, label_set)."""
+        stored = stored.astype(np.float32)
+        if stored.shape[1] == self.num_classes:
+            return stored
+        if stored.shape[1] == 43 and self.num_classes == 19:
+            return (stored @ _MERGE_43_TO_19 > 0).astype(np.float32)
+        raise ConfigError(f"{self.root}: stores {stored.shape[1]}-class labels; label_set {self.num_classes} "
+                          "cannot be derived from them")
+
+    def _shard_arrays(self) -> list[np.ndarray]:
+        """Memory maps of every shard, opened once per process."""
+        if self._shards is None or self._shards[0] != os.getpid():
+            arrays = []
+            for name in self.meta["shards"]:
+                try:
+                    arrays.append(np.load(self.root / name, mmap_mode="r"))
+                except (OSError, ValueError) as err:
+                    raise DataError(f"{self.root / name}: unreadable shard ({err})") from err
+            self._shards = (os.getpid(), arrays)
+        return self._shards[1]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_shards"] = None  # memory maps are reopened in each worker
+        return state
+
+    def read_patch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Patch ``i``: (sar_db float32 (2, 120, 120) [VH, VV], target float32 (label_set,))."""
+        g = int(self.rows[i])
+        size = self.meta["shard_size"]
+        sar_db = np.array(self._shard_arrays()[g // size][g % size], dtype=np.float32)
+        if not np.isfinite(sar_db).all():
+            raise DataError(f"{self.root / self.meta['shards'][g // size]}: patch {self.names[i]} (row "
+                            f"{g % size}) has NaN/Inf pixels")
+        return sar_db, self.targets[i]
+
+
+class PackedWriter:
+    """Append patches, then ``close()``: shards are written as they fill, ``packed.json`` last.
+
+    Args:
+        out: the packed folder to create (must not hold a finished packed folder already).
+        dtype: ``float32`` (exact) or ``float16`` (half the size; ~0.01 dB rounding at -30 dB).
+        shard_size: patches per shard.
+    """
+
+    def __init__(self, out: str | Path, dtype: str = "float32", shard_size: int = 4096) -> None:
+        if dtype not in ("float32", "float16"):
+            raise ConfigError(f"--dtype {dtype!r}: expected float32 or float16")
+        if shard_size < 1:
+            raise ConfigError(f"--shard_size {shard_size}: expected a positive number")
+        self.out, self.dtype, self.shard_size = Path(out), np.dtype(dtype), shard_size
+        if (self.out / "packed.json").exists():
+            raise ConfigError(f"{self.out}: already holds a packed data set; choose another output folder")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.names: list[str] = []
+        self.splits: list[str] = []
+        self.targets: list[np.ndarray] = []
+        self.shards: list[str] = []
+        self._buffer: list[np.ndarray] = []
+
+    def add(self, name: str, split: str, sar_db: np.ndarray, target: np.ndarray) -> None:
+        """Append one patch: sar_db float32 (2, 120, 120) [VH, VV], target multi-hot (label_set,)."""
+        self.names.append(name)
+        self.splits.append(split)
+        self.targets.append(np.asarray(target, dtype=np.uint8))
+        self._buffer.append(np.asarray(sar_db, dtype=self.dtype))
+        if len(self._buffer) == self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            name = f"shard_{len(self.shards):05d}.npy"
+            np.save(self.out / name, np.stack(self._buffer))
+            self.shards.append(name)
+            self._buffer = []
+
+    def close(self, stats: str, source: str) -> Path:
+        """Write the last shard, the index, the targets and finally ``packed.json``."""
+        if not self.names:
+            raise DataError(f"{self.out}: nothing to pack (every source split was empty or bad)")
+        self._flush()
+        pd.DataFrame({"name": self.names, "split": self.splits}).to_parquet(self.out / "index.parquet",
+                                                                            index=False)
+        np.save(self.out / "targets.npy", np.stack(self.targets))
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dtype": self.dtype.name,
+                "patch_shape": list(self._shape()), "channels": list(CHANNELS), "stats": stats,
+                "label_set": int(self.targets[0].shape[0]), "source": source, "n": len(self.names),
+                "shard_size": self.shard_size, "shards": self.shards,
+                "splits": {s: self.splits.count(s) for s in PACKED_SPLITS}}
+        (self.out / "packed.json").write_text(json.dumps(meta, indent=1))
+        return self.out
+
+    def _shape(self) -> tuple[int, ...]:
+        return np.load(self.out / self.shards[0], mmap_mode="r").shape[1:]
+
+
+class _RawItems(torch.utils.data.Dataset):
+    """Full-size items of a reader for conversion: bad patches become None (if skipped) instead of
+    being replaced by a neighbour, so the packed copy holds no duplicates."""
+
+    def __init__(self, reader: PatchDataset, skip_bad: bool) -> None:
+        self.reader, self.skip_bad = reader, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> tuple[str, np.ndarray, np.ndarray] | None:
+        try:
+            sar_db, target = self.reader.read_patch(i)
+        except DataError as err:
+            if not self.skip_bad:
+                raise
+            logger.warning("convert: skipped %s: %s", self.reader.names[i], err)
+            return None
+        return self.reader.names[i], sar_db, target
+
+
+def convert(source: str, src: str | Path, out: str | Path, *, splits: tuple[str, ...] = PACKED_SPLITS,
+            dtype: str = "float32", shard_size: int = 4096, num_workers: int = 0, skip_bad: bool = False,
+            include_snow_cloud: bool = False, split_file: str | None = None) -> Path:
+    """Pack splits of a BigEarthNet source (v1 sources keep 43-class labels, v2 sources 19).
+
+    Returns:
+        the packed folder.
+    """
+    from tqdm import tqdm
+
+    if source not in SOURCES[:-1]:
+        raise ConfigError(f"--source {source!r}: expected one of {SOURCES}")
+    writer = PackedWriter(out, dtype, shard_size)
+    label_set = 43 if source.startswith("benv1") else 19
+    skipped = 0
+    for split in splits:
+        reader = build_dataset(source, data_path=str(src), split=split, input_size=120, split_file=split_file,
+                               include_snow_cloud=include_snow_cloud, label_set=label_set)
+        loader = torch.utils.data.DataLoader(_RawItems(reader, skip_bad), batch_size=64, shuffle=False,
+                                             num_workers=num_workers, collate_fn=list)
+        for batch in tqdm(loader, desc=f"pack {split}", unit="batch"):
+            for item in batch:
+                if item is None:
+                    skipped += 1
+                    continue
+                writer.add(item[0], "val" if split == "validation" else split, item[1], item[2])
+    if skipped:
+        logger.warning("convert: %d bad patches skipped (listed above)", skipped)
+    return writer.close(stats="benv1" if source.startswith("benv1") else "benv2", source=f"{source}:{src}")
+
+
+def convert_synthetic(out: str | Path, n: int, seed: int = 0, dtype: str = "float32",
+                      shard_size: int = 4096) -> Path:
+    """Pack ``n`` synthetic patches with the names, splits and flags of ``sarwmix.synthetic.patch_records``
+    (snow/cloud-flagged ones left out, as in the v1 lists), 43-class labels, BENv1 statistics."""
+    from sarwmix.bigearthnetv1 import target_from_names
+    from sarwmix.synthetic import generate_patch, patch_records
+
+    writer = PackedWriter(out, dtype, shard_size)
+    for record in patch_records(n, seed):
+        if record["snow"] or record["cloud"]:
+            continue
+        sar_db, _, labels = generate_patch(record["seed"])
+        writer.add(record["s1_name"], record["split"], sar_db, target_from_names(labels, 43, "synthetic"))
+    return writer.close(stats="benv1", source=f"synthetic:n={n},seed={seed}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sarwmix.packed convert --source SOURCE [SRC] OUT [options]``."""
+    parser = argparse.ArgumentParser(prog="python -m sarwmix.packed", description="Build a packed data set.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cmd = commands.add_parser("convert", help="convert a source format (or synthetic data) to packed")
+    cmd.add_argument("--source", required=True, choices=SOURCES)
+    cmd.add_argument("paths", nargs="+", metavar="SRC OUT", help="source folder and output folder "
+                     "(synthetic: output folder only)")
+    cmd.add_argument("--split", nargs="+", default=list(PACKED_SPLITS), choices=PACKED_SPLITS)
+    cmd.add_argument("--split_file", default=None, help="v1: split list; v2: metadata parquet/CSV")
+    cmd.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    cmd.add_argument("--shard_size", type=int, default=4096)
+    cmd.add_argument("--num_workers", type=int, default=0, help="reader processes")
+    cmd.add_argument("--skip_bad", action="store_true", help="skip and count bad patches")
+    cmd.add_argument("--include_snow_cloud", action="store_true")
+    cmd.add_argument("--n", type=int, default=512, help="synthetic: number of patches")
+    cmd.add_argument("--seed", type=int, default=0, help="synthetic: seed")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if len(args.paths) != (1 if args.source == "synthetic" else 2):
+            raise ConfigError(f"--source {args.source}: expected {'OUT' if args.source == 'synthetic' else 'SRC OUT'}"
+                              f", got {args.paths}")
+        if args.source == "synthetic":
+            out = convert_synthetic(args.paths[0], args.n, args.seed, args.dtype, args.shard_size)
+        else:
+            out = convert(args.source, args.paths[0], args.paths[1], splits=tuple(args.split), dtype=args.dtype,
+                          shard_size=args.shard_size, num_workers=args.num_workers, skip_bad=args.skip_bad,
+                          include_snow_cloud=args.include_snow_cloud, split_file=args.split_file)
+    except SarwmixError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    meta = _read_meta(out)
+    print(f"{out}: {meta['n']} patches {meta['splits']} in {len(meta['shards'])} shard(s), {meta['dtype']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Tests of analysis/: log readers and the four figure scripts, on logs written in the real formats."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    # analysis/ is a folder of scripts, not an installed package: import it from the checkout.
+    sys.path.insert(0, str(REPO))
+
+from analysis import logs, plot_epoch_sweep, plot_label_efficiency, plot_pretrain_loss, plot_time
+from sarwmix.errors import ConfigError, DataError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BEN_METRICS = ("mAP_macro", "mAP_micro", "f1_macro", "f1_micro", "precision_macro", "precision_micro")
+SEN12_METRICS = ("accuracy", "precision", "recall", "f1")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writers of the real log formats (seeded)
+# ----------------------------------------------------------------------------------------------------------
+def write_pretrain_run(run_dir: Path, n_epochs: int, iters: int = 12, seed: int = 0, steps: bool = True,
+                       epoch_time: bool = True) -> dict:
+    """Write log.txt / train_log.json / config.yaml of a pretraining run; return what was written."""
+    rng = np.random.default_rng(seed)
+    run_dir.mkdir(parents=True)
+    total_iters, batch, clock = n_epochs * iters, 64, 0.0
+    epoch_lines, step_lines, losses, seconds = [], [], [], []
+    for epoch in range(n_epochs):
+        start, epoch_losses = clock, []
+        for local in range(iters):
+            it = epoch * iters + local
+            loss = 0.35 + 0.65 * math.exp(-it / (3 * iters)) + rng.normal(0.0, 0.01)
+            lr = 1.5e-4 * min(1.0, (it + 1) / iters) * 0.5 * (1 + math.cos(math.pi * it / total_iters))
+            clock += rng.uniform(0.4, 0.6)
+            step_lines.append({"epoch": epoch, "iter": it, "loss": loss, "lr": lr,
+                               "grad_norm": rng.uniform(0.5, 2.0), "time_s": clock, "mask_ratio": 0.5})
+            epoch_losses.append(loss)
+        line = {"epoch": epoch, "train_loss": float(np.mean(epoch_losses)), "train_lr": lr,
+                "train_grad_norm": 1.1, "img_per_s": iters * batch / (clock - start),
+                "n_parameters": 88_010_000}
+        if epoch_time:
+            line["epoch_time_s"] = clock - start
+        epoch_lines.append(line)
+        losses.append(line["train_loss"])
+        seconds.append(clock - start)
+    (run_dir / "log.txt").write_text("".join(json.dumps(line) + "\n" for line in epoch_lines))
+    if steps:
+        (run_dir / "train_log.json").write_text("".join(json.dumps(line) + "\n" for line in step_lines))
+    config = {"model": "mixmim_base", "mode": "mixmim", "epochs": n_epochs, "batch_size": batch, "seed": seed}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    step_losses = [line["loss"] for line in step_lines]
+    return {"epoch_loss": losses, "epoch_seconds": seconds, "step_loss": step_losses}
+
+
+def write_result(path: Path, task: str, pretrain_epoch: int | None, fraction: float, score: float,
+                 model: str = "mixmim_base", val: bool = True) -> None:
+    """Write a finetune results.json whose test metrics are ``score`` plus fixed offsets."""
+    names = BEN_METRICS if task == "ben" else SEN12_METRICS
+    test = {name: score + 0.01 * index for index, name in enumerate(names)}
+    checkpoint = None if pretrain_epoch is None else f"/runs/pretrain/checkpoint_{pretrain_epoch}.pth"
+    result = {"task": task, "model": model, "finetune": checkpoint,
+              "pretrain_epoch": pretrain_epoch, "train_fraction": fraction, "best_epoch": 37,
+              "selection_metric": names[0], "val": {k: v + 0.02 for k, v in test.items()} if val else {},
+              "test": test}
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(result, indent=2))
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "analysis" / f"{name}.py"), *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# logs.py
+# ----------------------------------------------------------------------------------------------------------
+def test_read_jsonl_drops_a_truncated_last_line(tmp_path, capsys):
+    path = tmp_path / "log.txt"
+    path.write_text('{"epoch": 0, "train_loss": 0.9}\n\n{"epoch": 1, "train_loss": 0.8}\n{"epoch": 2, "trai')
+    records = logs.read_jsonl(path)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert f"{path}:4" in capsys.readouterr().err
+
+
+def test_read_jsonl_corrupt_middle_line_names_file_and_line(tmp_path):
+    path = tmp_path / "train_log.json"
+    path.write_text('{"iter": 0, "loss": 1.0}\n{"iter": 1, "loss": \n{"iter": 2, "loss": 0.9}\n')
+    with pytest.raises(DataError, match=rf"{path}:2: not valid JSON"):
+        logs.read_jsonl(path)
+
+
+def test_read_jsonl_rejects_non_objects_and_missing_files(tmp_path):
+    path = tmp_path / "log.txt"
+    path.write_text('[1, 2]\n{"epoch": 0}\n')
+    with pytest.raises(DataError, match=r"log.txt:1: expected a JSON object, got list"):
+        logs.read_jsonl(path)
+    with pytest.raises(DataError, match="log file not found"):
+        logs.read_jsonl(tmp_path / "absent.txt")
+
+
+def test_read_run_keeps_the_newest_line_of_an_epoch_logged_twice(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    # A run resumed from the epoch-1 checkpoint logs epoch 1 (and 2) a second time.
+    losses = [(0, 0.9), (1, 0.8), (2, 0.75), (1, 0.7), (2, 0.6)]
+    lines = [{"epoch": epoch, "train_loss": loss} for epoch, loss in losses]
+    (run / "log.txt").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = logs.read_run(run)
+    assert result.epochs["epoch"].tolist() == [0, 1, 2]
+    assert result.epochs["train_loss"].tolist() == [0.9, 0.7, 0.6]
+    assert result.steps.empty and result.config == {}
+
+
+def test_read_run_rejects_folders_without_logs(tmp_path):
+    with pytest.raises(DataError, match="run folder not found"):
+        logs.read_run(tmp_path / "nope")
+    with pytest.raises(DataError, match="neither log.txt nor train_log.json"):
+        logs.read_run(tmp_path)
+    (tmp_path / "log.txt").write_text("")  # a run killed before its first epoch ended
+    with pytest.raises(DataError, match="hold no records yet"):
+        logs.read_run(tmp_path)
+
+
+def test_read_results_flattens_metrics_and_validates(tmp_path):
+    write_result(tmp_path / "a", "ben", 64, 0.5, 0.7)
+    write_result(tmp_path / "b", "ben", None, 1.0, 0.6, val=False)
+    frame = logs.read_results(str(tmp_path / "*" / "results.json"))
+    assert len(frame) == 2 and str(frame["pretrain_epoch"].dtype) == "Int64"
+    assert frame["init"].tolist() == [logs.PRETRAINED, logs.RANDOM_INIT]
+    assert frame.loc[0, "test_mAP_macro"] == pytest.approx(0.7)
+    assert frame.loc[0, "val_mAP_macro"] == pytest.approx(0.72) and math.isnan(frame.loc[1, "val_mAP_macro"])
+    assert len(logs.read_results(str(tmp_path))) == 2  # a folder is searched recursively
+    with pytest.raises(DataError, match="no results.json matched"):
+        logs.read_results(str(tmp_path / "none*" / "results.json"))
+    broken = tmp_path / "c" / "results.json"
+    broken.parent.mkdir()
+    broken.write_text(json.dumps({"task": "ben", "val": {}, "test": {}}))
+    with pytest.raises(DataError, match=r"c/results.json: missing key\(s\) finetune, pretrain_epoch"):
+        logs.read_results(str(broken))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plot_pretrain_loss.py
+# ----------------------------------------------------------------------------------------------------------
+def test_pretrain_loss_per_epoch_and_smoothed_per_step(tmp_path):
+    long_run = write_pretrain_run(tmp_path / "runs" / "mixmim_w", n_epochs=6, iters=10, seed=1)
+    short_run = write_pretrain_run(tmp_path / "runs" / "one_epoch", n_epochs=1, seed=2, steps=False)
+    out = tmp_path / "out"
+    code = plot_pretrain_loss.main([str(tmp_path / "runs" / "mixmim_w"), str(tmp_path / "runs" / "one_epoch"),
+                                    "--out", str(out), "--smooth", "5"])
+    assert code == 0
+    assert_png(out / "pretrain_loss.png")
+    epochs = pd.read_csv(out / "pretrain_loss_epoch.csv")
+    assert list(epochs.columns) == ["run", "epoch", "train_loss", "train_lr", "source"]
+    assert epochs["run"].tolist() == ["mixmim_w"] * 6 + ["one_epoch"]
+    assert epochs["epoch"].tolist() == [1, 2, 3, 4, 5, 6, 1]
+    assert epochs["train_loss"].to_numpy() == pytest.approx(long_run["epoch_loss"] + short_run["epoch_loss"])
+    steps = pd.read_csv(out / "pretrain_loss_step.csv")
+    assert len(steps) == 60 and set(steps["run"]) == {"mixmim_w"}
+    expected = pd.Series(long_run["step_loss"]).rolling(5, min_periods=1).mean()
+    assert steps["loss_smooth"].to_numpy() == pytest.approx(expected.to_numpy())
+    assert steps["loss_smooth"].iloc[4] == pytest.approx(np.mean(long_run["step_loss"][:5]))
+
+
+def test_pretrain_loss_epoch_curve_from_steps_without_log_txt(tmp_path):
+    written = write_pretrain_run(tmp_path / "run", n_epochs=3, iters=8, seed=3)
+    (tmp_path / "run" / "log.txt").unlink()
+    figure, epochs, steps = plot_pretrain_loss.plot_pretrain_loss([tmp_path / "run"])
+    assert epochs["epoch"].tolist() == [1, 2, 3]
+    assert epochs["train_loss"].to_numpy() == pytest.approx(written["epoch_loss"])
+    assert epochs["source"].str.startswith("train_log.json").all()
+    assert len(steps) == 24 and figure.axes[0].get_xlabel() == "epoch"
+
+
+def test_pretrain_loss_command_line(tmp_path):
+    write_pretrain_run(tmp_path / "a", n_epochs=2, seed=4)
+    result = run_script("plot_pretrain_loss", "a", "--out", "figs", "--logy", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "figs/pretrain_loss.png" in result.stdout
+    assert_png(tmp_path / "figs" / "pretrain_loss.png")
+    failed = run_script("plot_pretrain_loss", "missing_run", cwd=tmp_path)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines() == ["error: missing_run: run folder not found"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plot_epoch_sweep.py
+# ----------------------------------------------------------------------------------------------------------
+SWEEP_EPOCHS = (1, 4, 16, 64, 256, 1024)
+
+
+def write_sweep(root: Path, task: str = "ben") -> dict[int, list[float]]:
+    """Two seeds per checkpoint epoch and two random-init runs; returns test scores per epoch (0: random)."""
+    rng = np.random.default_rng(5)
+    scores: dict[int, list[float]] = {}
+    for epoch in (*SWEEP_EPOCHS, None):
+        for seed in range(2):
+            base = 0.55 if epoch is None else 0.6 + 0.015 * math.log2(epoch)
+            score = base + rng.normal(0.0, 0.005)
+            scores.setdefault(epoch or 0, []).append(score)
+            write_result(root / f"ep{epoch}_seed{seed}", task, epoch, 1.0, score)
+    return scores
+
+
+def test_epoch_sweep_aggregates_seeds_per_checkpoint_epoch(tmp_path):
+    scores = write_sweep(tmp_path / "results")
+    out = tmp_path / "out"
+    code = plot_epoch_sweep.main([str(tmp_path / "results" / "**" / "results.json"), "--metric", "mAP_macro",
+                                  "f1_micro", "--out", str(out)])
+    assert code == 0
+    assert_png(out / "epoch_sweep.png")
+    table = pd.read_csv(out / "epoch_sweep.csv")
+    assert len(table) == 2 * (len(SWEEP_EPOCHS) + 1)
+    mAP = table[table["metric"] == "mAP_macro"]
+    pretrained = mAP[mAP["init"] == "pretrained"]
+    assert pretrained["pretrain_epoch"].tolist() == list(SWEEP_EPOCHS)
+    for epoch in SWEEP_EPOCHS:
+        row = pretrained[pretrained["pretrain_epoch"] == epoch].iloc[0]
+        assert row["mean"] == pytest.approx(np.mean(scores[epoch]))
+        assert row["std"] == pytest.approx(np.std(scores[epoch], ddof=1)) and row["n"] == 2
+    random = mAP[mAP["init"] == "random init"].iloc[0]
+    assert random["mean"] == pytest.approx(np.mean(scores[0])) and math.isnan(random["pretrain_epoch"])
+    f1 = table[(table["metric"] == "f1_micro") & (table["pretrain_epoch"] == 64)].iloc[0]
+    assert f1["mean"] == pytest.approx(np.mean(scores[64]) + 0.03)  # f1_micro is written as score + 0.03
+
+
+def test_epoch_sweep_axis_is_log2_with_power_of_two_ticks(tmp_path):
+    write_sweep(tmp_path)
+    figure, table = plot_epoch_sweep.plot_epoch_sweep([str(tmp_path)])
+    ax = figure.axes[0]
+    assert ax.get_xscale() == "log"
+    assert [round(t) for t in ax.get_xticks()] == [2**k for k in range(11)]
+    assert set(table["metric"]) == {"mAP_macro"}  # the default metric of BigEarthNet
+
+
+def test_epoch_sweep_command_line_errors(tmp_path):
+    write_sweep(tmp_path / "ben", "ben")
+    unknown = run_script("plot_epoch_sweep", "ben", "--metric", "accuracy", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert unknown.stderr.startswith("error: --metric accuracy: not in the test results; available: f1_macro")
+    write_result(tmp_path / "flood" / "r0", "sen12flood", 64, 1.0, 0.8)
+    mixed = run_script("plot_epoch_sweep", "ben", "flood", cwd=tmp_path)
+    assert mixed.returncode == 2 and "results mix tasks ben, sen12flood" in mixed.stderr
+    flood = run_script("plot_epoch_sweep", "ben", "flood", "--task", "sen12flood", "--out", "o", cwd=tmp_path)
+    assert flood.returncode == 0, flood.stderr
+    assert pd.read_csv(tmp_path / "o" / "epoch_sweep.csv")["metric"].tolist() == ["f1"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plot_time.py
+# ----------------------------------------------------------------------------------------------------------
+def test_time_per_epoch_and_total(tmp_path):
+    base = write_pretrain_run(tmp_path / "base", n_epochs=5, seed=6)
+    single = write_pretrain_run(tmp_path / "single", n_epochs=1, seed=7, steps=False)
+    out = tmp_path / "out"
+    assert plot_time.main([str(tmp_path / "base"), str(tmp_path / "single"), "--out", str(out)]) == 0
+    assert_png(out / "run_time.png")
+    per_epoch = pd.read_csv(out / "run_time_per_epoch.csv")
+    assert len(per_epoch) == 6 and per_epoch["epoch"].tolist() == [1, 2, 3, 4, 5, 1]
+    expected = base["epoch_seconds"] + single["epoch_seconds"]
+    assert per_epoch["epoch_time_s"].to_numpy() == pytest.approx(expected)
+    assert per_epoch["epoch_time_min"].to_numpy() == pytest.approx(per_epoch["epoch_time_s"].to_numpy() / 60)
+    assert per_epoch["cumulative_h"].iloc[4] == pytest.approx(sum(base["epoch_seconds"]) / 3600)
+    totals = pd.read_csv(out / "run_time_total.csv")
+    assert totals["run"].tolist() == ["base", "single"] and totals["epochs"].tolist() == [5, 1]
+    assert totals["total_h"].iloc[0] == pytest.approx(sum(base["epoch_seconds"]) / 3600)
+
+
+def test_time_falls_back_to_step_stamps_across_a_restart(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    epoch_lines = [json.dumps({"epoch": epoch, "train_loss": 1.0}) + "\n" for epoch in (0, 1, 2)]
+    (run / "log.txt").write_text("".join(epoch_lines))
+    # Epochs 0 and 1 end at 100 s and 250 s; the run is resumed for epoch 2 and its clock restarts at 0.
+    stamps = [(0, 0, 40.0), (0, 1, 100.0), (1, 2, 180.0), (1, 3, 250.0), (2, 4, 60.0), (2, 5, 130.0)]
+    (run / "train_log.json").write_text("".join(json.dumps({"epoch": e, "iter": i, "loss": 1.0, "time_s": t})
+                                                + "\n" for e, i, t in stamps))
+    _, per_epoch, totals = plot_time.plot_time([run])
+    assert per_epoch["epoch_time_s"].tolist() == [100.0, 150.0, 130.0]
+    assert (per_epoch["source"] == "train_log.json").all()
+    assert totals["total_s"].iloc[0] == pytest.approx(380.0)
+
+
+def test_time_command_line_and_units(tmp_path):
+    assert plot_time.pick_unit(90.0) == (1.0, "s")
+    assert plot_time.pick_unit(3600.0) == (60.0, "min")
+    assert plot_time.pick_unit(30 * 3600.0) == (3600.0, "h")
+    write_pretrain_run(tmp_path / "r", n_epochs=3, seed=8)
+    result = run_script("plot_time", "r", "--out", ".", "--name", "t", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "r: 3 epochs" in result.stdout
+    assert_png(tmp_path / "t.png")
+    assert len(pd.read_csv(tmp_path / "t_per_epoch.csv")) == 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plot_label_efficiency.py
+# ----------------------------------------------------------------------------------------------------------
+FRACTIONS = (1.0, 0.5, 0.25, 0.125)
+
+
+def write_label_efficiency(root: Path, epochs: tuple[int | None, ...] = (64, None)) -> dict:
+    """Two seeds per (initialisation, fraction); returns the test scores keyed by (epoch, fraction)."""
+    rng = np.random.default_rng(9)
+    scores: dict = {}
+    for epoch in epochs:
+        for fraction in FRACTIONS:
+            for seed in range(2):
+                gap = 0.0 if epoch is None else 0.08 + 0.0001 * epoch
+                score = 0.5 + gap + 0.05 * math.log2(fraction) + rng.normal(0.0, 0.004)
+                scores.setdefault((epoch, fraction), []).append(score)
+                write_result(root / f"ep{epoch}_f{fraction}_s{seed}", "ben", epoch, fraction, score)
+    return scores
+
+
+def test_label_efficiency_two_lines_over_fractions(tmp_path):
+    scores = write_label_efficiency(tmp_path / "res")
+    out = tmp_path / "out"
+    assert plot_label_efficiency.main([str(tmp_path / "res"), "--out", str(out)]) == 0
+    assert_png(out / "label_efficiency.png")
+    table = pd.read_csv(out / "label_efficiency.csv")
+    assert len(table) == 8 and set(table["init"]) == {"pretrained", "random init"}
+    assert sorted(set(table["percent"])) == [12.5, 25.0, 50.0, 100.0]
+    for (epoch, fraction), values in scores.items():
+        init = "random init" if epoch is None else "pretrained"
+        row = table[(table["init"] == init) & (table["train_fraction"] == fraction)].iloc[0]
+        assert row["mean"] == pytest.approx(np.mean(values)) and row["n"] == 2
+
+
+def test_label_efficiency_figure_and_epoch_filter(tmp_path):
+    write_label_efficiency(tmp_path, epochs=(16, 64, None))
+    figure, table = plot_label_efficiency.plot_label_efficiency([str(tmp_path)], metric="f1_micro")
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend == ["pretrained (16-epoch checkpoint)", "pretrained (64-epoch checkpoint)", "random init"]
+    assert figure.axes[0].get_xscale() == "log" and set(table["metric"]) == {"f1_micro"}
+    figure, table = plot_label_efficiency.plot_label_efficiency([str(tmp_path)], pretrain_epoch=64)
+    assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == ["pretrained", "random init"]
+    assert len(table) == 8
+    with pytest.raises(ConfigError, match=r"--pretrain_epoch 32: no pretrained results with it; found \[16"):
+        plot_label_efficiency.plot_label_efficiency([str(tmp_path)], pretrain_epoch=32)
+
+
+def test_label_efficiency_command_line_on_sen12flood(tmp_path):
+    for index, (epoch, fraction) in enumerate([(64, 1.0), (None, 1.0), (64, 0.5), (None, 0.5)]):
+        score = 0.8 - 0.1 * index
+        write_result(tmp_path / "res" / f"r{index}", "sen12flood", epoch, fraction, score, val=False)
+    result = run_script("plot_label_efficiency", "res/*/results.json", "--out", "o", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_png(tmp_path / "o" / "label_efficiency.png")
+    table = pd.read_csv(tmp_path / "o" / "label_efficiency.csv")
+    assert set(table["metric"]) == {"f1"} and len(table) == 4
+    val = run_script("plot_label_efficiency", "res", "--split", "val", cwd=tmp_path)
+    assert val.returncode == 2 and val.stderr.startswith("error: --metric f1: not in the val results")

@@ -1,0 +1,186 @@
+"""BigEarthNet v2: metadata parquet / CSV, folder layout, LMDB (safetensors, no pickle), bad input."""
+from __future__ import annotations
+
+import logging
+import pickle
+import shutil
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from sarwmix.bigearthnetv1 import target_from_names
+from sarwmix.bigearthnetv2 import (
+    METADATA_COLUMNS,
+    BenV2Folder,
+    BenV2Lmdb,
+    decode_lmdb_value,
+    encode_lmdb_value,
+    load_metadata,
+    targets_from_labels,
+)
+from sarwmix.constants import BEN_19_CLASSES
+from sarwmix.errors import ConfigError, DataError
+from sarwmix.synthetic import generate_patch, patch_records, write_benv2, write_benv2_lmdb
+from tests._bigearthnet_helpers import REAL_S1, copy_tree
+
+N, SEED = 24, 5
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_benv2(tmp_path_factory.mktemp("benv2"), N, SEED)
+
+
+@pytest.fixture(scope="module")
+def lmdb_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_benv2_lmdb(tmp_path_factory.mktemp("benv2_lmdb"), N, SEED)
+
+
+def expected(split: str, flagged_too: bool = False) -> list[str]:
+    return [r["s1_name"] for r in patch_records(N, SEED)
+            if r["split"] == split and (flagged_too or not (r["snow"] or r["cloud"]))]
+
+
+def test_metadata_has_the_real_columns(folder: Path) -> None:
+    meta = pd.read_parquet(folder / "metadata.parquet")
+    assert tuple(meta.columns) == METADATA_COLUMNS
+    assert set(meta["split"]) <= {"train", "validation", "test"}
+    assert meta["patch_id"].str.match(r"S2[AB]_MSIL2A_\d{8}T\d{6}_N9999_R\d{3}_T\d{2}[A-Z]{3}_\d+_\d+$").all()
+    assert all(set(labels) <= set(BEN_19_CLASSES) for labels in meta["labels"])
+    assert not (meta["contains_seasonal_snow"] | meta["contains_cloud_or_shadow"]).any()
+
+
+def test_folder_and_lmdb_readers_agree_with_the_generator(folder: Path, lmdb_root: Path) -> None:
+    by_name = {r["s1_name"]: r for r in patch_records(N, SEED)}
+    for split, alias in (("train", "train"), ("validation", "val"), ("test", "test")):
+        tifs = BenV2Folder(folder, alias, input_size=120)
+        store = BenV2Lmdb(lmdb_root, split, input_size=120)
+        assert tifs.names == store.names == expected("val" if split == "validation" else split)
+        assert tifs.stats["name"] == "benv2"
+        for i, name in enumerate(tifs.names):
+            sar_db, target, _ = generate_patch(by_name[name]["seed"])
+            for data in (tifs, store):
+                x, y = data[i]
+                np.testing.assert_array_equal(x.numpy(), sar_db)
+                np.testing.assert_array_equal(y.numpy(), target)
+
+
+def test_snow_and_cloud_only_when_asked(folder: Path) -> None:
+    flagged = set(expected("train", True)) - set(expected("train"))
+    assert flagged, "seed must produce a flagged training patch"
+    assert not flagged & set(BenV2Folder(folder, "train").names)
+    assert set(BenV2Folder(folder, "train", include_snow_cloud=True).names) == set(expected("train", True))
+
+
+def test_csv_export_gives_the_same_index(folder: Path, tmp_path: Path) -> None:
+    meta = pd.read_parquet(folder / "metadata.parquet")
+    meta["labels"] = meta["labels"].map(lambda labels: str(list(labels)))
+    meta.to_csv(tmp_path / "metadata.csv", index=False)
+    from_csv = BenV2Folder(folder, "test", metadata_file=str(tmp_path / "metadata.csv"))
+    from_parquet = BenV2Folder(folder, "test")
+    assert from_csv.names == from_parquet.names
+    np.testing.assert_array_equal(from_csv.targets, from_parquet.targets)
+    meta.loc[0, "labels"] = "__import__('os').system('echo hacked')"
+    meta.to_csv(tmp_path / "evil.csv", index=False)
+    with pytest.raises(DataError, match="not a Python list of class names"):
+        load_metadata(tmp_path / "evil.csv")
+
+
+def test_vectorised_targets_match_the_per_row_mapping() -> None:
+    labels = pd.Series([["Marine waters", "Coniferous forest"], [], ["Urban fabric"],
+                        np.array(["Arable land", "Pastures"])])
+    targets = targets_from_labels(labels, "m.parquet")
+    for row, names in zip(targets, labels, strict=True):
+        np.testing.assert_array_equal(row, target_from_names(list(names), 19, "x"))
+    assert np.flatnonzero(targets[0]).tolist() == [9, 18]
+    with pytest.raises(DataError, match="m.parquet: unknown label 'Cheese'"):
+        targets_from_labels(pd.Series([["Pastures"], ["Cheese"]]), "m.parquet")
+
+
+def test_missing_patches_are_counted_then_fatal(folder: Path, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    copy = copy_tree(folder, tmp_path / "c")
+    names = expected("train")
+    product = BenV2Folder.product_folder(names[0])
+    shutil.rmtree(copy / "BigEarthNet-S1" / product / names[0])
+    with caplog.at_level(logging.WARNING):
+        assert BenV2Folder(copy, "train").names == names[1:]
+    assert f"1 of {len(names)} train patches are not in" in caplog.text
+    shutil.rmtree(copy / "BigEarthNet-S1")
+    (copy / "BigEarthNet-S1").mkdir()
+    with pytest.raises(DataError, match=f"none of the {len(names)} train patches"):
+        BenV2Folder(copy, "train")
+
+
+def test_bad_metadata(folder: Path, tmp_path: Path) -> None:
+    meta = pd.read_parquet(folder / "metadata.parquet")
+    meta[meta["split"] != "test"].to_parquet(tmp_path / "no_test.parquet")
+    with pytest.raises(DataError, match="split 'test' has no rows"):
+        BenV2Folder(folder, "test", metadata_file=str(tmp_path / "no_test.parquet"))
+    meta.drop(columns=["s1_name"]).to_parquet(tmp_path / "no_s1.parquet")
+    with pytest.raises(DataError, match=r"missing columns \['s1_name'\]"):
+        BenV2Folder(folder, "test", metadata_file=str(tmp_path / "no_s1.parquet"))
+    with pytest.raises(DataError, match="metadata file not found"):
+        BenV2Folder(folder, "test", metadata_file=str(tmp_path / "absent.parquet"))
+    with pytest.raises(ConfigError, match="19-class labels only"):
+        BenV2Folder(folder, "test", label_set=43)
+
+
+def _lmdb_with(path: Path, key: str, value: bytes) -> None:
+    env = lmdb.open(str(path), map_size=2**24)
+    with env.begin(write=True) as txn:
+        txn.put(key.encode(), value)
+    env.close()
+
+
+def test_lmdb_pickled_values_are_refused(lmdb_root: Path, tmp_path: Path) -> None:
+    copy = copy_tree(lmdb_root, tmp_path / "c")
+    name = expected("test")[0]
+    sar_db = generate_patch(0)[0]
+    _lmdb_with(copy / "BigEarthNet_LMDB", name, pickle.dumps({"VH": sar_db[0], "VV": sar_db[1]}))
+    data = BenV2Lmdb(copy, "test")
+    with pytest.raises(DataError, match=f"{name}.*is a Python pickle.*refusing to unpickle"):
+        data[0]
+    skipping = BenV2Lmdb(copy, "test", skip_bad=True)
+    skipping[0]
+    assert skipping.n_skipped == 1
+
+
+def test_lmdb_value_checks() -> None:
+    sar_db = generate_patch(1)[0]
+    np.testing.assert_array_equal(decode_lmdb_value(encode_lmdb_value(sar_db), "k"), sar_db)
+    from safetensors.numpy import save
+
+    with pytest.raises(DataError, match=r"k: bands \['VV'\] missing"):
+        decode_lmdb_value(save({"VH": sar_db[0]}), "k")
+    with pytest.raises(DataError, match="k: not a safetensors value"):
+        decode_lmdb_value(b"\x01\x02garbage", "k")
+    with pytest.raises(DataError, match=r"k/VV: expected shape \(120, 120\)"):
+        decode_lmdb_value(save({"VH": sar_db[0], "VV": sar_db[1, :60]}), "k")
+    nan = sar_db.copy()
+    nan[0, 1, 1] = np.nan
+    with pytest.raises(DataError, match="k/VH: 1 NaN/Inf"):
+        decode_lmdb_value(encode_lmdb_value(nan), "k")
+
+
+REAL_BENV2 = REAL_S1 / "rico_hdl_benv2"
+
+
+@pytest.mark.skipif(not REAL_BENV2.is_dir(), reason="shared/data/real_s1 not present")
+def test_real_patch_folder_and_lmdb_are_identical(tmp_path: Path) -> None:
+    name = next((REAL_BENV2 / "BigEarthNet-S1").glob("*/*")).name
+    meta = pd.DataFrame({"patch_id": ["S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26_57"],
+                         "labels": [["Coniferous forest", "Mixed forest"]], "split": ["train"],
+                         "country": ["Austria"], "s1_name": [name], "s2v1_name": ["S2A_MSIL2A_x_0_0"],
+                         "contains_seasonal_snow": [False], "contains_cloud_or_shadow": [False]})
+    meta.to_parquet(tmp_path / "metadata.parquet")
+    tifs = BenV2Folder(REAL_BENV2, "train", metadata_file=str(tmp_path / "metadata.parquet"))
+    store = BenV2Lmdb(REAL_BENV2 / "BigEarthNet_LMDB", "train", metadata_file=str(tmp_path / "metadata.parquet"))
+    a, b = tifs.read_patch(0)[0], store.read_patch(0)[0]
+    assert a.shape == (2, 120, 120) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert -35 < a[0].mean() < a[1].mean() < -3, "real dB: VH darker than VV"
+    assert np.flatnonzero(tifs.targets[0]).tolist() == [9, 10]

@@ -1,0 +1,182 @@
+import argparse
+import json
+
+import pytest
+import torch
+
+import models_mixmim as M
+from sarwmix.errors import ConfigError
+from sarwmix.masking import sample_mixing_mask
+from util.checkpoint import load_checkpoint, model_state, save_atomic
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return M.mixmim_tiny(img_size=64, **kw).eval()
+
+
+def test_forward_shapes_and_explicit_mask():
+    m = tiny()
+    x = torch.randn(4, 2, 64, 64)
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    loss, pred, out_mask = m(x, mask=mask)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert pred.shape == (4, 4, 32 * 32 * 2)
+    assert torch.equal(out_mask, mask)
+
+
+def test_in_chans_flows_to_the_decoder():
+    m = M.mixmim_tiny(img_size=64, in_chans=1)
+    loss, pred, _ = m(torch.randn(2, 1, 64, 64))
+    assert pred.shape[-1] == 32 * 32 * 1 and torch.isfinite(loss)
+
+
+def test_sampled_mask_count_and_seed():
+    m = tiny()
+    x = torch.randn(2, 2, 64, 64)
+    _, _, a = m(x, generator=torch.Generator().manual_seed(5))
+    _, _, b = m(x, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and int(a.sum()) == 2
+
+
+def test_isolation_between_mixed_images():
+    """Changing image B's pixels does not change image A's encoder output at A's own cells."""
+    m = tiny()
+    x = torch.randn(4, 2, 64, 64)
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    y = x.clone()
+    y[3] = torch.randn(2, 64, 64) * 3  # partner of image 0
+    with torch.no_grad():
+        za, zb = m.forward_encoder(x, mask), m.forward_encoder(y, mask)
+    own = mask[0] == 0
+    assert torch.allclose(za[0, own], zb[0, own], atol=1e-5)
+    assert not torch.allclose(za[0, ~own], zb[0, ~own], atol=1e-3)  # B's cells inside A did change
+    assert torch.allclose(za[1], zb[1], atol=1e-5)  # pair (1, 2) untouched
+
+
+def test_no_masked_attention_leaks_without_mask_bias(monkeypatch):
+    """Sanity of the isolation test: without the mixing bias the images do talk to each other."""
+    m = tiny()
+    x = torch.randn(4, 2, 64, 64)
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    y = x.clone()
+    y[3] = torch.randn(2, 64, 64) * 3
+    monkeypatch.setattr(M, "window_mixing_bias", lambda *a, **k: None)  # mixing without the attention mask
+    tokens_only = [m.forward_encoder(v, mask) for v in (x, y)]
+    own = mask[0] == 0
+    assert not torch.allclose(tokens_only[0][0, own], tokens_only[1][0, own], atol=1e-4)
+
+
+def test_loss_unmixes_both_branches():
+    m = tiny(norm_pix_loss=False)
+    x = torch.randn(4, 2, 64, 64)
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    target = M.patchify(x, 32)
+    # branch 1 predicts each image, branch 2 predicts its partner: the unmixed reconstruction is exact
+    perfect = torch.cat([target, target.flip(0)])
+    loss, rec = m.forward_loss(x, perfect, mask)
+    assert loss.item() == 0.0 and torch.equal(rec, target)
+    wrong = torch.cat([target, target])
+    assert m.forward_loss(x, wrong, mask)[0] > 0
+
+
+def test_unit_weights_equal_plain_loss_and_weights_matter():
+    m = tiny()
+    x = torch.randn(4, 2, 64, 64)
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    with torch.no_grad():
+        plain = m(x, mask=mask)[0]
+        unit = m(x, weights=torch.ones_like(x), mask=mask)[0]
+        double = m(x, weights=2 * torch.ones_like(x), mask=mask)[0]
+    assert torch.allclose(plain, unit, rtol=1e-6)
+    assert torch.allclose(double, 2 * plain, rtol=1e-5)
+
+
+def test_norm_pix_target_uses_unbiased_variance():
+    m = tiny(norm_pix_loss=True)
+    x = torch.randn(2, 2, 64, 64)
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    t = M.patchify(x, 32)
+    t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, unbiased=True, keepdim=True) + 1e-6) ** 0.5
+    loss, rec = m.forward_loss(x, torch.cat([t, t.flip(0)]), mask)
+    assert loss.item() < 1e-10
+
+
+def test_every_parameter_gets_a_gradient():
+    m = tiny().train()
+    x = torch.randn(4, 2, 64, 64)
+    loss, _, _ = m(x, weights=torch.rand_like(x) + 1, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert missing == []
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen == {"absolute_pos_embed", "decoder_pos_embed"}
+
+
+def test_sdpa_matches_plain_softmax_attention():
+    m = tiny()
+    x = torch.randn(4, 2, 64, 64)
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    with torch.no_grad():
+        fast = m(x, mask=mask)[0]
+        for mod in m.modules():
+            if isinstance(mod, M.WindowAttention):
+                mod.use_sdpa = False
+        slow = m(x, mask=mask)[0]
+    assert torch.allclose(fast, slow, rtol=1e-4)
+
+
+def test_relative_position_index_matches_swin():
+    idx = M.relative_position_index(2)
+    # (0,0)->(0,0) is the centre (1*3+1), (0,0)->(1,1) is offset (-1,-1) -> 0
+    assert idx[0, 0] == 4 and idx[0, 3] == 0 and idx[3, 0] == 8
+    assert M.relative_position_index(8).max() == 15 * 15 - 1
+
+
+def test_window_partition_round_trip():
+    x = torch.randn(2, 16, 16, 5)
+    w = M.window_partition(x, 4)
+    assert w.shape == (2, 16, 16, 5)
+    assert torch.equal(M.window_reverse(w, 4, 16, 16), x)
+    assert torch.equal(w[0, 1], x[0, 0:4, 4:8].reshape(16, 5))
+
+
+@pytest.mark.parametrize("size", [100, 96, 192])
+def test_invalid_input_size_lists_valid_sizes(size):
+    with pytest.raises(ConfigError, match=r"valid sizes: \[.*128.*256"):
+        M.mixmim_tiny(img_size=size)
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ConfigError, match="mixmim_base"):
+        M.build_mixmim("mixmim_gigantic")
+
+
+@pytest.mark.parametrize("name", ["base", "large", "huge"])
+def test_state_dict_matches_released_manifest(name, compat_dir):
+    entries = json.loads((compat_dir / f"pretrain_mixmim_{name}.json").read_text())["entries"]
+    with torch.device("meta"):
+        model = getattr(M, f"mixmim_{name}")()
+    got = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+    expected = {k: (shape, dtype) for k, shape, dtype in entries}
+    assert got == expected
+
+
+def test_released_format_checkpoint_loads_strict(tmp_path, compat_dir):
+    """A checkpoint in the released layout (args = Namespace) loads with weights_only and strict=True."""
+    entries = json.loads((compat_dir / "pretrain_mixmim_base.json").read_text())["entries"]
+    g = torch.Generator().manual_seed(0)
+    sd = {k: (torch.randint(0, 10, shape, generator=g) if dtype == "int64" else torch.randn(shape, generator=g))
+          for k, shape, dtype in entries}
+    path = save_atomic({"model": sd, "optimizer": {}, "epoch": 63, "scaler": None,
+                        "args": argparse.Namespace(model="mixmim_base", input_size=128)},
+                       tmp_path / "checkpoint_64.pth")
+    ckpt = load_checkpoint(path)
+    assert ckpt["args"].model == "mixmim_base"
+    model = M.mixmim_base()
+    model.load_state_dict(model_state(ckpt), strict=True)
+    assert torch.equal(model.layers[2].blocks[5].attn.qkv.weight, sd["layers.2.blocks.5.attn.qkv.weight"])
+    x = torch.randn(2, 2, 128, 128)
+    with torch.no_grad():
+        loss = model(x, mask=sample_mixing_mask(16, 0.5, generator=torch.Generator().manual_seed(0)))[0]
+    assert torch.isfinite(loss)

@@ -1,0 +1,141 @@
+"""End-to-end pretraining runs through the real entry point (tiny model, 64 px, synthetic data)."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main_pretrain
+from conftest import REPO, TINY_PRETRAIN, run_py
+from sarwmix.errors import CheckpointError, ConfigError, TrainingError
+from util.checkpoint import load_checkpoint
+
+
+def _run(tmp_path, *extra):
+    args = main_pretrain.parse_args([*TINY_PRETRAIN, "--output_dir", str(tmp_path), *extra])
+    return main_pretrain.main(args)
+
+
+def test_run_writes_all_outputs(tmp_path):
+    record = _run(tmp_path)
+    for name in ("checkpoint.pth", "checkpoint_2.pth", "log.txt", "train_log.json", "config.yaml",
+                 "reconstructions.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    epochs = [json.loads(x) for x in (tmp_path / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1] and record["epoch"] == 1
+    steps = [json.loads(x) for x in (tmp_path / "train_log.json").read_text().splitlines()]
+    assert len(steps) == 8 and all({"loss", "lr", "grad_norm", "weight_mean"} <= s.keys() for s in steps)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert ckpt["epoch"] == 1 and isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "mixmim_tiny"
+    assert ckpt["stats"]["mean"] == [-19.2309, -12.5951]
+    assert {"model", "optimizer", "epoch", "scaler", "args"} <= ckpt.keys()
+
+
+def test_stop_epoch_saves_numbered_checkpoint_and_stops(tmp_path):
+    _run(tmp_path, "--epochs", "8", "--stop_epoch", "1", "--vis_samples", "0")
+    assert (tmp_path / "checkpoint_1.pth").exists()
+    assert len((tmp_path / "log.txt").read_text().splitlines()) == 1
+    lr = [json.loads(x)["lr"] for x in (tmp_path / "train_log.json").read_text().splitlines()]
+    assert lr[-1] < 1.5e-4 * 4 / 256  # still in the warmup of the 8-epoch schedule
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    """A run killed mid-epoch and resumed ends with the same weights as an uninterrupted run."""
+    common = [*TINY_PRETRAIN, "--epochs", "3", "--num_samples", "24", "--vis_samples", "0"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_py(["main_pretrain.py", *common, "--output_dir", str(full)])
+    proc = subprocess.Popen([sys.executable, "main_pretrain.py", *common, "--output_dir", str(killed)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps = killed / "train_log.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait for an iteration of epoch 1
+        if steps.exists() and any(json.loads(x)["epoch"] == 1 for x in steps.read_text().splitlines() if x):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(killed / "checkpoint.pth")["epoch"] == 0  # the last good checkpoint survived
+    run_py(["main_pretrain.py", *common, "--output_dir", str(killed), "--resume", "auto"])
+    a, b = _weights(full / "checkpoint.pth"), _weights(killed / "checkpoint.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_epochs = [json.loads(x)["epoch"] for x in (killed / "log.txt").read_text().splitlines()]
+    assert log_epochs == [0, 1, 2]
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    real = main_pretrain.make_pretrain_step
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        step = real(*a, **k)
+
+        def wrapped(model, batch, gen):
+            calls["n"] += 1
+            loss, extras, n = step(model, batch, gen)
+            return (loss * float("nan") if calls["n"] > 4 else loss), extras, n
+        return wrapped
+
+    monkeypatch.setattr(main_pretrain, "make_pretrain_step", poisoned)
+    with pytest.raises(TrainingError, match="non-finite loss.*last good checkpoint"):
+        _run(tmp_path, "--epochs", "3")
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 0
+
+
+def test_non_finite_input_names_the_sample():
+    from engine_pretrain import make_pretrain_step
+    from sarwmix.errors import DataError
+
+    step = make_pretrain_step(torch.device("cpu"), [-19.0, -12.0], [3.0, 3.0])
+    x = torch.randn(3, 2, 64, 64)
+    x[2, 1, 5, 5] = float("nan")
+    with pytest.raises(DataError, match="sample 2"):
+        step(None, (x, None), torch.Generator())
+
+
+def test_resume_into_wrong_model_names_first_mismatching_key(tmp_path):
+    _run(tmp_path, "--epochs", "1", "--vis_samples", "0")
+    with pytest.raises(CheckpointError, match="patch_embed.proj.weight"):
+        _run(tmp_path / "other", "--model", "mixmim_small", "--channels", "VV",
+             "--resume", str(tmp_path / "checkpoint.pth"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--input_size", "100"], "valid sizes: [32, 64, 128, 256"),
+    (["--model", "mixmim_gigantic"], "unknown model 'mixmim_gigantic'; choices: mixmim_tiny"),
+    (["--override", "TRAIN.BATCH_SIZ=4"], "did you mean 'TRAIN.BATCH_SIZE'"),
+    (["--resume", "/nonexistent/checkpoint.pth"], "checkpoint not found"),
+])
+def test_bad_input_one_line_and_exit_code(tmp_path, argv, message):
+    proc = run_py(["main_pretrain.py", *TINY_PRETRAIN, "--output_dir", str(tmp_path), *argv], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_config_key_names_nearest(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batch_sise: 4\n")
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        main_pretrain.parse_args(["--config", str(cfg)])
+    cfg.write_text("batch_size: 4\nepochs: 3\n")
+    args = main_pretrain.parse_args(["--config", str(cfg), "--epochs", "5"])
+    assert args.batch_size == 4 and args.epochs == 5  # explicit flag wins over the file
+
+
+@pytest.mark.slow
+def test_quickstart_command_runs(tmp_path):
+    """`python main_pretrain.py` with no flags, from a fresh working directory."""
+    proc = run_py([str(REPO / "main_pretrain.py")], cwd=tmp_path, timeout=900)
+    out = tmp_path / "output_dir"
+    for name in ("checkpoint.pth", "log.txt", "config.yaml", "reconstructions.png"):
+        assert (out / name).exists(), name
+    assert "reconstructions" in proc.stdout and str(out.resolve()) in proc.stdout

@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+
+from sarwmix.weighting import db_to_linear, token_average, weight_map
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return -15 + 5 * torch.randn(3, 2, 64, 64, generator=g)
+
+
+@pytest.mark.parametrize("mode", ["per_channel", "shared_avg"])
+@pytest.mark.parametrize("s", [0.5, 1.0, 2.0])
+def test_weights_in_range_and_reach_the_ends(mode, s):
+    w = weight_map(_batch(), mode, s)
+    assert w.shape == (3, 2, 64, 64) and w.dtype == torch.float32
+    assert w.min() >= 1.0 - 1e-6 and w.max() <= math.exp(s) + 1e-5
+    # the darkest pixel of each image gets e^s, the brightest ~1
+    assert torch.allclose(w.amax(dim=(-2, -1)), torch.full((3, 2), math.exp(s)), rtol=1e-5)
+    assert torch.allclose(w.amin(dim=(-2, -1)), torch.ones(3, 2), atol=1e-4)
+
+
+def test_weights_decrease_with_backscatter():
+    x = torch.linspace(-30, 0, 64).repeat(64, 1)[None, None].repeat(1, 2, 1, 1)
+    w = weight_map(x, "per_channel")
+    row = w[0, 0, 0]
+    assert (row[1:] < row[:-1]).all()
+
+
+def test_per_channel_uses_linear_power_of_each_channel():
+    x = _batch(1)
+    w = weight_map(x, "per_channel", 1.0)
+    lin = 10 ** (x / 10)
+    lo, hi = lin.amin(dim=(-2, -1), keepdim=True), lin.amax(dim=(-2, -1), keepdim=True)
+    assert torch.allclose(w, torch.exp(1 - (lin - lo) / (hi - lo + 1e-6)), rtol=1e-5)
+    # changing VV does not change the VH weights
+    y = x.clone()
+    y[:, 1] += 3
+    assert torch.equal(weight_map(y, "per_channel")[:, 0], w[:, 0])
+
+
+def test_shared_avg_averages_linear_power_before_exponential():
+    x = _batch(2)
+    w = weight_map(x, "shared_avg")
+    lin = db_to_linear(x).mean(1, keepdim=True)
+    expected = torch.exp(1 - (lin - lin.amin((-2, -1), keepdim=True))
+                         / (lin.amax((-2, -1), keepdim=True) - lin.amin((-2, -1), keepdim=True) + 1e-6))
+    assert torch.allclose(w[:, :1], expected, rtol=1e-5)
+    assert torch.equal(w[:, 0], w[:, 1])
+
+
+def test_none_is_all_ones():
+    assert torch.equal(weight_map(_batch(), "none"), torch.ones(3, 2, 64, 64))
+
+
+@pytest.mark.parametrize("value", [-300.0, -60.0, 0.0, 40.0])
+def test_constant_and_extreme_images_give_no_nan(value):
+    x = torch.full((2, 2, 32, 32), value)
+    for mode in ("per_channel", "shared_avg"):
+        w = weight_map(x, mode)
+        assert torch.isfinite(w).all()
+    x[0, 0, 0, 0] = 60.0  # one huge outlier next to very dark pixels
+    assert torch.isfinite(weight_map(x, "per_channel")).all()
+
+
+def test_raw_db_vs_zscore_compat_differ():
+    x = _batch(3)
+    mean, std = torch.tensor([-19.2309, -12.5951]), torch.tensor([3.1672, 2.9644])
+    raw = weight_map(x, "per_channel")
+    compat = weight_map(x, "per_channel", zscore_compat=True, mean=mean, std=std)
+    assert not torch.allclose(raw, compat)
+    z = (x - mean.view(1, 2, 1, 1)) / std.view(1, 2, 1, 1)
+    assert torch.allclose(compat, weight_map(z, "per_channel"), rtol=1e-6)
+    with pytest.raises(ValueError):
+        weight_map(x, "per_channel", zscore_compat=True)
+
+
+def test_token_granularity_is_patch_mean():
+    x = _batch(4)
+    pix = weight_map(x, "per_channel")
+    tok = weight_map(x, "per_channel", granularity="token", token_size=32)
+    assert torch.allclose(tok[..., :32, :32].mean(), pix[..., :32, :32].mean(), rtol=1e-5)
+    assert torch.allclose(tok[0, 0, :32, :32], pix[0, 0, :32, :32].mean().expand(32, 32), rtol=1e-5)
+    assert torch.equal(token_average(torch.ones(1, 1, 64, 64), 32), torch.ones(1, 1, 64, 64))
+
+
+def test_bad_mode_rejected():
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        weight_map(_batch(), "per_pixel")
