@@ -17,10 +17,12 @@ from engine_pretrain import make_pretrain_step, save_reconstructions
 from sarwmix.weighting import GRANULARITIES, WEIGHTINGS
 from util import runner
 from util.config import parse_with_config, run_cli
+from util.export_backbone import BackboneExporter
 from util.trainer import Trainer
 
 log = logging.getLogger("sarwmix")
 PRETRAIN_MODES = ("mixmim", "simmim")
+DEFAULT_MASK_RATIO = {"mixmim": 0.5, "simmim": 0.6}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -28,7 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     g = parser.add_argument_group("pretraining")
     g.add_argument("--mode", default="mixmim", choices=PRETRAIN_MODES, help="MixMIM mixing or SimMIM masking")
-    g.add_argument("--mask_ratio", type=float, default=0.5, help="MixMIM 0.5 (paper), SimMIM 0.6")
+    g.add_argument("--mask_ratio", type=float, default=None,
+                   help="masked fraction (default: MixMIM 0.5 as the paper, SimMIM 0.6)")
     g.add_argument("--range_mask_ratio", type=float, default=0.0, help="MixMIM: r = mask_ratio + U(0, this)")
     g.add_argument("--mask_patch_size", type=int, default=32, help="SimMIM mask cell in pixels")
     g.add_argument("--loss", default="l1", choices=("l1", "mse"), help="SimMIM loss on masked pixels")
@@ -49,7 +52,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return parse_with_config(get_args_parser(), argv, extra=runner.override_values)
+    args = parse_with_config(get_args_parser(), argv, extra=runner.override_values)
+    if args.mask_ratio is None:  # each mode's own default unless the user chose one
+        args.mask_ratio = DEFAULT_MASK_RATIO[args.mode]
+    return args
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -73,8 +79,13 @@ def main(args: argparse.Namespace) -> dict:
     step = make_pretrain_step(run.device, dataset.stats["mean"], dataset.stats["std"], args.weighting,
                               args.weight_exp_scale, args.weight_granularity, args.mask_patch_size,
                               args.weight_zscore_compat)
-    trainer = Trainer(args, run, model, dataset, step)
+    # SimMIM: the encoder alone, for finetuning elsewhere (per --save_freq epoch and at the end).
+    exporter = (BackboneExporter(args.output_dir, args.model, args.save_freq, run.info.is_main)
+                if args.mode == "simmim" else None)
+    trainer = Trainer(args, run, model, dataset, step, evaluate=exporter)
     stats = trainer.fit()
+    if exporter is not None:
+        exporter.final(trainer.raw_model)
     if run.info.is_main and args.vis_samples > 0:
         path = save_reconstructions(trainer.raw_model, dataset, run.output_dir / "reconstructions.png",
                                     args.vis_samples, args.weighting, args.weight_exp_scale, args.seed)

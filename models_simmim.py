@@ -61,7 +61,8 @@ class SimMIM(nn.Module):
     def build_decoder(self, num_features: int) -> nn.Module:
         """SimMIM's decoder: one feature pixel -> its stride x stride x C patch."""
         s = self.encoder_stride
-        return nn.Sequential(nn.Conv2d(num_features, s * s * self.in_chans, kernel_size=1), nn.PixelShuffle(s))
+        conv = nn.Conv2d(num_features, s * s * self.in_chans, kernel_size=1)
+        return nn.Sequential(conv, nn.PixelShuffle(s))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) -> (B, L_tok, embed_dim) patch embeddings before any position signal."""
@@ -93,7 +94,8 @@ class SimMIM(nn.Module):
         # SimMIM's normalisation: per masked pixel (the 1e-5 guards an empty mask), then per channel.
         return (err * m_pix).sum() / (m_pix.sum() + 1e-5) / self.in_chans
 
-    def sample_mask(self, batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    def sample_mask(self, batch: int, device: torch.device,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, mask_grid^2) per-sample mask, drawn on the CPU so the sequence is device independent."""
         return sample_simmim_mask(batch, self.mask_grid**2, self.mask_ratio, generator).to(device)
 
@@ -103,7 +105,8 @@ class SimMIM(nn.Module):
         if mask is None:
             mask = self.sample_mask(x.shape[0], x.device, generator)
         elif mask.shape != (x.shape[0], self.mask_grid**2):
-            raise ValueError(f"mask of shape {tuple(mask.shape)}: expected ({x.shape[0]}, {self.mask_grid**2})")
+            raise ValueError(f"mask of shape {tuple(mask.shape)}: expected "
+                             f"({x.shape[0]}, {self.mask_grid**2})")
         rec = self.forward_decoder(self.forward_encoder(x, mask), mask)
         return self.forward_loss(x, rec, mask, weights), rec, mask
 
@@ -261,8 +264,8 @@ def check_simmim_size(name: str, img_size: int, mask_patch_size: int = 32) -> No
     """Refuse an input size (or mask cell) that ``name`` cannot take, naming the valid sizes (seed 000)."""
     bb = backbone(name)
     if mask_patch_size % bb.patch:
-        raise ConfigError(f"--mask_patch_size {mask_patch_size} is not a multiple of the patch size {bb.patch} "
-                          f"of {name}")
+        raise ConfigError(f"--mask_patch_size {mask_patch_size} is not a multiple of the patch size "
+                          f"{bb.patch} of {name}")
     valid = valid_sizes(name, mask_patch_size)
     if img_size not in valid:
         raise ConfigError(f"--input_size {img_size} is not valid for {name} ({bb.geometry}, mask cell "

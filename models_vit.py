@@ -1,4 +1,4 @@
-"""Plain Vision Transformer backbone for SimMIM pretraining (seed 002) and token-dropping finetuning (seed 003).
+"""Plain ViT backbone for SimMIM pretraining (seed 002) and token-dropping finetuning (seed 003).
 
 - Patch embedding: ``nn.Unfold`` (p x p patches, channel-major ``(c, i, j)`` per patch) followed by one
   ``Linear`` -- the seed's layout; it computes the same function as a stride-p convolution.
@@ -148,7 +148,7 @@ class VisionTransformer(nn.Module):
         return self.patch_embed(x)
 
     def forward_tokens(self, tokens: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Add position, keep the tokens at ``keep_idx`` (B, K) if given, run the blocks and the final norm."""
+        """Add position, keep the tokens at ``keep_idx`` (B, K) if given, run the blocks, final norm."""
         x = tokens if self.pos_embed is None else tokens + self.pos_embed
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -150,6 +150,21 @@ def _names_to_s1(names: list[str], s1_column: list[str] | None,
     return [mapping.get(name, name) for name in names]
 
 
+def _present(names: list[str], available: Sequence[str], list_path: Path, root: Path) -> list[str]:
+    """The listed names present in ``available``; missing ones are counted in a warning, all missing fails."""
+    if not names:
+        raise DataError(f"{list_path}: split list is empty")
+    present = set(available)
+    missing = sum(name not in present for name in names)
+    if missing == len(names):
+        raise DataError(f"{list_path}: none of its {len(names)} patches is in {root} (S2 names are matched "
+                        "through corresponding_s2_patch; a two-column 'S2,S1' list needs no matching)")
+    if missing:
+        logger.warning("%s: %d of %d listed patches are not in %s; skipping them",
+                       list_path, missing, len(names), root)
+    return [name for name in names if name in present]
+
+
 def resolve_split(available: Sequence[str], root: Path, split: str, split_file: str | None,
                   exclusions: Sequence[str], s2_to_s1: Callable[[], dict[str, str]]) -> list[str]:
     """S1 names of a split that are present, after exclusions; missing ones are counted and logged.
@@ -179,17 +194,7 @@ def resolve_split(available: Sequence[str], root: Path, split: str, split_file: 
         logger.info("no train.csv found next to %s: using all %d patches on disk", root, len(available))
         names = list(available)
     else:
-        names = _names_to_s1(*read_name_list(list_path), mapping)
-        if not names:
-            raise DataError(f"{list_path}: split list is empty")
-        present = set(available)
-        missing = sum(name not in present for name in names)
-        if missing == len(names):
-            raise DataError(f"{list_path}: none of its {len(names)} patches is in {root}")
-        if missing:
-            logger.warning("%s: %d of %d listed patches are not in %s; skipping them",
-                           list_path, missing, len(names), root)
-            names = [name for name in names if name in present]
+        names = _present(_names_to_s1(*read_name_list(list_path), mapping), available, list_path, root)
     excluded: set[str] = set()
     for filename in exclusions:
         path = find_list(root, filename)

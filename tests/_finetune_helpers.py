@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models_mixmim import relative_position_index
-
 COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 
@@ -29,6 +27,8 @@ def manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
 
 def state_from_manifest(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """A seeded random state dict with exactly the keys, shapes and dtypes of a manifest."""
+    from models_mixmim import relative_position_index
+
     g = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape, dtype in manifest(name):
@@ -66,3 +66,29 @@ def write_sen12_pairs(root: Path, pairs: dict[str, list[tuple[str, int]]], seed:
                 pair[1, :, 128:384, 64:448] *= 0.08  # open water on the second date
             np.save(folder / f"{seq}__S1A_{k}a__S1A_{k}b__{label}.npy", pair)
     return root
+
+
+# --- a 2-process evaluation (spawned workers import this light module, not the test module) ----------
+
+def toy_dataset() -> torch.utils.data.TensorDataset:
+    """7 samples (odd: the two ranks get 4 and 3) of (2, 4, 4) inputs and 3-class multi-hot targets."""
+    g = torch.Generator().manual_seed(0)
+    return torch.utils.data.TensorDataset(torch.randn(7, 2, 4, 4, generator=g),
+                                          (torch.rand(7, 3, generator=g) > 0.5).float())
+
+
+def toy_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 3))
+
+
+def eval_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    """Worker of ``mp.spawn``: evaluate this rank's shard; rank 0 writes the gathered metrics as JSON."""
+    import engine_finetune as E
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    loader = E.eval_loader(toy_dataset(), batch_size=2, num_workers=0, world_size=world, rank=rank)
+    metrics = E.evaluate(toy_model(), loader, torch.device("cpu"), "ben", [0.0, 0.0], [1.0, 1.0])
+    if rank == 0:
+        Path(out).write_text(json.dumps(metrics))
+    torch.distributed.destroy_process_group()

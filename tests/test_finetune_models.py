@@ -103,8 +103,9 @@ def test_state_dict_matches_the_released_manifest(name, builder):
 
 
 def test_layer_ids_follow_spec_7():
-    depths = (2, 2, 18, 2)
-    lid = lambda n: swin_layer_id(n, depths)  # noqa: E731
+    def lid(name: str) -> int:
+        return swin_layer_id(name, (2, 2, 18, 2))
+
     assert lid("patch_embed.proj.weight") == 0 and lid("absolute_pos_embed") == 0
     assert lid("layers.0.blocks.0.norm1.weight") == 1
     assert lid("layers.0.blocks.1.mlp.fc1.weight") == 2

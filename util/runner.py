@@ -67,38 +67,74 @@ def common_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Dotted keys of the SimMIM guide (seed 000) -> flags.
+# Dotted keys of the SimMIM guide (seed 000) -> flags. A key whose flag an entry point lacks is refused there.
 DOTTED_KEYS: dict[str, str] = {
     "MODEL.BACKBONE": "model", "MODEL.IN_CHANS": "in_chans", "MODEL.MASK_RATIO": "mask_ratio",
-    "MODEL.MASK_PATCH_SIZE": "mask_patch_size", "MODEL.DROP_PATH": "drop_path",
+    "MODEL.MASK_PATCH_SIZE": "mask_patch_size", "MODEL.DROP_PATH": "drop_path", "MODEL.MODE": "mode",
+    "MODEL.LOSS": "loss", "MODEL.WEIGHTING": "weighting", "MODEL.NORM_PIX_LOSS": "norm_pix_loss",
+    "MODEL.NUM_CLASSES": "nb_classes", "MODEL.BACKBONE.WEIGHTS": "finetune",
     "DATA.IMG_SIZE": "input_size", "DATA.TRAIN_DATA": "data_path", "DATA.DATASET": "dataset",
-    "DATA.NUM_WORKERS": "num_workers", "TRAIN.BATCH_SIZE": "batch_size", "TRAIN.EPOCHS": "epochs",
-    "TRAIN.LR": "lr", "TRAIN.BASE_LR": "blr", "TRAIN.MIN_LR": "min_lr", "TRAIN.WARMUP_EPOCHS": "warmup_epochs",
-    "TRAIN.WEIGHT_DECAY": "weight_decay", "TRAIN.ACCUM_ITER": "accum_iter", "TRAIN.SEED": "seed",
-    "TRAIN.OUTPUT_DIR": "output_dir", "TRAIN.SAVE_FREQ": "save_freq", "TRAIN.CLIP_GRAD": "clip_grad",
+    "DATA.CHANNELS": "channels", "DATA.SPLIT_FILE": "split_file", "DATA.NUM_WORKERS": "num_workers",
+    "TRAIN.BATCH_SIZE": "batch_size", "TRAIN.EPOCHS": "epochs", "TRAIN.STOP_EPOCH": "stop_epoch",
+    "TRAIN.LR": "lr", "TRAIN.BASE_LR": "blr", "TRAIN.MIN_LR": "min_lr",
+    "TRAIN.WARMUP_EPOCHS": "warmup_epochs", "TRAIN.WEIGHT_DECAY": "weight_decay",
+    "TRAIN.LAYER_DECAY": "layer_decay", "TRAIN.ACCUM_ITER": "accum_iter",
+    "TRAIN.SEED": "seed", "TRAIN.OUTPUT_DIR": "output_dir", "TRAIN.SAVE_FREQ": "save_freq",
+    "TRAIN.CLIP_GRAD": "clip_grad", "TRAIN.AMP": "amp",
 }
 
 
 def override_values(parser: argparse.ArgumentParser, first: argparse.Namespace) -> dict:
-    """``--override KEY=VALUE ...`` as flag values (YAML-typed), validated like config keys."""
-    import yaml
+    """``--override KEY=VALUE ...`` as flag values, validated like config keys.
 
+    KEY is a flag name (``epochs``) or a dotted key of ``DOTTED_KEYS`` (``TRAIN.EPOCHS``, any case);
+    VALUE is read as YAML (``1e-3`` -> 0.001, ``null`` -> None). ``MODEL.IN_CHANS=1`` selects VV and ``=2``
+    VH VV; channel lists take ``VH VV``, ``VH,VV`` or ``[VH, VV]``.
+    """
     out: dict = {}
     for item in first.override or []:
         if "=" not in item:
             raise ConfigError(f"--override {item!r}: expected KEY=VALUE")
         key, raw = item.split("=", 1)
-        dest = DOTTED_KEYS.get(key.upper(), key) if "." in key else key
-        if "." in key and key.upper() not in DOTTED_KEYS:
-            from util.config import nearest
-
-            raise ConfigError(f"--override: unknown key {key!r}; did you mean {nearest(key.upper(), list(DOTTED_KEYS))!r}?")
-        if dest == "in_chans":  # the channel count is set through the channel list
-            n = coerce_int(raw, key)
-            dest, raw = "channels", " ".join(CHANNELS[-n:]) if n <= len(CHANNELS) else raw
-        value = yaml.safe_load(raw) if dest != "channels" else raw.split()
-        out[dest] = coerce(parser, dest, value, f"--override {key}")
+        dest, value = _override_item(parser, key.strip(), raw.strip())
+        out[dest] = value
     return out
+
+
+def _override_item(parser: argparse.ArgumentParser, key: str, raw: str) -> tuple[str, object]:
+    """One KEY=VALUE pair -> (flag destination, checked value)."""
+    import yaml
+
+    from util.config import nearest, str2bool
+
+    dest = key
+    if "." in key:
+        if key.upper() not in DOTTED_KEYS:
+            guess = nearest(key.upper(), list(DOTTED_KEYS))
+            raise ConfigError(f"--override: unknown key {key!r}; did you mean {guess!r}?")
+        dest = DOTTED_KEYS[key.upper()]
+    actions = {a.dest: a for a in parser._actions}
+    if dest == "in_chans":  # the channel count is set through the channel list (1: VV, 2: VH VV)
+        n = coerce_int(raw, key)
+        if not 1 <= n <= len(CHANNELS):
+            raise ConfigError(f"--override {key}={raw}: expected 1 ({CHANNELS[-1]}) or {len(CHANNELS)} "
+                              f"({' '.join(CHANNELS)})")
+        return "channels", list(CHANNELS[-n:])
+    if "." in key and dest not in actions:
+        raise ConfigError(f"--override {key}: maps to --{dest}, which {parser.prog!r} does not take")
+    if isinstance(actions.get(dest), argparse.BooleanOptionalAction):
+        try:
+            return dest, str2bool(raw)
+        except argparse.ArgumentTypeError as e:
+            raise ConfigError(f"--override {key}: {e}") from None
+    if dest == "channels":
+        value = yaml.safe_load(raw) if raw.startswith("[") else raw.replace(",", " ").split()
+    else:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+    return dest, coerce(parser, dest, value, f"--override {key}")
 
 
 def coerce_int(raw: str, key: str) -> int:
@@ -157,8 +193,16 @@ def validate_common(args: argparse.Namespace) -> None:
     """Refuse bad flags before any data or model is built (one clear line each)."""
     from models_mixmim import ENCODER_CONFIGS, check_input_size
 
-    if args.model in ENCODER_CONFIGS:
+    mode = getattr(args, "mode", None)
+    if mode == "simmim":  # each backbone's own size rule (seed 000), naming its valid sizes
+        from models_simmim import check_simmim_size
+
+        check_simmim_size(args.model, args.input_size, args.mask_patch_size)
+    elif args.model in ENCODER_CONFIGS:
         check_input_size(args.input_size, (8, 8, 8, 4))
+    elif mode == "mixmim":
+        raise ConfigError(f"--model {args.model!r}: MixMIM needs one of {', '.join(ENCODER_CONFIGS)} "
+                          f"(the timm Swin and ViT backbones run with --mode simmim)")
     for name in ("batch_size", "epochs", "accum_iter"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)}: expected a positive integer")

@@ -1,0 +1,130 @@
+"""Throughput of a full pretraining step, as a fraction of this machine's matmul peak.
+
+    python benchmarks/bench_pretrain.py --model mixmim_base --batch_size 8 --amp bf16
+    python benchmarks/bench_pretrain.py --model mixmim_base --batch_size 32 --amp bf16 fp32 --compare-eager
+
+A step is what training does: weight map from raw dB, forward with the map, backward, AdamW. FLOPs are
+counted by ``torch.utils.flop_counter`` on one step (matmuls, convolutions, attention), so GFLOP/s is
+model work per second. The bf16 and fp32 matmul peaks are measured in the same run, so the result reads as
+a fraction of peak and ratios are comparable whatever else the machine is doing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine_pretrain import make_pretrain_step  # noqa: E402
+from util.lr_decay import param_groups  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": None}
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """GFLOP/s of repeated n x n matmuls in ``dtype`` (the practical peak of this CPU)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def build(name: str, mode: str, img: int, eager: bool, compile_model: bool):
+    import main_pretrain
+
+    args = main_pretrain.parse_args(["--model", name, "--mode", mode, "--input_size", str(img)])
+    model = main_pretrain.build_model(args)
+    for m in model.modules():
+        if hasattr(m, "attn_impl"):
+            m.attn_impl = "math" if eager else "auto"
+    groups = param_groups(model, 0.05)
+    opt = (torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=False) if eager
+           else torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True))
+    runner = torch.compile(model) if compile_model else model
+    return model, runner, opt
+
+
+def step_fn(runner, opt, batch, amp: torch.dtype | None, step):
+    def run() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            loss, _, _ = step(runner, batch, torch.Generator().manual_seed(0))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return run
+
+
+def count_flops(run) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return float(counter.get_total_flops())
+
+
+def measure(name: str, mode: str, batch: int, img: int, amp: str, eager: bool, compile_model: bool,
+            steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model, runner, opt = build(name, mode, img, eager, compile_model)
+    chans = model.in_chans
+    x = -15 + 5 * torch.randn(batch, chans, img, img)
+    step = make_pretrain_step(torch.device("cpu"), [-19.2] * chans, [3.2] * chans)
+    run = step_fn(runner, opt, (x, None), DTYPES[amp], step)
+    flops = count_flops(step_fn(model, opt, (x, None), DTYPES[amp], step))
+    for _ in range(warmup):
+        run()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        run()
+    dt = (time.perf_counter() - t0) / steps
+    return {"model": name, "mode": mode, "batch": batch, "amp": amp, "path": "eager" if eager else "optimised",
+            "img_s": batch / dt, "gflop_img": flops / batch / 1e9, "gflop_s": flops / dt / 1e9}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["mixmim_base"])
+    p.add_argument("--mode", default="mixmim", choices=("mixmim", "simmim"))
+    p.add_argument("--batch_size", nargs="+", type=int, default=[8])
+    p.add_argument("--input_size", type=int, default=128)
+    p.add_argument("--amp", nargs="+", default=["bf16"], choices=tuple(DTYPES))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compare-eager", dest="compare_eager", action="store_true",
+                   help="also run the plain eager path (manual softmax attention, for-loop AdamW)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    print(f"threads {torch.get_num_threads()}; matmul peak bf16 {peaks['bf16']:.0f} GFLOP/s, "
+          f"fp32 {peaks['fp32']:.0f} GFLOP/s")
+    print(f"{'model':14s} {'mode':7s} {'batch':>5s} {'amp':5s} {'path':10s} {'img/s':>7s} {'GFLOP/img':>9s} "
+          f"{'GFLOP/s':>8s} {'of peak':>7s} {'vs eager':>8s}")
+    for name in a.model:
+        for batch in a.batch_size:
+            for amp in a.amp:
+                paths = [True, False] if a.compare_eager else [False]
+                base = None
+                for eager in paths:
+                    r = measure(name, a.mode, batch, a.input_size, amp, eager, a.compile and not eager,
+                                a.steps, a.warmup)
+                    base = base or r["img_s"]
+                    print(f"{r['model']:14s} {r['mode']:7s} {batch:5d} {amp:5s} {r['path']:10s} "
+                          f"{r['img_s']:7.2f} {r['gflop_img']:9.2f} {r['gflop_s']:8.1f} "
+                          f"{r['gflop_s'] / peaks[amp]:7.2f} {r['img_s'] / base:8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
