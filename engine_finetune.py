@@ -101,6 +101,7 @@ def gather_predictions(indices: Sequence[int], logits: torch.Tensor,
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (list(indices), logits.numpy(), targets.numpy()))
+        parts = [p for p in parts if len(p[0])] or parts[:1]  # ranks left without samples (W > N)
         indices = [i for p in parts for i in p[0]]
         logits = torch.cat([torch.from_numpy(p[1]) for p in parts])
         targets = torch.cat([torch.from_numpy(p[2]) for p in parts])
@@ -111,10 +112,14 @@ def gather_predictions(indices: Sequence[int], logits: torch.Tensor,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: str, mean: Sequence[float],
-             std: Sequence[float], amp_dtype: torch.dtype | None = None,
-             input_size: int | None = None) -> dict[str, float]:
+             std: Sequence[float], amp_dtype: torch.dtype | None = None, input_size: int | None = None,
+             gather: bool = True) -> dict[str, float]:
     """Score a split: loss and the task metrics (``util.metrics``) over all ranks' predictions.
 
+    Args:
+        loader: from ``eval_loader`` (this rank's share of the split).
+        gather: collect the predictions of every rank (sharded evaluation); False when each process
+            scores the whole split itself.
     Returns:
         ``{"loss": ..., **metrics, "n_samples": N}`` (the same on every rank).
     """
@@ -132,7 +137,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: s
     empty = torch.zeros((0, 2 if task == "sen12flood" else 1))
     logits = torch.cat(outs) if outs else empty
     targets = torch.cat(tgts) if tgts else torch.zeros((0,) if task == "sen12flood" else (0, 1))
-    logits, targets = gather_predictions(getattr(loader.sampler, "indices", range(len(logits))), logits, targets)
+    indices = getattr(loader.sampler, "indices", range(len(logits)))
+    if gather:
+        logits, targets = gather_predictions(indices, logits, targets)
     loss = float(make_criterion(task)(logits, targets.long() if task == "sen12flood" else targets.float()))
     return {"loss": loss, **task_metrics(task, logits, targets), "n_samples": float(len(targets))}
 

@@ -61,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_fraction", type=float, default=0.1,
                    help="SEN12-FLOOD: share of training sequences held out for validation")
     g.add_argument("--num_eval_samples", type=int, default=None,
-                   help="synthetic only: samples in val and test (default 128)")
+                   help="synthetic only: samples in each of val and test")
     parser.set_defaults(model="mixmim_tiny", input_size=None, epochs=2, warmup_epochs=1, batch_size=16,
                         blr=5e-4, weight_decay=0.05, num_samples=64, num_eval_samples=32,
                         output_dir="./output_finetune")
@@ -92,16 +92,29 @@ def resolve_task(args: argparse.Namespace) -> None:
         raise ConfigError(f"--train_fraction {args.train_fraction}: expected 0 < fraction <= 1")
     if args.eval and args.resume in ("", None):
         raise ConfigError("--eval needs the finetuned checkpoint as --resume PATH")
-    if args.freeze_encoder and args.drop_path:
-        log.info("--freeze_encoder: drop path %.2f -> 0 (the frozen encoder is deterministic)", args.drop_path)
-        args.drop_path = 0.0
+    if not 0.0 < args.val_fraction < 1.0:
+        raise ConfigError(f"--val_fraction {args.val_fraction}: expected 0 < fraction < 1")
+    if args.freeze_encoder:
+        args.drop_path = 0.0  # linear probing: the frozen encoder must give the same features every time
+
+
+def split_file_of(args: argparse.Namespace, split: str) -> str | None:
+    """BigEarthNet v1 needs one list per split: ``--split_file`` names the folder of train/val/test.csv
+    (default: ``splits/`` beside the data). v2's metadata file holds every split and is passed as is."""
+    if args.dataset not in ("benv1", "benv1_zarr") or not args.split_file:
+        return args.split_file
+    folder = Path(args.split_file)
+    if not folder.is_dir():
+        raise ConfigError(f"--split_file {folder}: for BigEarthNet v1 finetuning give the folder holding "
+                          f"train.csv, val.csv and test.csv (one list cannot define three splits)")
+    return str(folder / f"{split}.csv")
 
 
 def _split(args: argparse.Namespace, split: str):
     n = args.num_samples if split == "train" else args.num_eval_samples
     return build_dataset(args.dataset, data_path=args.data_path, split=split, input_size=args.input_size,
-                         channels=tuple(args.channels), split_file=args.split_file, skip_bad=args.skip_bad,
-                         num_samples=n, seed=args.seed, label_set=args.label_set)
+                         channels=tuple(args.channels), split_file=split_file_of(args, split),
+                         skip_bad=args.skip_bad, num_samples=n, seed=args.seed, label_set=args.label_set)
 
 
 def build_splits(args: argparse.Namespace, world_size: int) -> dict:
@@ -140,40 +153,47 @@ def optimizer_groups(args: argparse.Namespace, model) -> list[dict]:
     return param_groups(model, args.weight_decay, model.layer_id, model.num_layers, args.layer_decay)
 
 
-def pretrain_epoch_of(args: argparse.Namespace, init: dict | None, evaluated: dict) -> int | None:
-    """Epoch of the pretraining checkpoint behind the result: from the --finetune file when it was
-    loaded, else from the name of the --finetune recorded in the evaluated checkpoint's args."""
+def provenance(args: argparse.Namespace, init: dict | None, evaluated: dict) -> dict:
+    """``finetune``, ``pretrain_epoch`` and ``train_fraction`` behind the reported model.
+
+    After training they come from this run (the epoch from the --finetune file). With --eval they come
+    from the evaluated checkpoint's stored args when this command line does not give them.
+    """
     if init is not None:
-        return checkpoint_epoch(args.finetune, init)
-    source = args.finetune or args_dict(evaluated.get("args")).get("finetune")
-    return checkpoint_epoch(source, {}) if source else None
-
-
-def score(args, run, model, splits: dict) -> dict:
-    """val and test metrics of ``model``."""
-    world, rank = (run.info.world_size, run.info.rank) if args.dist_eval else (1, 0)
-    out = {}
-    for split in ("val", "test"):
-        loader = E.eval_loader(splits[split], args.batch_size, args.num_workers, world, rank)
-        out[split] = E.evaluate(model, loader, run.device, args.task, splits[split].stats["mean"],
-                                splits[split].stats["std"], run.amp_dtype, _pair_size(args))
-    return out
+        return {"finetune": args.finetune, "pretrain_epoch": checkpoint_epoch(args.finetune, init),
+                "train_fraction": args.train_fraction}
+    stored = args_dict(evaluated.get("args")) if args.eval else {}
+    source = args.finetune or stored.get("finetune") or None
+    return {"finetune": source, "pretrain_epoch": checkpoint_epoch(source, {}) if source else None,
+            "train_fraction": float(stored.get("train_fraction", args.train_fraction))}
 
 
 def _pair_size(args: argparse.Namespace) -> int | None:
     return args.input_size if args.task == "sen12flood" else None
 
 
+def evaluator(args: argparse.Namespace, run: runner.Run, dataset):
+    """``score(model) -> metrics`` of one split; sharded over the processes with --dist_eval."""
+    shard = args.dist_eval and run.info.distributed
+    world, rank = (run.info.world_size, run.info.rank) if shard else (1, 0)
+    loader = E.eval_loader(dataset, args.batch_size, args.num_workers, world, rank)
+    stats = dataset.stats
+
+    def score(model) -> dict:
+        return E.evaluate(model, loader, run.device, args.task, stats["mean"], stats["std"], run.amp_dtype,
+                          _pair_size(args), gather=shard)
+
+    return score
+
+
 def train(args, run, model, splits: dict) -> Path:
     """Finetune with the shared loop; return the checkpoint to report (best on validation)."""
     stats = splits["train"].stats
     step = E.make_finetune_step(run.device, stats["mean"], stats["std"], args.task, _pair_size(args))
-    world, rank = (run.info.world_size, run.info.rank) if args.dist_eval else (1, 0)
-    val_loader = E.eval_loader(splits["val"], args.batch_size, args.num_workers, world, rank)
+    score_val = evaluator(args, run, splits["val"])
 
     def validate(raw_model, epoch: int) -> dict:
-        return E.evaluate(raw_model, val_loader, run.device, args.task, stats["mean"], stats["std"],
-                          run.amp_dtype, _pair_size(args))
+        return score_val(raw_model)
 
     trainer = Trainer(args, run, model, splits["train"], step, groups=optimizer_groups(args, model),
                       betas=(0.9, 0.999), evaluate=validate, select_metric=args.select_metric)
@@ -201,10 +221,10 @@ def main(args: argparse.Namespace) -> dict:
         chosen = train(args, run, model, splits)
     sha = args.checkpoint_sha256 if args.eval else None
     ckpt, _ = load_pretrained_file(model, chosen, sha, keep_head=True)
-    results = {"task": args.task, "model": args.model, "dataset": args.dataset, "finetune": args.finetune or None,
-               "pretrain_epoch": pretrain_epoch_of(args, init, ckpt), "train_fraction": args.train_fraction,
+    results = {"task": args.task, "model": args.model, "dataset": args.dataset, **provenance(args, init, ckpt),
                "best_epoch": ckpt.get("epoch"), "selection_metric": args.select_metric,
-               "evaluated_checkpoint": str(chosen), **score(args, run, model, splits)}
+               "evaluated_checkpoint": str(chosen),
+               **{split: evaluator(args, run, splits[split])(model) for split in ("val", "test")}}
     if run.info.is_main:
         E.write_results(run.output_dir / "results.json", results)
         print(E.format_table(results), flush=True)

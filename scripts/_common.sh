@@ -7,7 +7,8 @@
 # Hyper-parameters never live here: they come from the YAML file passed with --config.
 #
 # Globals read: TASK_TYPE MODEL EPOCH DATASET DATA_PATH CONFIG OUTPUT_DIR PRETRAIN_DATASET PRETRAIN_CKPT
-# FINETUNE_CKPT LAUNCHER MPI_IMPL DEVICE THREADS EXTRA_ARGS DRY_RUN PYTHON REPO MASTER_ADDR MASTER_PORT.
+# FINETUNE_CKPT LAUNCHER MPI_IMPL MPI_ARGS DEVICE THREADS EXTRA_ARGS DRY_RUN PYTHON REPO MASTER_ADDR
+# MASTER_PORT HOSTFILE.
 # Globals written: LAUNCH (launcher argv), PROG (program argv), CFG, MPI_IMPL, MPI_MAJOR.
 
 TASK_TYPES=(pretrain finetune test)
@@ -155,6 +156,7 @@ openmpi_prefix() {
   if [[ -n $hostfile ]]; then
     for name in "${INHERITED_VARS[@]}"; do LAUNCH+=(-x "$name"); done
   fi
+  append_words "${MPI_ARGS:-}"
   LAUNCH+=("$PYTHON")
 }
 
@@ -167,7 +169,15 @@ mpich_prefix() {
   for name in "${INHERITED_VARS[@]}"; do
     if [[ $name == NCCL_* ]]; then LAUNCH+=(-genv "$name" "${!name}"); fi
   done
+  append_words "${MPI_ARGS:-}"
   LAUNCH+=("$PYTHON")
+}
+
+append_words() {
+  # Append the space-separated words of $1 (a user's extra launcher flags) to LAUNCH.
+  local words
+  read -r -a words <<<"$1"
+  LAUNCH+=("${words[@]}")
 }
 
 launch_prefix() {
@@ -240,7 +250,8 @@ task_program() {
       set_config finetune
       ckpt=${FINETUNE_CKPT:-$OUTPUT_DIR/finetune_${DATASET}_$tag/checkpoint_best.pth}
       need_file "$ckpt" "run TASK_TYPE=finetune with EPOCH=$epoch first or set FINETUNE_CKPT"
-      PROG=("$REPO/main_finetune.py" --output_dir "$OUTPUT_DIR/test_${DATASET}_$tag" --eval --resume "$ckpt") ;;
+      PROG=("$REPO/main_finetune.py" --output_dir "$OUTPUT_DIR/test_${DATASET}_$tag" --eval
+        --resume "$ckpt") ;;
   esac
   if [[ -n $CFG ]]; then PROG+=(--config "$CFG"); fi
   PROG+=(--model "mixmim_$MODEL" --dataset "$DATASET")

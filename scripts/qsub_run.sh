@@ -13,12 +13,14 @@
 #        scripts/qsub_run.sh
 #   qsub -P <group> -l select=2:ncpus=192 -v TASK_TYPE=finetune,EPOCH=64,... scripts/qsub_run.sh  (2 nodes)
 #   qsub -P <group> -l walltime=1:00:00 -v TASK_TYPE=test,EPOCH=64,... scripts/qsub_run.sh
-# The #PBS directives of this file are defaults: -P <group> must be your ABCI group (gXXXXXXXX is a placeholder),
-# -l select=N:ncpus=192 asks for N nodes, -l walltime=HH:MM:SS the time limit; options given to qsub win.
+# The #PBS directives of this file are defaults: -P <group> must be your ABCI group (gXXXXXXXX is a
+# placeholder), -l select=N:ncpus=192 asks for N nodes, -l walltime=HH:MM:SS the time limit; options given to
+# qsub win.
 #
 # settings (environment, or qsub -v NAME=value,...):
 #   TASK_TYPE, MODEL, EPOCH, DATASET (default benv1), DATA_PATH, CONFIG, OUTPUT_DIR, PRETRAIN_DATASET,
-#   PRETRAIN_CKPT, FINETUNE_CKPT, THREADS, EXTRA_ARGS, MPI_IMPL, PYTHON, DRY_RUN: as in scripts/run_local.sh -h
+#   PRETRAIN_CKPT, FINETUNE_CKPT, THREADS, EXTRA_ARGS, MPI_IMPL, MPI_ARGS, PYTHON, DRY_RUN:
+#                  as in scripts/run_local.sh -h
 #   (pretraining follows the released recipe of its config: --epochs 1024 --stop_epoch 64)
 #   GPUS_PER_NODE  ranks per node (default: `nvidia-smi -L | wc -l` on the first node; 8 on H200/A100, 4 V100)
 #   USE_CPU=1      CPU ranks and gloo instead of GPUs and NCCL (CPU_RANKS_PER_NODE per node, default 2)
@@ -110,7 +112,7 @@ else
   PER_NODE=${GPUS_PER_NODE:-$(gpu_count)}
   ((PER_NODE > 0)) || die "no GPU visible on $(hostname) (nvidia-smi -L): set GPUS_PER_NODE, or USE_CPU=1"
 fi
-[[ $PER_NODE =~ ^[1-9][0-9]*$ ]] || die "GPUS_PER_NODE=$PER_NODE: expected a positive number of ranks per node"
+[[ $PER_NODE =~ ^[1-9][0-9]*$ ]] || die "GPUS_PER_NODE=$PER_NODE: expected a positive count of ranks per node"
 NNODES=${#HOSTS[@]}
 export MASTER_ADDR=${HOSTS[0]}
 MASTER_PORT=${MASTER_PORT:-$(free_port)}

@@ -20,6 +20,7 @@
 #   THREADS        torch threads per process (CPU default: cores / NPROC)
 #   LAUNCHER       mpirun | torchrun (default mpirun; Open MPI or MPICH/Hydra flags, detected)
 #   MPI_IMPL       openmpi | mpich: skip the detection from `mpirun --version`
+#   MPI_ARGS       extra mpirun flags, split on spaces (e.g. "--mca pml ucx" or "--display map")
 #   MASTER_ADDR, MASTER_PORT  rendezvous of rank 0 (default 127.0.0.1 and a free port)
 #   EXTRA_ARGS     extra flags for main_*.py, split on spaces, appended last (they win over CONFIG)
 #   PYTHON         interpreter (default python)

@@ -70,11 +70,11 @@ def write_sen12_pairs(root: Path, pairs: dict[str, list[tuple[str, int]]], seed:
 
 # --- a 2-process evaluation (spawned workers import this light module, not the test module) ----------
 
-def toy_dataset() -> torch.utils.data.TensorDataset:
-    """7 samples (odd: the two ranks get 4 and 3) of (2, 4, 4) inputs and 3-class multi-hot targets."""
+def toy_dataset(n: int = 7) -> torch.utils.data.TensorDataset:
+    """``n`` samples of (2, 4, 4) inputs and 3-class multi-hot targets (7: the two ranks get 4 and 3)."""
     g = torch.Generator().manual_seed(0)
-    return torch.utils.data.TensorDataset(torch.randn(7, 2, 4, 4, generator=g),
-                                          (torch.rand(7, 3, generator=g) > 0.5).float())
+    return torch.utils.data.TensorDataset(torch.randn(n, 2, 4, 4, generator=g),
+                                          (torch.rand(n, 3, generator=g) > 0.5).float())
 
 
 def toy_model() -> torch.nn.Module:
@@ -83,12 +83,15 @@ def toy_model() -> torch.nn.Module:
 
 
 def eval_rank(rank: int, world: int, init_file: str, out: str) -> None:
-    """Worker of ``mp.spawn``: evaluate this rank's shard; rank 0 writes the gathered metrics as JSON."""
+    """Worker of ``mp.spawn``: evaluate this rank's shard of 7 and of 1 sample (rank 1 gets none); rank 0
+    writes the gathered metrics as JSON ``[metrics of 7, metrics of 1]``."""
     import engine_finetune as E
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    loader = E.eval_loader(toy_dataset(), batch_size=2, num_workers=0, world_size=world, rank=rank)
-    metrics = E.evaluate(toy_model(), loader, torch.device("cpu"), "ben", [0.0, 0.0], [1.0, 1.0])
+    results = []
+    for n in (7, 1):
+        loader = E.eval_loader(toy_dataset(n), batch_size=2, num_workers=0, world_size=world, rank=rank)
+        results.append(E.evaluate(toy_model(), loader, torch.device("cpu"), "ben", [0.0, 0.0], [1.0, 1.0]))
     if rank == 0:
-        Path(out).write_text(json.dumps(metrics))
+        Path(out).write_text(json.dumps(results))
     torch.distributed.destroy_process_group()

@@ -14,9 +14,11 @@ import engine_finetune as E
 import main_finetune
 import main_pretrain
 from sarwmix.errors import CheckpointError, ConfigError
+from sarwmix.synthetic import write_benv2
 from util.checkpoint import known_hashes, load_checkpoint, sha256_of
 from util.config import run_cli
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model", "mixmim_tiny", "--num_workers", "0", "--no-progress", "--amp", "off"]
 
 
@@ -41,9 +43,17 @@ def ben_args(pre: Path, out: Path, *extra: str) -> list[str]:
             "--output_dir", str(out), *extra]
 
 
-def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pretrained, tmp_path):
-    a = finetune(*ben_args(pretrained, tmp_path / "a", "--save_freq", "1"))
-    assert a["task"] == "ben" and a["pretrain_epoch"] == 1 and a["train_fraction"] == 1.0
+@pytest.fixture(scope="module")
+def benv2_root(tmp_path_factory) -> Path:
+    """12 synthetic patches in the BigEarthNet v2 layout (GeoTIFFs + metadata.parquet): 5 train (of
+    which --train_fraction 0.4 keeps 2), 3 validation, 3 test."""
+    return write_benv2(tmp_path_factory.mktemp("benv2"), 12, seed=0)
+
+
+def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pretrained, benv2_root, tmp_path):
+    data = ["--dataset", "benv2", "--data_path", str(benv2_root), "--train_fraction", "0.4"]
+    a = finetune(*ben_args(pretrained, tmp_path / "a", "--save_freq", "1", *data))
+    assert a["task"] == "ben" and a["pretrain_epoch"] == 1 and a["train_fraction"] == 0.4
     assert a["val"]["n_samples"] == 3 and a["test"]["n_samples"] == 3 and a["selection_metric"] == "mAP_macro"
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert saved["test"] == pytest.approx(a["test"]) and saved["best_epoch"] == a["best_epoch"]
@@ -54,7 +64,7 @@ def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pret
     assert a["val"]["mAP_macro"] == pytest.approx(max(val))
 
     # Resume from the end of epoch 0: the final state equals the uninterrupted run's, bit for bit.
-    finetune(*ben_args(pretrained, tmp_path / "b", "--resume", str(tmp_path / "a" / "checkpoint_1.pth")))
+    finetune(*ben_args(pretrained, tmp_path / "b", "--resume", str(tmp_path / "a" / "checkpoint_1.pth"), *data))
     full, resumed = (load_checkpoint(tmp_path / d / "checkpoint.pth") for d in ("a", "b"))
     assert resumed["epoch"] == full["epoch"] == 1
     first = load_checkpoint(tmp_path / "a" / "checkpoint_1.pth")["model"]
@@ -68,11 +78,12 @@ def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pret
     best = load_checkpoint(tmp_path / "a" / "checkpoint_best.pth")
     path = released_checkpoint(tmp_path / "rel" / "benx_finetune_checkpoint_best.pth", best["model"],
                                best["epoch"], **best["args"])
-    c = finetune("--eval", "--resume", str(path), "--input_size", "32", "--num_samples", "2",
-                 "--num_eval_samples", "3", "--output_dir", str(tmp_path / "c"))
+    c = finetune("--eval", "--resume", str(path), "--input_size", "32", "--output_dir", str(tmp_path / "c"),
+                 *data)
     assert c["test"] == pytest.approx(a["test"], rel=1e-5) and c["val"] == pytest.approx(a["val"], rel=1e-5)
     assert c["best_epoch"] == a["best_epoch"]
-    assert c["finetune"] is None and c["pretrain_epoch"] == 1  # read from the evaluated file's args
+    # Provenance read from the evaluated file's args.
+    assert (c["finetune"], c["pretrain_epoch"], c["train_fraction"]) == (str(pretrained), 1, 0.4)
 
 
 def test_sen12_finetune_from_a_released_format_checkpoint(pretrained, tmp_path):
@@ -123,12 +134,12 @@ def test_pair_input_is_resized_and_both_dates_flip_together():
     assert x.shape == (3, 2, 2, 4, 4) and torch.equal(x[:, 0], x[:, 1])
 
 
-def test_released_name_with_wrong_content_is_refused_with_both_hashes(pretrained, tmp_path):
+def test_released_name_with_wrong_content_is_refused_with_both_hashes(tmp_path):
     name = "benv1_pretrain_checkpoint_64.pth"
     if name not in known_hashes():
         pytest.skip("CHECKSUMS.txt does not list the released files")
-    fake = tmp_path / name
-    fake.write_bytes(pretrained.read_bytes())
+    fake = tmp_path / name  # a loadable checkpoint, but not the released bytes
+    torch.save({"model": {}, "epoch": 63}, fake)
     with pytest.raises(CheckpointError) as err:
         finetune(*ben_args(fake, tmp_path / "out"))
     assert known_hashes()[name] in str(err.value) and sha256_of(fake) in str(err.value)
@@ -136,7 +147,8 @@ def test_released_name_with_wrong_content_is_refused_with_both_hashes(pretrained
 
 def test_cli_refuses_a_truncated_checkpoint_in_one_line(pretrained, tmp_path, capsys):
     bad = tmp_path / "checkpoint_3.pth"
-    bad.write_bytes(pretrained.read_bytes()[:5000])
+    with open(pretrained, "rb") as fh:
+        bad.write_bytes(fh.read(5000))
     argv = [*FAST, "--finetune", str(bad), "--num_samples", "2", "--batch_size", "1", "--num_eval_samples", "1",
             "--input_size", "32", "--output_dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
@@ -149,13 +161,15 @@ def test_cli_refuses_a_truncated_checkpoint_in_one_line(pretrained, tmp_path, ca
 # --- distributed evaluation -------------------------------------------------------------------------
 
 def test_two_process_evaluation_counts_every_sample_once(tmp_path):
-    single = E.evaluate(toy_model(), E.eval_loader(toy_dataset(), 2, 0), torch.device("cpu"), "ben",
-                        [0.0, 0.0], [1.0, 1.0])
+    def single(n: int) -> dict:
+        return E.evaluate(toy_model(), E.eval_loader(toy_dataset(n), 2, 0), torch.device("cpu"), "ben",
+                          [0.0, 0.0], [1.0, 1.0])
+
     out = tmp_path / "metrics.json"
     mp.spawn(eval_rank, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
-    gathered = json.loads(out.read_text())
-    assert gathered["n_samples"] == 7  # 4 + 3 samples: no padding duplicates
-    assert gathered == pytest.approx(single)
+    seven, one = json.loads(out.read_text())
+    assert seven["n_samples"] == 7 and one["n_samples"] == 1  # 4 + 3 and 1 + 0: no padding duplicates
+    assert seven == pytest.approx(single(7), nan_ok=True) and one == pytest.approx(single(1), nan_ok=True)
 
 
 def test_gather_restores_data_set_order_in_one_process():
@@ -176,3 +190,23 @@ def test_task_and_flags_are_checked_before_anything_runs():
     main_finetune.resolve_task(args)
     assert args.drop_path == 0.0 and args.input_size == 128 and args.select_metric == "mAP_macro"
     assert isinstance(args, argparse.Namespace)
+
+
+def test_freeze_encoder_trains_the_head_only():
+    args = main_finetune.parse_args(["--freeze_encoder", "--input_size", "32"])
+    main_finetune.resolve_task(args)
+    model = main_finetune.build_model(args, 19)
+    groups = main_finetune.optimizer_groups(args, model)
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert trained == {id(model.head.weight), id(model.head.bias)}
+    assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("head."))
+
+
+@pytest.mark.parametrize("name", ["finetune_benv1_base", "finetune_benv2_base", "finetune_sen12flood_base"])
+def test_released_recipe_configs_parse(name):
+    args = main_finetune.parse_args(["--config", str(REPO / "configs" / f"{name}.yaml"), "--data_path", "x"])
+    main_finetune.resolve_task(args)
+    assert (args.model, args.blr, args.warmup_epochs, args.epochs) == ("mixmim_base", 5e-4, 5, 50)
+    assert (args.layer_decay, args.drop_path, args.weight_decay) == (0.7, 0.1, 0.05)
+    assert args.input_size == (512 if args.task == "sen12flood" else 128)
+    assert args.select_metric == ("f1" if args.task == "sen12flood" else "mAP_macro")

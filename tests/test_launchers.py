@@ -22,7 +22,7 @@ QSUB_RUN = REPO / "scripts" / "qsub_run.sh"
 # Settings of the scripts: cleared from the inherited environment so that each test states its own.
 SETTINGS = ("TASK_TYPE", "MODEL", "EPOCH", "DATASET", "DATA_PATH", "CONFIG", "OUTPUT_DIR", "PRETRAIN_DATASET",
             "PRETRAIN_CKPT", "FINETUNE_CKPT", "NPROC", "USE_CPU", "THREADS", "LAUNCHER", "MPI_IMPL", "MASTER_ADDR",
-            "MASTER_PORT", "EXTRA_ARGS", "DRY_RUN", "GPUS_PER_NODE", "CPU_RANKS_PER_NODE", "PBS_NODEFILE",
+            "MASTER_PORT", "EXTRA_ARGS", "MPI_ARGS", "DRY_RUN", "GPUS_PER_NODE", "CPU_RANKS_PER_NODE", "PBS_NODEFILE",
             "PBS_O_WORKDIR", "PBS_JOBID", "GLOO_SOCKET_IFNAME", "VENV", "CONDA_ENV", "MODULES")
 TINY_PRETRAIN = "--epochs 1 --num_samples 8 --input_size 64 --batch_size 2 --num_workers 0 --no-progress " \
                 "--vis_samples 0"
@@ -102,6 +102,31 @@ def test_qsub_dry_run_multi_node_line(tmp_path, two_hosts):
     assert flag_value(program, "--model") == "mixmim_base"
     assert flag_value(program, "--data_path") == "/data/ben"
     assert "--device" not in program  # GPUs: the entry point picks cuda:<local rank>
+
+
+def open_mpi_major() -> int:
+    """Major version of the installed Open MPI (0 when mpirun is absent or another MPI)."""
+    if shutil.which("mpirun") is None:
+        return 0
+    text = subprocess.run(["mpirun", "--version"], check=False, capture_output=True, text=True).stdout
+    return int(text.split("Open MPI)")[1].split(".")[0]) if "(Open MPI)" in text else 0
+
+
+@pytest.mark.skipif(open_mpi_major() < 5, reason="needs Open MPI >= 5 (--display map --do-not-launch)")
+def test_qsub_line_maps_ranks_to_hosts(two_hosts):
+    """Open MPI maps the script's own line without launching: ranks 0-1 on the first host (MASTER_ADDR)."""
+    proc = run_script(QSUB_RUN, timeout=60, PBS_NODEFILE=str(two_hosts), GPUS_PER_NODE="2", DATASET="synthetic",
+                      MODEL="tiny", MPI_ARGS="--display map --do-not-launch")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    placed, host = [], None
+    for line in proc.stdout.splitlines():
+        if line.startswith("Data for node:"):
+            host = line.split()[3]
+        elif "App rank:" in line:
+            fields = line.split()
+            placed.append((host, int(fields[fields.index("App") + 2]), int(fields[fields.index("Local") + 2])))
+    assert placed == [("node-a", 0, 0), ("node-a", 1, 1), ("node-b", 2, 0), ("node-b", 3, 1)]
+    assert "MASTER_ADDR=node-a" in exported(command_lines(proc.stdout)[0])
 
 
 def test_qsub_dry_run_mpich_flags(tmp_path, two_hosts):

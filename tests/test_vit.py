@@ -27,7 +27,7 @@ def test_unfold_embedding_is_a_strided_conv():
 @pytest.mark.parametrize("pos", [{"abs_pos": True}, {"abs_pos": False, "rel_pos": True},
                                  {"abs_pos": True, "rel_pos": True}])
 def test_keeping_all_tokens_in_any_order_permutes_the_output(pos):
-    """Position is attached before tokens are selected, so keep_idx = a permutation just permutes the output."""
+    """Position is attached before tokens are selected: keep_idx = a permutation permutes the output."""
     vit = small_vit(**pos).eval()
     x = torch.randn(2, 2, 64, 64)
     perm = torch.stack([torch.randperm(16), torch.randperm(16)])

@@ -201,8 +201,8 @@ def validate_common(args: argparse.Namespace) -> None:
     elif args.model in ENCODER_CONFIGS:
         check_input_size(args.input_size, (8, 8, 8, 4))
     elif mode == "mixmim":
-        raise ConfigError(f"--model {args.model!r}: MixMIM needs one of {', '.join(ENCODER_CONFIGS)} "
-                          f"(the timm Swin and ViT backbones run with --mode simmim)")
+        raise ConfigError(f"unknown model {args.model!r}; choices: {', '.join(ENCODER_CONFIGS)} "
+                          f"(timm Swin and ViT backbones need --mode simmim)")
     for name in ("batch_size", "epochs", "accum_iter"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)}: expected a positive integer")
