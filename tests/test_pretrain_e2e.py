@@ -110,7 +110,7 @@ def test_resume_into_wrong_model_names_first_mismatching_key(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--input_size", "100"], "valid sizes: [32, 64, 128, 256"),
-    (["--model", "mixmim_gigantic"], "--model 'mixmim_gigantic': MixMIM needs one of mixmim_tiny"),
+    (["--model", "mixmim_gigantic"], "unknown model 'mixmim_gigantic'; choices: mixmim_tiny"),
     (["--override", "TRAIN.BATCH_SIZ=4"], "did you mean 'TRAIN.BATCH_SIZE'"),
     (["--resume", "/nonexistent/checkpoint.pth"], "checkpoint not found"),
 ])
