@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from sarwmix.constants import CHANNELS
 from sarwmix.errors import TrainingError
 from sarwmix.weighting import weight_map
 from util.augment import check_finite, normalize, random_flips, step_generator
@@ -137,7 +138,7 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 @torch.no_grad()
 def save_reconstructions(model: nn.Module, dataset, path, n: int = 4, weighting: str = "per_channel",
                          exp_scale: float = 1.0, seed: int = 0) -> object:
-    """PNG of the first ``n`` samples: input, mixed/masked input, reconstruction, weight map (channel VV)."""
+    """PNG of the first ``n`` samples: input, mixed/masked input, reconstruction, weight map (last channel)."""
     from util.visualize import save_panels
 
     n = min(n, len(dataset))
@@ -151,4 +152,5 @@ def save_reconstructions(model: nn.Module, dataset, path, n: int = 4, weighting:
     model.train(was_training)
     cols = {k: v.float().cpu() for k, v in cols.items()}
     cols["weight map"] = weight_map(sar_db, weighting if weighting != "none" else "none", exp_scale)
-    return save_panels(path, cols, channel=sar_db.shape[1] - 1)
+    names = tuple(getattr(dataset, "channels", CHANNELS[-sar_db.shape[1]:]))
+    return save_panels(path, cols, channel=sar_db.shape[1] - 1, channel_names=names)

@@ -124,10 +124,10 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, x: torch.Tensor, mix_bias: torch.Tensor | None = None) -> torch.Tensor:
-        b, l, c = x.shape
+        b, n, c = x.shape
         g, w = self.grid, self.window
         win = window_partition(self.norm1(x).view(b, g, g, c), w)
-        y = window_reverse(self.attn(win, mix_bias), w, g, g).reshape(b, l, c)
+        y = window_reverse(self.attn(win, mix_bias), w, g, g).reshape(b, n, c)
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -294,8 +294,8 @@ def denorm_patches(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
     """(B, L, p*p*C) -> (B, C, H, W); inverse of ``patchify`` for a square grid."""
-    b, l, _ = x.shape
-    g = int(round(math.sqrt(l)))
+    b, n, _ = x.shape
+    g = int(round(math.sqrt(n)))
     x = x.reshape(b, g, g, p, p, c)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, g * p, g * p)
 

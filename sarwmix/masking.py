@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def sample_mixing_mask(num_cells: int, mask_ratio: float, range_mask_ratio: float = 0.0,

@@ -17,8 +17,8 @@ if str(REPO) not in sys.path:
     # analysis/ is a folder of scripts, not an installed package: import it from the checkout.
     sys.path.insert(0, str(REPO))
 
-from analysis import logs, plot_epoch_sweep, plot_label_efficiency, plot_pretrain_loss, plot_time
-from sarwmix.errors import ConfigError, DataError
+from analysis import logs, plot_epoch_sweep, plot_label_efficiency, plot_pretrain_loss, plot_time  # noqa: E402
+from sarwmix.errors import ConfigError, DataError  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BEN_METRICS = ("mAP_macro", "mAP_micro", "f1_macro", "f1_micro", "precision_macro", "precision_micro")

@@ -154,3 +154,10 @@ def test_every_dotted_key_maps_onto_a_real_flag():
     assert set(runner.DOTTED_KEYS.values()) - flags <= {"in_chans"}
     assert {"MODEL.BACKBONE", "MODEL.IN_CHANS", "MODEL.MASK_RATIO", "DATA.IMG_SIZE", "DATA.TRAIN_DATA",
             "TRAIN.BATCH_SIZE", "TRAIN.EPOCHS", "TRAIN.LR"} <= set(runner.DOTTED_KEYS)
+
+
+def test_yaml_booleans_for_on_off_flags(tmp_path):
+    a = parse("--config", write(tmp_path, "norm_pix_loss: false\npin_mem: 'no'\n"))
+    assert (a.norm_pix_loss, a.pin_mem) == (False, False)
+    assert parse("--config", write(tmp_path, "norm_pix_loss: true\n")).norm_pix_loss is True
+    assert parse("--config", write(tmp_path, "norm_pix_loss: false\n"), "--norm_pix_loss").norm_pix_loss is True

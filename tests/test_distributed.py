@@ -5,8 +5,8 @@ import socket
 
 import pytest
 import torch
-
 from conftest import TINY_PRETRAIN, run_py
+
 from util.checkpoint import load_checkpoint
 from util.misc import dist_env
 

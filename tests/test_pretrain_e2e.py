@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, TINY_PRETRAIN, run_py
 
 import main_pretrain
-from conftest import REPO, TINY_PRETRAIN, run_py
 from sarwmix.errors import CheckpointError, ConfigError, TrainingError
 from util.checkpoint import load_checkpoint
 

@@ -39,6 +39,20 @@ def test_filter_drops_decoder_mask_token_head_and_module_prefix():
     assert "head.weight" in filter_state(state, keep_head=True)[0]
 
 
+def test_simmim_run_state_loads_like_its_exported_encoder():
+    import main_pretrain
+
+    torch.manual_seed(2)
+    simmim = main_pretrain.build_model(main_pretrain.parse_args(["--mode", "simmim", "--model", "mixmim_tiny",
+                                                                 "--input_size", "64"]))
+    state = {f"module.{k}": v for k, v in simmim.state_dict().items()}
+    model = ft()
+    report = load_pretrained(model, state, "simmim.pth")
+    assert report["missing"] == ["head.bias", "head.weight"] and "mask_token" in report["dropped"]
+    assert torch.equal(model.state_dict()["layers.1.blocks.0.attn.qkv.weight"],
+                       simmim.state_dict()["encoder.layers.1.blocks.0.attn.qkv.weight"])
+
+
 def test_pretrain_state_loads_with_only_the_head_missing(pretrain_64):
     model = ft()
     head_before = model.head.weight.clone()

@@ -67,7 +67,8 @@ def coerce(parser: argparse.ArgumentParser, key: str, value, source: str):
     act = actions[key]
     if value is None:
         return None
-    store_bool = isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+    store_bool = isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                                argparse.BooleanOptionalAction))
     conv = str2bool if store_bool else (act.type or str)
     try:
         if act.nargs in ("+", "*"):

@@ -37,12 +37,18 @@ HEAD_PREFIX = "head."
 def filter_state(state: dict[str, torch.Tensor], keep_head: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Drop ``module.`` prefixes, pretraining-only keys and (unless ``keep_head``) the head.
 
+    A SimMIM pretraining state (``mask_token``, ``encoder.*``, ``decoder.*``) loses the ``encoder.`` prefix,
+    so a SimMIM run's ``checkpoint.pth`` finetunes like its exported backbone.
+
     Returns:
         (kept state, sorted dropped key names).
     """
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    body = [k for k in state if not PRETRAIN_ONLY.match(k)]
+    if body and all(k.startswith("encoder.") for k in body):
+        state = {k.removeprefix("encoder."): v for k, v in state.items()}
     kept, dropped = {}, []
     for key, value in state.items():
-        key = key.removeprefix("module.")
         if PRETRAIN_ONLY.match(key) or (not keep_head and key.startswith(HEAD_PREFIX)):
             dropped.append(key)
         else:

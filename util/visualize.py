@@ -12,7 +12,8 @@ import torch  # noqa: E402
 from sarwmix.constants import CHANNELS  # noqa: E402
 
 
-def save_panels(path: Path, columns: dict[str, torch.Tensor], channel: int = 1, title: str = "") -> Path:
+def save_panels(path: Path, columns: dict[str, torch.Tensor], channel: int = 1, title: str = "",
+                channel_names: tuple[str, ...] = CHANNELS) -> Path:
     """Write a grid PNG: one row per sample, one column per named (B, C, H, W) tensor (one channel shown).
 
     All image columns of a row share one colour scale (normalised dB); a column named ``weight`` gets its
@@ -35,7 +36,7 @@ def save_panels(path: Path, columns: dict[str, torch.Tensor], channel: int = 1, 
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(name, fontsize=9)
-    ch = CHANNELS[channel] if channel < len(CHANNELS) else str(channel)
+    ch = channel_names[channel] if channel < len(channel_names) else str(channel)
     fig.suptitle(title or f"channel {ch}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
