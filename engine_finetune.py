@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from engine_pretrain import StepFn
 from sarwmix.errors import DataError
 from util.augment import check_finite, normalize, random_flips
 from util.metrics import task_metrics
+from util.pss import keep_count
 from util.sampler import StridedEvalSampler
 
 log = logging.getLogger("sarwmix")
@@ -59,13 +60,17 @@ def prepare_input(x: torch.Tensor, device: torch.device, mean: torch.Tensor, std
 
 
 def make_finetune_step(device: torch.device, mean: Sequence[float], std: Sequence[float], task: str,
-                       input_size: int | None = None, flips: bool = True) -> StepFn:
+                       input_size: int | None = None, flips: bool = True,
+                       rho_fn: Callable[[], float] | None = None, n_tokens: int = 0) -> StepFn:
     """Step for ``train_one_epoch``: flips, normalisation, forward, task loss.
 
     Args:
         mean, std: per-channel dB statistics of the data set (``dataset.stats``).
         task: ``ben`` (multi-hot float targets) or ``sen12flood`` (int64 labels).
         input_size: SEN12-FLOOD only: side the pair images are resized to (None: as stored).
+        rho_fn: ViT with a Patch Sampling Schedule: the kept-token fraction of this update (read each
+            micro-batch; the schedule moves only between updates). The model is called as
+            ``model(x, rho=rho)`` and ``rho`` and ``tokens_kept`` (of ``n_tokens`` per image) are logged.
     """
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
     std_t = torch.tensor(std, dtype=torch.float32, device=device)
@@ -74,8 +79,11 @@ def make_finetune_step(device: torch.device, mean: Sequence[float], std: Sequenc
     def step(model: nn.Module, batch, gen: torch.Generator) -> tuple[torch.Tensor, dict, int]:
         x = prepare_input(batch[0], device, mean_t, std_t, input_size, gen if flips else None)
         target = batch[1].to(device, non_blocking=True)
-        logits = model(x).float()
-        return criterion(logits, target), {}, x.shape[0]
+        if rho_fn is None:
+            return criterion(model(x).float(), target), {}, x.shape[0]
+        rho = rho_fn()
+        logits = model(x, rho=rho).float()
+        return criterion(logits, target), {"rho": rho, "tokens_kept": keep_count(n_tokens, rho)}, x.shape[0]
 
     return step
 
@@ -113,13 +121,14 @@ def gather_predictions(indices: Sequence[int], logits: torch.Tensor,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: str, mean: Sequence[float],
              std: Sequence[float], amp_dtype: torch.dtype | None = None, input_size: int | None = None,
-             gather: bool = True) -> dict[str, float]:
+             gather: bool = True, rho: float | None = None) -> dict[str, float]:
     """Score a split: loss and the task metrics (``util.metrics``) over all ranks' predictions.
 
     Args:
         loader: from ``eval_loader`` (this rank's share of the split).
         gather: collect the predictions of every rank (sharded evaluation); False when each process
             scores the whole split itself.
+        rho: ViT only: keep this fraction of the patch tokens (``util.pss``); None: the model as is.
     Returns:
         ``{"loss": ..., **metrics, "n_samples": N}`` (the same on every rank).
     """
@@ -131,7 +140,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: s
     for x, y in loader:
         x = prepare_input(x, device, mean_t, std_t, input_size)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            outs.append(model(x).float().cpu())
+            outs.append((model(x) if rho is None else model(x, rho=rho)).float().cpu())
         tgts.append(y)
     model.train(was_training)
     empty = torch.zeros((0, 2 if task == "sen12flood" else 1))

@@ -4,6 +4,12 @@
     python main_finetune.py --config configs/finetune_benv1_base.yaml --data_path /data/BigEarthNet-S1-v1.0 \
         --finetune benv1_pretrain_checkpoint_64.pth
     python main_finetune.py --eval --resume benv1_finetune_checkpoint_best.pth --model mixmim_base ...
+    python main_finetune.py --model vit_small_rel --pss cyclic --pss_min 0.2 --pss_max 1.0   # ViT + PSS
+
+Backbones: the project's Swin (``mixmim_*``, every task) and, for BigEarthNet, the plain ViT (``vit_*``,
+``models_vit``; ``_rel`` = relative-position bias). A ViT can be finetuned with a Patch Sampling Schedule
+(``--pss``, ``util.pss``): each update keeps only the ``ceil(rho * N)`` patch tokens of largest embedding
+norm, ``rho`` following the schedule; ``--eval_rho`` is the kept fraction at evaluation.
 
 The best epoch is chosen on the validation split by ``--select_metric`` (BigEarthNet: mAP_macro,
 SEN12-FLOOD: f1); at the end ``checkpoint_best.pth`` is scored once on val and test and the scores go to
@@ -20,9 +26,10 @@ import torch
 import torch.distributed as dist
 
 import engine_finetune as E
-from models_mixmim import check_input_size
+from models_mixmim import ENCODER_CONFIGS, check_input_size
 from models_mixmim_ft import build_mixmim_ft
 from models_sen12_ft import PATCH_OPS, build_sen12_ft
+from models_vit import VIT_CONFIGS, build_vit
 from sarwmix.errors import ConfigError
 from util import runner
 from util.checkpoint import args_dict
@@ -31,6 +38,7 @@ from util.datasets import build_dataset
 from util.lr_decay import param_groups
 from util.metrics import BEN_METRICS, SEN12_METRICS
 from util.pretrained import checkpoint_epoch, load_pretrained_file
+from util.pss import PSS_KINDS, PatchSchedule, keep_count
 from util.trainer import Trainer
 
 log = logging.getLogger("sarwmix")
@@ -62,6 +70,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="SEN12-FLOOD: share of training sequences held out for validation")
     g.add_argument("--num_eval_samples", type=int, default=None,
                    help="synthetic only: samples in each of val and test")
+    g = parser.add_argument_group("patch sampling schedule (ViT backbones, BigEarthNet)")
+    g.add_argument("--pss", default="none", choices=PSS_KINDS,
+                   help="kept-token fraction rho per update: none (rho = 1), linear or cyclic")
+    g.add_argument("--pss_min", type=float, default=0.2, help="lowest rho of the schedule")
+    g.add_argument("--pss_max", type=float, default=1.0, help="highest rho of the schedule")
+    g.add_argument("--pss_period", type=int, default=None,
+                   help="cyclic: updates per cycle (default: one epoch of updates)")
+    g.add_argument("--eval_rho", type=float, default=1.0, help="kept-token fraction at evaluation")
     parser.set_defaults(model="mixmim_tiny", input_size=None, epochs=2, warmup_epochs=1, batch_size=16,
                         blr=5e-4, weight_decay=0.05, num_samples=64, num_eval_samples=32,
                         output_dir="./output_finetune")
@@ -96,6 +112,34 @@ def resolve_task(args: argparse.Namespace) -> None:
         raise ConfigError(f"--val_fraction {args.val_fraction}: expected 0 < fraction < 1")
     if args.freeze_encoder:
         args.drop_path = 0.0  # linear probing: the frozen encoder must give the same features every time
+    check_backbone(args)
+
+
+def is_vit(name: str) -> bool:
+    return name in VIT_CONFIGS
+
+
+def check_backbone(args: argparse.Namespace) -> None:
+    """The model name, and the flags only a ViT takes (--pss, --eval_rho), fit the task."""
+    vits = ", ".join(VIT_CONFIGS)
+    if args.model not in ENCODER_CONFIGS and not is_vit(args.model):
+        raise ConfigError(f"unknown model {args.model!r}; choices: {', '.join(ENCODER_CONFIGS)}, {vits}")
+    if is_vit(args.model) and args.task != "ben":
+        raise ConfigError(f"--model {args.model}: {args.task} finetuning takes the Swin backbones "
+                          f"({', '.join(ENCODER_CONFIGS)}); the ViT backbones are for BigEarthNet")
+    if not is_vit(args.model):
+        if args.pss != "none" or args.eval_rho != 1.0:
+            flag = f"--pss {args.pss}" if args.pss != "none" else f"--eval_rho {args.eval_rho}"
+            raise ConfigError(f"{flag} drops patch tokens, which needs a ViT backbone: --model one of {vits} "
+                              f"(got {args.model}, a Swin)")
+        return
+    if args.input_size % 16:
+        raise ConfigError(f"--input_size {args.input_size} is not a multiple of the ViT patch size 16")
+    if not 0.0 < args.eval_rho <= 1.0:
+        raise ConfigError(f"--eval_rho {args.eval_rho}: expected 0 < rho <= 1")
+    # Checks --pss_min/--pss_max/--pss_period now; the run's schedule needs the data size (build_schedule).
+    period = 2 if args.pss_period is None else args.pss_period
+    PatchSchedule(args.pss, args.pss_min, args.pss_max, 1, period if args.pss == "cyclic" else None)
 
 
 def split_file_of(args: argparse.Namespace, split: str) -> str | None:
@@ -110,7 +154,8 @@ def split_file_of(args: argparse.Namespace, split: str) -> str | None:
     return str(folder / f"{split}.csv")
 
 
-def _split(args: argparse.Namespace, split: str):
+def build_split(args: argparse.Namespace, split: str):
+    """One split of the data set of ``args`` (``train``, ``val`` or ``test``)."""
     n = args.num_samples if split == "train" else args.num_eval_samples
     return build_dataset(args.dataset, data_path=args.data_path, split=split, input_size=args.input_size,
                          channels=tuple(args.channels), split_file=split_file_of(args, split),
@@ -119,13 +164,13 @@ def _split(args: argparse.Namespace, split: str):
 
 def build_splits(args: argparse.Namespace, world_size: int) -> dict:
     """train (``--train_fraction`` of it), val and test data sets of the run."""
-    train = _split(args, "train")
+    train = build_split(args, "train")
     if args.task == "sen12flood" and not (Path(args.data_path) / "val").is_dir():
         keep, held = E.holdout_by_sequence(train.files, args.val_fraction, args.seed)
         val, train = E.SubsetView(train, held), E.SubsetView(train, keep)
         log.info("SEN12-FLOOD validation: %d pairs of held-out training sequences (seed %d)", len(val), args.seed)
     else:
-        val = _split(args, "val")
+        val = build_split(args, "val")
     if args.train_fraction < 1.0:
         train = E.SubsetView(train, E.fraction_indices(len(train), args.train_fraction, args.seed))
     per_update = args.batch_size * args.accum_iter * world_size
@@ -133,13 +178,15 @@ def build_splits(args: argparse.Namespace, world_size: int) -> dict:
         raise ConfigError(f"training split has {len(train)} samples, fewer than one global batch of "
                           f"{per_update}; lower --batch_size or raise --train_fraction/--num_samples")
     log.info("samples: train %d, val %d", len(train), len(val))
-    return {"train": train, "val": val, "test": _split(args, "test")}
+    return {"train": train, "val": val, "test": build_split(args, "test")}
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     if args.nb_classes is not None and args.nb_classes != num_classes:
         raise ConfigError(f"--nb_classes {args.nb_classes} but the data set has {num_classes} classes")
     common = {"in_chans": len(args.channels), "drop_path_rate": args.drop_path}
+    if is_vit(args.model):
+        return build_vit(args.model, img_size=args.input_size, num_classes=num_classes, **common)
     if args.task == "sen12flood":
         return build_sen12_ft(args.model, num_classes, args.patch_op, img_size=args.tile_size, **common)
     return build_mixmim_ft(args.model, num_classes, img_size=args.input_size, **common)
@@ -173,30 +220,54 @@ def _pair_size(args: argparse.Namespace) -> int | None:
 
 
 def evaluator(args: argparse.Namespace, run: runner.Run, dataset):
-    """``score(model) -> metrics`` of one split; sharded over the processes with --dist_eval."""
+    """``score(model) -> metrics`` of one split (a ViT at ``--eval_rho``); sharded with --dist_eval."""
     shard = args.dist_eval and run.info.distributed
     world, rank = (run.info.world_size, run.info.rank) if shard else (1, 0)
     loader = E.eval_loader(dataset, args.batch_size, args.num_workers, world, rank)
     stats = dataset.stats
+    rho = args.eval_rho if is_vit(args.model) else None
 
     def score(model) -> dict:
         return E.evaluate(model, loader, run.device, args.task, stats["mean"], stats["std"], run.amp_dtype,
-                          _pair_size(args), gather=shard)
+                          _pair_size(args), gather=shard, rho=rho)
 
     return score
+
+
+def build_schedule(args: argparse.Namespace, n_train: int) -> PatchSchedule | None:
+    """The run's patch schedule (ViT only), one step per optimizer update; None for a Swin."""
+    if not is_vit(args.model):
+        return None
+    updates = n_train // args.eff_batch_size  # BlockShardSampler: whole global batches per epoch
+    schedule = PatchSchedule.from_run(args.pss, args.pss_min, args.pss_max, updates, args.epochs,
+                                      args.pss_period)
+    log.info("patch sampling: %s, %d updates per epoch", schedule, updates)
+    return schedule
 
 
 def train(args, run, model, splits: dict) -> Path:
     """Finetune with the shared loop; return the checkpoint to report (best on validation)."""
     stats = splits["train"].stats
-    step = E.make_finetune_step(run.device, stats["mean"], stats["std"], args.task, _pair_size(args))
+    schedule = build_schedule(args, len(splits["train"]))
+    rho_fn = schedule.value if schedule is not None else None
+    n_tokens = model.num_tokens if schedule is not None else 0
+    step = E.make_finetune_step(run.device, stats["mean"], stats["std"], args.task, _pair_size(args),
+                                rho_fn=rho_fn, n_tokens=n_tokens)
     score_val = evaluator(args, run, splits["val"])
+    # The evaluation rho goes into val_log.json and log.txt next to the metrics it produced.
+    rho_info = {"rho": args.eval_rho, "tokens_kept": keep_count(n_tokens, args.eval_rho)} if schedule else {}
 
     def validate(raw_model, epoch: int) -> dict:
-        return score_val(raw_model)
+        return {**score_val(raw_model), **rho_info}
+
+    def on_update(iteration: int) -> dict:
+        schedule.step()
+        return {}
 
     trainer = Trainer(args, run, model, splits["train"], step, groups=optimizer_groups(args, model),
-                      betas=(0.9, 0.999), evaluate=validate, select_metric=args.select_metric)
+                      betas=(0.9, 0.999), evaluate=validate, select_metric=args.select_metric,
+                      on_iteration=on_update if schedule else None,
+                      extra_state={"pss": schedule} if schedule else None)
     trainer.fit()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # rank 0 has written checkpoint_best.pth
@@ -221,7 +292,9 @@ def main(args: argparse.Namespace) -> dict:
         chosen = train(args, run, model, splits)
     sha = args.checkpoint_sha256 if args.eval else None
     ckpt, _ = load_pretrained_file(model, chosen, sha, keep_head=True)
-    results = {"task": args.task, "model": args.model, "dataset": args.dataset, **provenance(args, init, ckpt),
+    vit = {"pss": args.pss, "eval_rho": args.eval_rho} if is_vit(args.model) else {}
+    results = {"task": args.task, "model": args.model, "dataset": args.dataset, **vit,
+               **provenance(args, init, ckpt),
                "best_epoch": ckpt.get("epoch"), "selection_metric": args.select_metric,
                "evaluated_checkpoint": str(chosen),
                **{split: evaluator(args, run, splits[split])(model) for split in ("val", "test")}}

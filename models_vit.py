@@ -6,8 +6,9 @@
 - Position: a fixed 2-D sin-cos absolute embedding (``abs_pos``, default) and/or a learned relative-position
   bias per block (``rel_pos``, BEiT style; seed 003 reports it helps token dropping, because a bias indexed
   by relative offsets stays meaningful for any subset of kept tokens).
-- ``forward_features(x, keep_idx)`` encodes only the tokens at ``keep_idx`` (the Patch Sampling Schedule
-  keeps a fraction ``rho`` of the tokens per iteration).
+- ``forward_features(x, keep_idx)`` encodes only the tokens at ``keep_idx``; ``forward(x, rho=r)`` keeps the
+  ``ceil(r * N)`` tokens of largest patch-embedding norm (``util.pss``; the Patch Sampling Schedule of
+  seed 003 sets ``r`` per iteration). ``rho=None`` or 1.0 is the plain ViT, bit for bit.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from models_mixmim import relative_position_index
 from sarwmix.errors import ConfigError
 from util.pos_embed import sincos_2d
+from util.pss import select_tokens
 
 
 class UnfoldPatchEmbed(nn.Module):
@@ -98,7 +100,8 @@ class VisionTransformer(nn.Module):
     Args:
         img_size: input side in pixels, a multiple of ``patch_size``.
         abs_pos / rel_pos: fixed sin-cos absolute embedding / learned relative bias per block.
-        num_classes: 0 for a backbone (``head`` is Identity), else a Linear head on the mean token.
+        num_classes: 0 for a backbone (``head`` is Identity), else a Linear head on the mean token
+            (trunc-normal 0.02, zero bias: the first logits start near 0, as the Swin finetune head).
     Shapes: ``forward_features`` maps (B, C, S, S) to (B, K, embed_dim), K = (S/p)^2 or ``keep_idx``'s K.
     """
 
@@ -142,6 +145,8 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, RelativePositionBias):
                 trunc_normal_(m.table, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) -> (B, L, D) patch tokens, before any position signal."""
@@ -159,16 +164,41 @@ class VisionTransformer(nn.Module):
                 x = blk(x, keep_idx)
         return self.norm(x)
 
-    def forward_features(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, S, S) -> (B, K, D); ``keep_idx`` (B, K) long indices into the (S/p)^2 token grid."""
-        return self.forward_tokens(self.embed(x), keep_idx)
+    def forward_features(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None,
+                         rho: float | None = None) -> torch.Tensor:
+        """(B, C, S, S) -> (B, K, D).
+
+        Args:
+            keep_idx: (B, K) long indices into the (S/p)^2 token grid, or None.
+            rho: keep the ``ceil(rho * N)`` tokens of largest patch-embedding norm (``util.pss``); ignored
+                when ``keep_idx`` is given; None or 1.0 keeps all.
+        """
+        tokens = self.embed(x)
+        if keep_idx is None and rho is not None:
+            keep_idx = select_tokens(tokens, rho)
+        return self.forward_tokens(tokens, keep_idx)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         """Mean over the (kept) tokens, then the head: (B, K, D) -> (B, num_classes) (or (B, D))."""
         return self.head(feats.mean(dim=1))
 
-    def forward(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, keep_idx))
+    def forward(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None,
+                rho: float | None = None) -> torch.Tensor:
+        """(B, C, S, S) -> (B, num_classes) logits (or (B, D) pooled features for a backbone)."""
+        return self.forward_head(self.forward_features(x, keep_idx, rho))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def num_layers(self) -> int:
+        """Largest layer-decay id (final norm and head): ``depth + 1``."""
+        return len(self.blocks) + 1
+
+    def layer_id(self, name: str) -> int:
+        """Layer-decay id of a parameter (``vit_layer_id``); the hook ``util.lr_decay.param_groups`` uses."""
+        return vit_layer_id(name, len(self.blocks))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_ckpt = enable
@@ -205,12 +235,15 @@ class MaskedPatchHead(nn.Module):
         return out.index_put((sel,), pred)
 
 
-# Sizes users type as --model (patch 16). Small enough for CPU work at 64-128 px; ViT-S is DeiT-S's shape.
+# Sizes users type as --model (patch 16). Tiny/small suit CPU work at 64-128 px; ViT-S is DeiT-S's shape and
+# ViT-B the seed-003 model. ``_rel``: relative-position bias instead of the absolute sin-cos embedding.
 VIT_CONFIGS: dict[str, dict] = {
     "vit_tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
     "vit_small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
     "vit_tiny_rel": {"embed_dim": 192, "depth": 12, "num_heads": 3, "abs_pos": False, "rel_pos": True},
     "vit_small_rel": {"embed_dim": 384, "depth": 12, "num_heads": 6, "abs_pos": False, "rel_pos": True},
+    "vit_base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+    "vit_base_rel": {"embed_dim": 768, "depth": 12, "num_heads": 12, "abs_pos": False, "rel_pos": True},
 }
 
 
@@ -223,3 +256,4 @@ def build_vit(name: str, **kwargs) -> VisionTransformer:
 
 vit_tiny = partial(build_vit, "vit_tiny")
 vit_small = partial(build_vit, "vit_small")
+vit_base = partial(build_vit, "vit_base")

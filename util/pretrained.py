@@ -1,13 +1,14 @@
 """The one way to put pretrained (or finetuned) weights into a model: filter, resize, check, load.
 
-``load_pretrained`` works for any model of the project built on ``SwinEncoder``:
+``load_pretrained`` works for any model of the project built on ``SwinEncoder`` or on ``models_vit``:
 
 1. keys of a DDP-wrapped save lose their ``module.`` prefix;
 2. the pretraining-only keys are dropped (``mask_token``, ``decoder_*``) and, unless ``keep_head``, the
    checkpoint's own head, which belongs to another task;
 3. tensors that depend on the input or window size are adapted to the model: the absolute position
-   embedding is resampled to the model's grid, every relative-position bias table to the model's window,
-   and ``relative_position_index`` is rebuilt for that window;
+   embedding is resampled to the model's grid, every relative-position bias table to the model's window
+   (the ViT's to its token grid), ``relative_position_index`` is rebuilt for that window, and the ViT's
+   fixed sin-cos ``pos_embed`` is the model's own;
 4. the remaining keys must fit exactly: no unexpected key, no shape mismatch, and the missing keys must
    be exactly the head's (none with ``keep_head``). Any other difference is a CheckpointError naming the
    offending keys.
@@ -32,6 +33,8 @@ log = logging.getLogger("sarwmix")
 # Keys that exist only in pretraining models (MixMIM decoder and mask token, SimMIM decoder).
 PRETRAIN_ONLY = re.compile(r"^(mask_token$|decoder[._])")
 HEAD_PREFIX = "head."
+VIT_POS_EMBED = "pos_embed"  # models_vit: fixed (not trained) sin-cos embedding of the token grid
+REL_TABLES = ("relative_position_bias_table", "rel_pos.table")  # Swin's per window, the ViT's per grid
 
 
 def filter_state(state: dict[str, torch.Tensor], keep_head: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -78,7 +81,9 @@ def adapt_to_model(model: nn.Module, state: dict[str, torch.Tensor], source: str
         if key.endswith("absolute_pos_embed") and value.shape[-1] == target[-1]:
             side = _side(target[1], key, source)
             state[key] = resize_pos_embed(value, (side, side))
-        elif key.endswith("relative_position_bias_table") and value.shape[1] == target[1]:
+        elif key == VIT_POS_EMBED and value.shape[-1] == target[-1]:
+            state[key] = own[key].clone()  # the ViT's sin-cos table is fixed: the model's own grid is exact
+        elif key.endswith(REL_TABLES) and value.shape[1] == target[1]:
             _side(value.shape[0], key, source)
             state[key] = resize_rel_pos_table(value, (_side(target[0], key, source) + 1) // 2)
         elif key.endswith("relative_position_index"):

@@ -1,5 +1,8 @@
 """The epoch loop of every run: data loader, optimizer, resume, evaluation hook and checkpoints.
 
+Logs (rank 0, JSON lines): ``train_log.json`` per iteration, ``log.txt`` per epoch and, for runs that
+validate (a ``select_metric``), ``val_log.json`` per epoch (``epoch`` and the validation metrics).
+
 Checkpoints (rank 0 only, each written atomically): ``checkpoint.pth`` after every epoch (resume point),
 ``checkpoint_<N>.pth`` every ``--save_freq`` epochs and at the last (or ``--stop_epoch``) epoch, and
 ``checkpoint_best.pth`` when an evaluation hook reports a better selection metric.
@@ -96,21 +99,27 @@ class Trainer:
                       "n_parameters": self.n_parameters}
             metrics = self.evaluate(self.raw_model, epoch) if self.evaluate else {}
             record.update({f"val_{k}": v for k, v in metrics.items()})
+            if metrics:
+                self.val_log.write({"epoch": epoch, **metrics})
             self._save(epoch, metrics)
             run.epoch_log.write(record)
             log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v
                                              for k, v in record.items()})
+        self.val_log.close()
         check_replicas(self.raw_model, run.device)
         return record
 
     def _open_logs(self) -> None:
         run = self.run
+        self.val_log = JsonLines(None)
         if not run.info.is_main:
             return
-        for name in ("log.txt", "train_log.json"):  # drop records of epochs that will be redone
+        for name in ("log.txt", "train_log.json", "val_log.json"):  # drop records of epochs to be redone
             truncate_jsonl(run.output_dir / name, lambda r: r.get("epoch", -1) < self.start_epoch)
         run.epoch_log = JsonLines(run.output_dir / "log.txt")
         run.step_log = JsonLines(run.output_dir / "train_log.json")
+        if self.select_metric is not None:  # runs that validate: one JSON line of metrics per epoch
+            self.val_log = JsonLines(run.output_dir / "val_log.json")
 
     def state(self, epoch: int) -> dict:
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -1,0 +1,130 @@
+"""Dynamic-inference curve of a PSS-finetuned ViT: metric and throughput for a grid of kept fractions rho.
+
+Usage::
+
+    python analysis/sweep_drop.py output_pss/checkpoint_best.pth --rho 0.2 0.4 0.6 0.8 1.0
+    python analysis/sweep_drop.py CKPT --split test --dataset benv1 --data_path /data/BigEarthNet-S1-v1.0
+
+For each ``rho`` the split is scored with ``engine_finetune.evaluate`` (the model keeps the
+``ceil(rho * N)`` patch tokens of largest embedding norm), and inference throughput is measured on one
+fixed batch (``--bench_batch`` images of the split, forward only, ``torch.no_grad``, the run's autocast).
+Throughput passes go round-robin over the grid and the median pass time is kept, so a load change on the
+machine hits every ``rho`` alike. Data and model flags are ``main_finetune.py``'s (``--help`` lists them);
+those not given default to the checkpoint's stored args (``analysis/finetuned.py``).
+
+Writes ``sweep_drop.csv`` (``rho, tokens_kept, tokens_total, loss, <metrics>, img_per_s, speedup``;
+``speedup`` is throughput over that of the largest ``rho`` of the grid) and ``sweep_drop.png`` (the
+selection metric and the throughput against ``rho``), by default next to the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+if __package__ in (None, ""):
+    # Run as `python analysis/sweep_drop.py`: make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine_finetune as E  # noqa: E402
+from analysis.finetuned import Finetuned, load_finetuned, script_parser  # noqa: E402
+from analysis.logs import run_main, write_outputs  # noqa: E402
+from sarwmix.errors import ConfigError  # noqa: E402
+from util.pss import keep_count  # noqa: E402
+
+DEFAULT_RHOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = script_parser(__doc__)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--rho", type=float, nargs="+", default=list(DEFAULT_RHOS), help="kept fractions")
+    g.add_argument("--bench_batch", type=int, default=16, help="images per throughput pass")
+    g.add_argument("--bench_reps", type=int, default=5, help="timed passes per rho (after one warm-up)")
+    p.set_defaults(name="sweep_drop")
+    return p
+
+
+def check_rhos(rhos: list[float]) -> list[float]:
+    bad = [r for r in rhos if not 0.0 < r <= 1.0]
+    if bad:
+        raise ConfigError(f"--rho {bad}: every kept fraction must be in (0, 1]")
+    return sorted(set(rhos))
+
+
+@torch.no_grad()
+def throughput(ft: Finetuned, rhos: list[float], batch: int, reps: int) -> dict[float, float]:
+    """Images per second of a forward pass at each ``rho``: median of ``reps`` round-robin passes."""
+    n = len(ft.dataset)
+    x = ft.batch([i % n for i in range(batch)])
+    amp = ft.amp_dtype
+    times: dict[float, list[float]] = {r: [] for r in rhos}
+    for rep in range(reps + 1):  # pass 0 warms up every rho (allocator, kernels)
+        for rho in rhos:
+            if ft.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast(ft.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                ft.model(x, rho=rho)
+            if ft.device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep:
+                times[rho].append(time.perf_counter() - t0)
+    return {r: batch / statistics.median(t) for r, t in times.items()}
+
+
+def sweep(ft: Finetuned, rhos: list[float], bench_batch: int, bench_reps: int) -> pd.DataFrame:
+    """One row per ``rho``: kept tokens, the split's metrics and the measured throughput."""
+    a = ft.args
+    loader = E.eval_loader(ft.dataset, a.batch_size, a.num_workers)
+    stats, n_tokens = ft.dataset.stats, ft.model.num_tokens
+    rows = []
+    for rho in rhos:
+        metrics = E.evaluate(ft.model, loader, ft.device, a.task, stats["mean"], stats["std"], ft.amp_dtype,
+                             gather=False, rho=rho)
+        rows.append({"rho": rho, "tokens_kept": keep_count(n_tokens, rho), "tokens_total": n_tokens, **metrics})
+    speed = throughput(ft, rhos, bench_batch, bench_reps)
+    table = pd.DataFrame(rows)
+    table["img_per_s"] = table["rho"].map(speed)
+    table["speedup"] = table["img_per_s"] / table["img_per_s"].iloc[-1]
+    return table
+
+
+def figure(table: pd.DataFrame, metric: str, model: str, split: str) -> Figure:
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.plot(table["rho"], table[metric], "o-")
+    left.set(xlabel="kept fraction rho", ylabel=f"{split} {metric}", title=f"{model}: {metric} against rho")
+    right.plot(table["rho"], table["img_per_s"], "s-", color="tab:orange")
+    right.set(xlabel="kept fraction rho", ylabel="images / s (forward)", title="measured throughput")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.08, y=0.15)  # room for the speed-up labels
+    for rho, speed, up in zip(table["rho"], table["img_per_s"], table["speedup"], strict=True):
+        right.annotate(f"x{up:.2f}", (rho, speed), textcoords="offset points", xytext=(0, 6), ha="center",
+                       fontsize=7)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    def job() -> list[Path]:
+        ft = load_finetuned(get_parser(), argv)
+        a = ft.args
+        rhos = check_rhos(a.rho)
+        if a.bench_batch < 1 or a.bench_reps < 1:
+            raise ConfigError("--bench_batch and --bench_reps must be positive")
+        table = sweep(ft, rhos, a.bench_batch, a.bench_reps)
+        fig = figure(table, a.select_metric, a.model, a.split)
+        return write_outputs(a.out, a.name, fig, {"": table}, a.dpi, a.title)
+
+    return run_main(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Speed of a full ViT finetuning step against the kept-token fraction rho (Patch Sampling Schedule).
+
+    python benchmarks/bench_pss.py --model vit_small_rel --input_size 128 --batch_size 32 --amp bf16 fp32
+    python benchmarks/bench_pss.py --model vit_base_rel --rho 0.25 0.5 0.75 1.0 --steps 5
+
+A step is what ``main_finetune.py --pss ...`` does per update: random flips, normalisation, token ranking
+and selection, forward, ``MultiLabelSoftMarginLoss`` on 19 classes, backward, AdamW (layer-wise lr decay
+groups). FLOPs per image are counted by ``torch.utils.flop_counter`` on one step. The rhos of one setting
+are timed round-robin (rho 1, 0.5, ..., then again) and the median step time is kept, so a change of load
+on the machine hits every rho alike: the ratio ``vs rho=1`` is what to read, measured within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine_finetune import make_finetune_step  # noqa: E402
+from models_vit import VIT_CONFIGS, build_vit  # noqa: E402
+from util.lr_decay import param_groups  # noqa: E402
+from util.pss import keep_count  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": None}
+N_CLASSES = 19
+
+
+def build(name: str, img: int, batch: int, seed: int = 0):
+    """Model, AdamW with layer-decay groups, and one batch of raw dB inputs and multi-hot targets."""
+    torch.manual_seed(seed)
+    model = build_vit(name, img_size=img, in_chans=2, num_classes=N_CLASSES, drop_path_rate=0.1)
+    groups = param_groups(model, 0.05, model.layer_id, model.num_layers, 0.75)
+    try:
+        opt = torch.optim.AdamW(groups, lr=1e-4, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.AdamW(groups, lr=1e-4, foreach=True)
+    x = -15 + 5 * torch.randn(batch, 2, img, img)
+    y = (torch.rand(batch, N_CLASSES) < 0.2).float()
+    return model, opt, (x, y)
+
+
+def step_fn(model, opt, batch, amp: torch.dtype | None, rho: float):
+    step = make_finetune_step(torch.device("cpu"), [-19.2, -12.6], [3.2, 3.0], "ben",
+                              rho_fn=lambda: rho, n_tokens=model.num_tokens)
+    gen = torch.Generator().manual_seed(0)
+
+    def run() -> None:
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            loss, _, _ = step(model, batch, gen)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+def count_flops(run) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return float(counter.get_total_flops())
+
+
+def measure(name: str, img: int, batch: int, amp: str, rhos: list[float], steps: int, warmup: int) -> list[dict]:
+    """img/s and GFLOP/img of a step at each rho (one model and optimizer, rhos interleaved)."""
+    model, opt, data = build(name, img, batch)
+    runs = {r: step_fn(model, opt, data, DTYPES[amp], r) for r in rhos}
+    flops = {r: count_flops(run) / batch / 1e9 for r, run in runs.items()}
+    times: dict[float, list[float]] = {r: [] for r in rhos}
+    for i in range(warmup + steps):
+        for r, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            if i >= warmup:
+                times[r].append(time.perf_counter() - t0)
+    return [{"rho": r, "tokens": keep_count(model.num_tokens, r), "img_s": batch / statistics.median(times[r]),
+             "gflop_img": flops[r]} for r in rhos]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["vit_small_rel"], choices=tuple(VIT_CONFIGS))
+    p.add_argument("--input_size", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--rho", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    p.add_argument("--amp", nargs="+", default=["bf16", "fp32"], choices=tuple(DTYPES))
+    p.add_argument("--steps", type=int, default=5, help="timed steps per rho")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per rho first")
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rhos = sorted(set(a.rho) | {1.0}, reverse=True)  # rho = 1 is the reference of the ratio
+    print(f"threads {torch.get_num_threads()}; input {a.input_size} px, batch {a.batch_size}, "
+          f"{a.steps} timed steps per rho (median), rhos interleaved")
+    print(f"{'model':14s} {'amp':5s} {'rho':>5s} {'tokens':>6s} {'img/s':>8s} {'GFLOP/img':>9s} {'vs rho=1':>8s}")
+    for name in a.model:
+        for amp in a.amp:
+            rows = measure(name, a.input_size, a.batch_size, amp, rhos, a.steps, a.warmup)
+            base = rows[0]["img_s"]
+            for r in rows:
+                print(f"{name:14s} {amp:5s} {r['rho']:5.2f} {r['tokens']:6d} {r['img_s']:8.2f} "
+                      f"{r['gflop_img']:9.2f} {r['img_s'] / base:8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
