@@ -168,10 +168,10 @@ def _wrap(model: nn.Module, args: argparse.Namespace, run: Run) -> nn.Module:
     wrapped = model
     if args.compile:
         try:
-            import torch._dynamo
+            import torch._dynamo as dynamo
 
             # A backend that fails at the first call (no C++ compiler, unsupported op) runs that code eagerly.
-            torch._dynamo.config.suppress_errors = True
+            dynamo.config.suppress_errors = True
             wrapped = torch.compile(model)
         except Exception as e:  # noqa: BLE001 - any backend failure falls back to eager
             log.warning("torch.compile unavailable (%s); running eager", str(e).splitlines()[0][:120])
