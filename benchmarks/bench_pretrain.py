@@ -11,6 +11,7 @@ a fraction of peak and ratios are comparable whatever else the machine is doing.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,23 +73,35 @@ def count_flops(run) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(name: str, mode: str, batch: int, img: int, amp: str, eager: bool, compile_model: bool,
-            steps: int, warmup: int) -> dict:
-    torch.manual_seed(0)
-    model, runner, opt = build(name, mode, img, eager, compile_model)
-    chans = model.in_chans
-    x = -15 + 5 * torch.randn(batch, chans, img, img)
-    step = make_pretrain_step(torch.device("cpu"), [-19.2] * chans, [3.2] * chans)
-    run = step_fn(runner, opt, (x, None), DTYPES[amp], step)
-    flops = count_flops(step_fn(model, opt, (x, None), DTYPES[amp], step))
-    for _ in range(warmup):
-        run()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        run()
-    dt = (time.perf_counter() - t0) / steps
-    return {"model": name, "mode": mode, "batch": batch, "amp": amp, "path": "eager" if eager else "optimised",
-            "img_s": batch / dt, "gflop_img": flops / batch / 1e9, "gflop_s": flops / dt / 1e9}
+def measure(name: str, mode: str, batch: int, img: int, amp: str, paths: list[str], compile_model: bool,
+            steps: int, warmup: int) -> list[dict]:
+    """img/s and GFLOP/s of each path ("eager", "optimised") from the same weights and batch.
+
+    The paths are timed round-robin (eager step, optimised step, eager step, ...) and the median step time of
+    each is kept, so a change of load on the machine hits both alike and their ratio is meaningful.
+    """
+    runs, flops = {}, {}
+    for path in paths:
+        torch.manual_seed(0)  # same initial weights for every path
+        model, runner, opt = build(name, mode, img, path == "eager", compile_model and path != "eager")
+        chans = model.in_chans
+        x = -15 + 5 * torch.randn(batch, chans, img, img, generator=torch.Generator().manual_seed(1))
+        step = make_pretrain_step(torch.device("cpu"), [-19.2] * chans, [3.2] * chans)
+        flops[path] = count_flops(step_fn(model, opt, (x, None), DTYPES[amp], step))
+        runs[path] = step_fn(runner, opt, (x, None), DTYPES[amp], step)
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    for i in range(warmup + steps):
+        for path, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            if i >= warmup:
+                times[path].append(time.perf_counter() - t0)
+    out = []
+    for path in paths:
+        dt = statistics.median(times[path])
+        out.append({"model": name, "mode": mode, "batch": batch, "amp": amp, "path": path, "img_s": batch / dt,
+                    "gflop_img": flops[path] / batch / 1e9, "gflop_s": flops[path] / dt / 1e9})
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,10 +117,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="also run the plain eager path (manual softmax attention, for-loop AdamW)")
     p.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--peak_seconds", type=float, default=2.0, help="duration of each matmul-peak measurement")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    peaks = {"bf16": matmul_peak(torch.bfloat16, seconds=a.peak_seconds),
+             "fp32": matmul_peak(torch.float32, seconds=a.peak_seconds)}
     print(f"threads {torch.get_num_threads()}; matmul peak bf16 {peaks['bf16']:.0f} GFLOP/s, "
           f"fp32 {peaks['fp32']:.0f} GFLOP/s")
     print(f"{'model':14s} {'mode':7s} {'batch':>5s} {'amp':5s} {'path':10s} {'img/s':>7s} {'GFLOP/img':>9s} "
@@ -115,12 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.model:
         for batch in a.batch_size:
             for amp in a.amp:
-                paths = [True, False] if a.compare_eager else [False]
-                base = None
-                for eager in paths:
-                    r = measure(name, a.mode, batch, a.input_size, amp, eager, a.compile and not eager,
-                                a.steps, a.warmup)
-                    base = base or r["img_s"]
+                paths = ["eager", "optimised"] if a.compare_eager else ["optimised"]
+                results = measure(name, a.mode, batch, a.input_size, amp, paths, a.compile, a.steps, a.warmup)
+                base = results[0]["img_s"]
+                for r in results:
                     print(f"{r['model']:14s} {r['mode']:7s} {batch:5d} {amp:5s} {r['path']:10s} "
                           f"{r['img_s']:7.2f} {r['gflop_img']:9.2f} {r['gflop_s']:8.1f} "
                           f"{r['gflop_s'] / peaks[amp]:7.2f} {r['img_s'] / base:8.2f}", flush=True)

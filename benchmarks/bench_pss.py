@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_pretrain import DTYPES, count_flops  # noqa: E402  (same folder)
 from engine_finetune import make_finetune_step  # noqa: E402
 from models_vit import VIT_CONFIGS, build_vit  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
 from util.pss import keep_count  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 N_CLASSES = 19
 
 
@@ -57,15 +57,6 @@ def step_fn(model, opt, batch, amp: torch.dtype | None, rho: float):
         opt.zero_grad(set_to_none=True)
 
     return run
-
-
-def count_flops(run) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        run()
-    return float(counter.get_total_flops())
 
 
 def measure(name: str, img: int, batch: int, amp: str, rhos: list[float], steps: int, warmup: int) -> list[dict]:

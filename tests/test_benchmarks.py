@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end on tiny settings and print a well-formed table.
+
+Only the structure of the output is checked (a row per path and setting, positive numbers): timings are
+never asserted, machines are too noisy for that.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> list[list[str]]:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return [line.split() for line in proc.stdout.splitlines()]
+
+
+def test_bench_pretrain_compares_eager_and_optimised_paths():
+    rows = run("bench_pretrain.py", "--model", "mixmim_tiny", "--input_size", "64", "--batch_size", "2",
+               "--amp", "bf16", "fp32", "--steps", "1", "--warmup", "0", "--compare-eager", "--peak_seconds", "0.2")
+    table = [r for r in rows if r and r[0] == "mixmim_tiny"]
+    assert [(r[3], r[4]) for r in table] == [("bf16", "eager"), ("bf16", "optimised"),
+                                             ("fp32", "eager"), ("fp32", "optimised")]
+    for r in table:
+        img_s, gflop_img, gflop_s, of_peak = map(float, r[5:9])
+        assert img_s > 0 and gflop_img > 0 and gflop_s > 0 and of_peak > 0
+    # Both paths do the same work: identical FLOP counts per image.
+    assert table[0][6] == table[1][6] and table[2][6] == table[3][6]
+    assert float(table[0][9]) == 1.0
+
+
+def test_bench_pretrain_simmim_mode():
+    rows = run("bench_pretrain.py", "--model", "mixmim_tiny", "--mode", "simmim", "--input_size", "64",
+               "--batch_size", "2", "--amp", "fp32", "--steps", "1", "--warmup", "0", "--peak_seconds", "0.2")
+    table = [r for r in rows if r and r[0] == "mixmim_tiny"]
+    assert len(table) == 1 and table[0][1] == "simmim" and float(table[0][5]) > 0
+
+
+def test_bench_pss_reports_each_rho():
+    rows = run("bench_pss.py", "--model", "vit_tiny_rel", "--input_size", "64", "--batch_size", "2",
+               "--rho", "1.0", "0.5", "--amp", "fp32", "--steps", "1", "--warmup", "0")
+    table = [r for r in rows if r and r[0] == "vit_tiny_rel"]
+    assert len(table) == 2, rows
