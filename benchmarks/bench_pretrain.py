@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_pretrain import make_pretrain_step  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
+from util.misc import cpu_supports_bf16  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     peaks = {"bf16": matmul_peak(torch.bfloat16, seconds=a.peak_seconds),
              "fp32": matmul_peak(torch.float32, seconds=a.peak_seconds)}
-    print(f"threads {torch.get_num_threads()}; matmul peak bf16 {peaks['bf16']:.0f} GFLOP/s, "
+    native = "native" if cpu_supports_bf16() else "emulated: no AVX512-BF16/AMX, --amp auto picks fp32"
+    print(f"threads {torch.get_num_threads()}; matmul peak bf16 {peaks['bf16']:.0f} GFLOP/s ({native}), "
           f"fp32 {peaks['fp32']:.0f} GFLOP/s")
     print(f"{'model':14s} {'mode':7s} {'batch':>5s} {'amp':5s} {'path':10s} {'img/s':>7s} {'GFLOP/img':>9s} "
           f"{'GFLOP/s':>8s} {'of peak':>7s} {'vs eager':>8s}")

@@ -34,3 +34,20 @@ def test_every_module_run_with_python_m_exists():
     assert modules
     missing = sorted(m for m in modules if not (REPO / (m.replace(".", "/") + ".py")).exists())
     assert not missing, missing
+
+
+def _anchor(title: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.replace("`", "").strip().lower()).replace(" ", "-")
+
+
+def test_every_internal_link_points_to_a_heading():
+    in_code, anchors = False, set()
+    for line in README.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            anchors.add(_anchor(line.lstrip("#")))
+    links = set(re.findall(r"\]\(#([\w-]+)\)", README))
+    assert links, "no internal links found"
+    assert not sorted(links - anchors), f"links to missing headings: {sorted(links - anchors)}"
