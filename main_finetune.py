@@ -140,6 +140,11 @@ def check_backbone(args: argparse.Namespace) -> None:
     # Checks --pss_min/--pss_max/--pss_period now; the run's schedule needs the data size (build_schedule).
     period = 2 if args.pss_period is None else args.pss_period
     PatchSchedule(args.pss, args.pss_min, args.pss_max, 1, period if args.pss == "cyclic" else None)
+    if args.pss != "none" and getattr(args, "compile", False):
+        # Every new kept-token count is a new graph: torch.compile would recompile until its cache limit,
+        # then fall back to eager, so the combination only costs compile time.
+        raise ConfigError(f"--compile with --pss {args.pss}: each kept-token count is a new graph for "
+                          "torch.compile; train PSS runs without --compile")
 
 
 def split_file_of(args: argparse.Namespace, split: str) -> str | None:
