@@ -266,7 +266,8 @@ class SwinEncoder(nn.Module):
         return {"absolute_pos_embed"}
 
 
-def _init_module(m: nn.Module) -> None:
+def init_linear_and_norm(m: nn.Module) -> None:
+    """MAE's init of one module: xavier-uniform Linear weight, zero bias; LayerNorm weight 1, bias 0."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
@@ -274,7 +275,11 @@ def _init_module(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
-    elif isinstance(m, WindowAttention):
+
+
+def _init_module(m: nn.Module) -> None:
+    init_linear_and_norm(m)
+    if isinstance(m, WindowAttention):
         trunc_normal_(m.relative_position_bias_table, std=0.02)
 
 

@@ -47,6 +47,12 @@ def swin_layer_id(name: str, depths: tuple[int, ...]) -> int:
     return sum(depths) + 1
 
 
+def init_head(head: nn.Linear) -> None:
+    """A small classification head keeps the first logits near 0 (sigmoid 0.5), as in timm's Swin."""
+    trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+
+
 class LayerDecayMixin:
     """The hook ``util.lr_decay.param_groups`` is driven by: ``layer_id(name)`` and ``num_layers``."""
 
@@ -82,9 +88,7 @@ class MixMIMFT(LayerDecayMixin, SwinEncoder):
 
     def init_weights(self) -> None:
         super().init_weights()
-        # A small head keeps the first logits near 0 (sigmoid 0.5), as in timm's Swin.
-        trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        init_head(self.head)
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) -> (B, num_features): final-norm tokens averaged over the grid."""

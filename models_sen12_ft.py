@@ -9,11 +9,10 @@ its average-pooled feature; the change signal of a tile is ``|f1 - f2|``; ``patc
 from __future__ import annotations
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
 
 from models_mixmim import SwinEncoder
-from models_mixmim_ft import LayerDecayMixin, split_kwargs
+from models_mixmim_ft import LayerDecayMixin, init_head, split_kwargs
 
 PATCH_OPS: tuple[str, ...] = ("avg", "max")
 
@@ -48,8 +47,7 @@ class Sen12FloodFT(LayerDecayMixin, SwinEncoder):
 
     def init_weights(self) -> None:
         super().init_weights()
-        trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        init_head(self.head)
 
     def tile_features(self, pair: torch.Tensor) -> torch.Tensor:
         """(B, 2, C, H, W) -> (B, 2, T, num_features): average-pooled encoder feature of every tile."""

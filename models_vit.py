@@ -20,7 +20,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models_mixmim import relative_position_index
+from models_mixmim import init_linear_and_norm, relative_position_index
 from sarwmix.errors import ConfigError
 from util.pos_embed import sincos_2d
 from util.pss import select_tokens
@@ -136,14 +136,8 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.embed_dim, self.grid)))
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, RelativePositionBias):
+            init_linear_and_norm(m)
+            if isinstance(m, RelativePositionBias):
                 trunc_normal_(m.table, std=0.02)
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=0.02)
