@@ -26,7 +26,7 @@ def save_panels(path: Path, columns: dict[str, torch.Tensor], channel: int = 1, 
         ref = columns[names[0]][r, channel].float()
         lo, hi = float(ref.quantile(0.02)), float(ref.quantile(0.98))
         for c, name in enumerate(names):
-            img = columns[name][r, min(channel, columns[name].shape[1] - 1)].float().cpu()
+            img = columns[name][r, min(channel, columns[name].shape[1] - 1)].float().cpu().numpy()
             ax = axes[r, c]
             if name.startswith("weight"):
                 ax.imshow(img, cmap="magma", vmin=1.0, vmax=max(float(img.max()), 1.0 + 1e-3))
