@@ -74,6 +74,21 @@ def count_flops(run) -> float:
     return float(counter.get_total_flops())
 
 
+def time_round_robin(runs: dict, steps: int, warmup: int) -> dict:
+    """Median seconds per call of each function, called in turn (a, b, a, b, ...) after ``warmup`` rounds.
+
+    Interleaving makes a change of load on the machine hit every function alike, so their ratios hold.
+    """
+    times: dict = {key: [] for key in runs}
+    for i in range(warmup + steps):
+        for key, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            if i >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
 def measure(name: str, mode: str, batch: int, img: int, amp: str, paths: list[str], compile_model: bool,
             steps: int, warmup: int) -> list[dict]:
     """img/s and GFLOP/s of each path ("eager", "optimised") from the same weights and batch.
@@ -90,16 +105,10 @@ def measure(name: str, mode: str, batch: int, img: int, amp: str, paths: list[st
         step = make_pretrain_step(torch.device("cpu"), [-19.2] * chans, [3.2] * chans)
         flops[path] = count_flops(step_fn(model, opt, (x, None), DTYPES[amp], step))
         runs[path] = step_fn(runner, opt, (x, None), DTYPES[amp], step)
-    times: dict[str, list[float]] = {path: [] for path in paths}
-    for i in range(warmup + steps):
-        for path, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            if i >= warmup:
-                times[path].append(time.perf_counter() - t0)
+    median = time_round_robin(runs, steps, warmup)
     out = []
     for path in paths:
-        dt = statistics.median(times[path])
+        dt = median[path]
         out.append({"model": name, "mode": mode, "batch": batch, "amp": amp, "path": path, "img_s": batch / dt,
                     "gflop_img": flops[path] / batch / 1e9, "gflop_s": flops[path] / dt / 1e9})
     return out

@@ -12,16 +12,14 @@ on the machine hits every rho alike: the ratio ``vs rho=1`` is what to read, mea
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_pretrain import DTYPES, count_flops  # noqa: E402  (same folder)
+from bench_pretrain import DTYPES, count_flops, time_round_robin  # noqa: E402  (same folder)
 
 from engine_finetune import make_finetune_step  # noqa: E402
 from models_vit import VIT_CONFIGS, build_vit  # noqa: E402
@@ -65,14 +63,8 @@ def measure(name: str, img: int, batch: int, amp: str, rhos: list[float], steps:
     model, opt, data = build(name, img, batch)
     runs = {r: step_fn(model, opt, data, DTYPES[amp], r) for r in rhos}
     flops = {r: count_flops(run) / batch / 1e9 for r, run in runs.items()}
-    times: dict[float, list[float]] = {r: [] for r in rhos}
-    for i in range(warmup + steps):
-        for r, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            if i >= warmup:
-                times[r].append(time.perf_counter() - t0)
-    return [{"rho": r, "tokens": keep_count(model.num_tokens, r), "img_s": batch / statistics.median(times[r]),
+    median = time_round_robin(runs, steps, warmup)
+    return [{"rho": r, "tokens": keep_count(model.num_tokens, r), "img_s": batch / median[r],
              "gflop_img": flops[r]} for r in rhos]
 
 
