@@ -103,7 +103,7 @@ class Trainer:
                 self.val_log.write({"epoch": epoch, **metrics})
             self._save(epoch, metrics)
             run.epoch_log.write(record)
-            log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v
+            log.info("epoch %d: %s", epoch, {k: float(f"{v:.5g}") if isinstance(v, float) else v
                                              for k, v in record.items()})
         self.val_log.close()
         check_replicas(self.raw_model, run.device)
