@@ -277,6 +277,12 @@ def init_linear_and_norm(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def init_head(head: nn.Linear) -> None:
+    """A small classification head keeps the first logits near 0 (sigmoid 0.5), as in timm's Swin."""
+    trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+
+
 def _init_module(m: nn.Module) -> None:
     init_linear_and_norm(m)
     if isinstance(m, WindowAttention):

@@ -12,10 +12,9 @@ rule lives in one place and ``util.lr_decay.param_groups`` never guesses from na
 from __future__ import annotations
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
 
-from models_mixmim import SwinEncoder, encoder_kwargs
+from models_mixmim import SwinEncoder, encoder_kwargs, init_head
 
 # Keyword arguments of SwinEncoder that a finetune factory forwards to ``encoder_kwargs``.
 ENCODER_KEYS = frozenset({"img_size", "patch_size", "in_chans", "window_size", "drop_path_rate", "mlp_ratio"})
@@ -45,12 +44,6 @@ def swin_layer_id(name: str, depths: tuple[int, ...]) -> int:
             return sum(depths[: stage + 1]) + 1
         raise ValueError(f"unexpected Swin parameter name {name!r}")
     return sum(depths) + 1
-
-
-def init_head(head: nn.Linear) -> None:
-    """A small classification head keeps the first logits near 0 (sigmoid 0.5), as in timm's Swin."""
-    trunc_normal_(head.weight, std=0.02)
-    nn.init.zeros_(head.bias)
 
 
 class LayerDecayMixin:

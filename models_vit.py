@@ -20,7 +20,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models_mixmim import init_linear_and_norm, relative_position_index
+from models_mixmim import init_head, init_linear_and_norm, relative_position_index
 from sarwmix.errors import ConfigError
 from util.pos_embed import sincos_2d
 from util.pss import select_tokens
@@ -140,7 +140,7 @@ class VisionTransformer(nn.Module):
             if isinstance(m, RelativePositionBias):
                 trunc_normal_(m.table, std=0.02)
         if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
+            init_head(self.head)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) -> (B, L, D) patch tokens, before any position signal."""
