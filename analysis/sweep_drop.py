@@ -19,9 +19,7 @@ selection metric and the throughput against ``rho``), by default next to the che
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +34,7 @@ import engine_finetune as E  # noqa: E402
 from analysis.finetuned import Finetuned, load_finetuned, script_parser  # noqa: E402
 from analysis.logs import run_main, write_outputs  # noqa: E402
 from sarwmix.errors import ConfigError  # noqa: E402
+from util.misc import time_round_robin  # noqa: E402
 from util.pss import keep_count  # noqa: E402
 
 DEFAULT_RHOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -64,19 +63,17 @@ def throughput(ft: Finetuned, rhos: list[float], batch: int, reps: int) -> dict[
     n = len(ft.dataset)
     x = ft.batch([i % n for i in range(batch)])
     amp = ft.amp_dtype
-    times: dict[float, list[float]] = {r: [] for r in rhos}
-    for rep in range(reps + 1):  # pass 0 warms up every rho (allocator, kernels)
-        for rho in rhos:
-            if ft.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+    def forward(rho: float):
+        def run() -> None:
             with torch.autocast(ft.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 ft.model(x, rho=rho)
-            if ft.device.type == "cuda":
-                torch.cuda.synchronize()
-            if rep:
-                times[rho].append(time.perf_counter() - t0)
-    return {r: batch / statistics.median(t) for r, t in times.items()}
+        return run
+
+    sync = torch.cuda.synchronize if ft.device.type == "cuda" else None
+    # One warm-up pass per rho (allocator, kernels), then the timed ones.
+    median = time_round_robin({r: forward(r) for r in rhos}, reps, warmup=1, sync=sync)
+    return {r: batch / t for r, t in median.items()}
 
 
 def sweep(ft: Finetuned, rhos: list[float], bench_batch: int, bench_reps: int) -> pd.DataFrame:

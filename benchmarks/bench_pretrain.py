@@ -11,7 +11,6 @@ a fraction of peak and ratios are comparable whatever else the machine is doing.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_pretrain import make_pretrain_step  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
-from util.misc import cpu_supports_bf16  # noqa: E402
+from util.misc import cpu_supports_bf16, time_round_robin  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 
@@ -72,21 +71,6 @@ def count_flops(run) -> float:
     with counter:
         run()
     return float(counter.get_total_flops())
-
-
-def time_round_robin(runs: dict, steps: int, warmup: int) -> dict:
-    """Median seconds per call of each function, called in turn (a, b, a, b, ...) after ``warmup`` rounds.
-
-    Interleaving makes a change of load on the machine hit every function alike, so their ratios hold.
-    """
-    times: dict = {key: [] for key in runs}
-    for i in range(warmup + steps):
-        for key, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            if i >= warmup:
-                times[key].append(time.perf_counter() - t0)
-    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def measure(name: str, mode: str, batch: int, img: int, amp: str, paths: list[str], compile_model: bool,
