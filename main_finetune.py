@@ -138,8 +138,7 @@ def check_backbone(args: argparse.Namespace) -> None:
     if not 0.0 < args.eval_rho <= 1.0:
         raise ConfigError(f"--eval_rho {args.eval_rho}: expected 0 < rho <= 1")
     # Checks --pss_min/--pss_max/--pss_period now; the run's schedule needs the data size (build_schedule).
-    period = 2 if args.pss_period is None else args.pss_period
-    PatchSchedule(args.pss, args.pss_min, args.pss_max, 1, period if args.pss == "cyclic" else None)
+    PatchSchedule.from_run(args.pss, args.pss_min, args.pss_max, 1, 1, args.pss_period)
     if args.pss != "none" and getattr(args, "compile", False):
         # Every new kept-token count is a new graph: torch.compile would recompile until its cache limit,
         # then fall back to eager, so the combination only costs compile time.

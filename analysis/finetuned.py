@@ -19,7 +19,7 @@ from sarwmix.errors import ConfigError
 from util import runner
 from util.checkpoint import args_dict, load_checkpoint, model_state
 from util.config import parse_with_config
-from util.misc import resolve_amp
+from util.misc import resolve_amp, wants_cuda
 from util.pretrained import load_pretrained
 
 # Settings of the finetuning run that define the model and its data (taken from the checkpoint's args).
@@ -99,7 +99,6 @@ def load_finetuned(parser: argparse.ArgumentParser, argv: list[str] | None = Non
     dataset = main_finetune.build_split(args, args.split)
     model = main_finetune.build_model(args, dataset.num_classes)
     load_pretrained(model, model_state(ckpt, args.checkpoint), args.checkpoint, keep_head=True)
-    use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = torch.device("cuda" if wants_cuda(args.device) else "cpu")
     model.to(device).eval()
     return Finetuned(args, model, dataset, device, resolve_amp(args.amp, device), args.checkpoint)

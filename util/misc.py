@@ -83,6 +83,11 @@ def time_round_robin(runs: Mapping[object, Callable[[], object]], steps: int, wa
     return {key: statistics.median(t) for key, t in times.items()}
 
 
+def wants_cuda(device_arg: str) -> bool:
+    """``--device auto|cuda|cpu``: use the GPU when there is one and the flag allows it."""
+    return torch.cuda.is_available() and device_arg in ("auto", "cuda")
+
+
 def init_distributed(device_arg: str = "auto", dist_url: str = "env://") -> tuple[DistInfo, torch.device]:
     """Start the process group if launched by torchrun/mpirun/srun; pick this rank's device.
 
@@ -90,7 +95,7 @@ def init_distributed(device_arg: str = "auto", dist_url: str = "env://") -> tupl
     them a single-host default (127.0.0.1:29500) is used.
     """
     info = dist_env(os.environ)
-    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    use_cuda = wants_cuda(device_arg)
     device = torch.device(f"cuda:{info.local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
