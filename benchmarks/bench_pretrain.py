@@ -7,10 +7,14 @@ A step is what training does: weight map from raw dB, forward with the map, back
 counted by ``torch.utils.flop_counter`` on one step (matmuls, convolutions, attention), so GFLOP/s is
 model work per second. The bf16 and fp32 matmul peaks are measured in the same run, so the result reads as
 a fraction of peak and ratios are comparable whatever else the machine is doing.
+The page faults and kernel time per timed step show what the allocator costs (``--cpu_memory system``
+leaves glibc's defaults, ``tuned`` is what training uses: ``util.misc.tune_cpu_memory``); the peaks are
+measured under the same setting, since huge pages raise them too.
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -21,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_pretrain import make_pretrain_step  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
-from util.misc import cpu_supports_bf16, time_round_robin  # noqa: E402
+from util.misc import cpu_supports_bf16, time_round_robin, tune_cpu_memory  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 
@@ -89,12 +93,20 @@ def measure(name: str, mode: str, batch: int, img: int, amp: str, paths: list[st
         step = make_pretrain_step(torch.device("cpu"), [-19.2] * chans, [3.2] * chans)
         flops[path] = count_flops(step_fn(model, opt, (x, None), DTYPES[amp], step))
         runs[path] = step_fn(runner, opt, (x, None), DTYPES[amp], step)
-    median = time_round_robin(runs, steps, warmup)
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    before = resource.getrusage(resource.RUSAGE_SELF)  # page faults and kernel time of the timed steps
+    median = time_round_robin(runs, steps, 0)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    n_steps = steps * len(paths)
+    faults = (after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt) / n_steps
     out = []
     for path in paths:
         dt = median[path]
         out.append({"model": name, "mode": mode, "batch": batch, "amp": amp, "path": path, "img_s": batch / dt,
-                    "gflop_img": flops[path] / batch / 1e9, "gflop_s": flops[path] / dt / 1e9})
+                    "gflop_img": flops[path] / batch / 1e9, "gflop_s": flops[path] / dt / 1e9,
+                    "faults": faults, "sys_s": (after.ru_stime - before.ru_stime) / n_steps})
     return out
 
 
@@ -111,17 +123,20 @@ def main(argv: list[str] | None = None) -> None:
                    help="also run the plain eager path (manual softmax attention, for-loop AdamW)")
     p.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--cpu_memory", default="tuned", choices=("tuned", "system"),
+                   help="allocator setting of the training runs (util.misc.tune_cpu_memory)")
     p.add_argument("--peak_seconds", type=float, default=2.0, help="duration of each matmul-peak measurement")
     a = p.parse_args(argv)
+    memory = tune_cpu_memory(a.cpu_memory)
     if a.threads:
         torch.set_num_threads(a.threads)
     peaks = {"bf16": matmul_peak(torch.bfloat16, seconds=a.peak_seconds),
              "fp32": matmul_peak(torch.float32, seconds=a.peak_seconds)}
     native = "native" if cpu_supports_bf16() else "emulated: no AVX512-BF16/AMX, --amp auto picks fp32"
     print(f"threads {torch.get_num_threads()}; matmul peak bf16 {peaks['bf16']:.0f} GFLOP/s ({native}), "
-          f"fp32 {peaks['fp32']:.0f} GFLOP/s")
+          f"fp32 {peaks['fp32']:.0f} GFLOP/s; memory: {memory}")
     print(f"{'model':14s} {'mode':7s} {'batch':>5s} {'amp':5s} {'path':10s} {'img/s':>7s} {'GFLOP/img':>9s} "
-          f"{'GFLOP/s':>8s} {'of peak':>7s} {'vs eager':>8s}")
+          f"{'GFLOP/s':>8s} {'of peak':>7s} {'vs eager':>8s} {'faults/step':>11s} {'sys s/step':>10s}")
     for name in a.model:
         for batch in a.batch_size:
             for amp in a.amp:
@@ -131,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
                 for r in results:
                     print(f"{r['model']:14s} {r['mode']:7s} {batch:5d} {amp:5s} {r['path']:10s} "
                           f"{r['img_s']:7.2f} {r['gflop_img']:9.2f} {r['gflop_s']:8.1f} "
-                          f"{r['gflop_s'] / peaks[amp]:7.2f} {r['img_s'] / base:8.2f}", flush=True)
+                          f"{r['gflop_s'] / peaks[amp]:7.2f} {r['img_s'] / base:8.2f} "
+                          f"{r['faults']:11.0f} {r['sys_s']:10.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from bench_pretrain import DTYPES, count_flops  # noqa: E402  (same folder)
 from engine_finetune import make_finetune_step  # noqa: E402
 from models_vit import VIT_CONFIGS, build_vit  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
-from util.misc import time_round_robin  # noqa: E402
+from util.misc import time_round_robin, tune_cpu_memory  # noqa: E402
 from util.pss import keep_count  # noqa: E402
 
 N_CLASSES = 19
@@ -79,12 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per rho")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per rho first")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--cpu_memory", default="tuned", choices=("tuned", "system"),
+                   help="allocator setting, as in training (util.misc.tune_cpu_memory)")
     a = p.parse_args(argv)
+    memory = tune_cpu_memory(a.cpu_memory)
     if a.threads:
         torch.set_num_threads(a.threads)
     rhos = sorted(set(a.rho) | {1.0}, reverse=True)  # rho = 1 is the reference of the ratio
     print(f"threads {torch.get_num_threads()}; input {a.input_size} px, batch {a.batch_size}, "
-          f"{a.steps} timed steps per rho (median), rhos interleaved")
+          f"{a.steps} timed steps per rho (median), rhos interleaved; memory: {memory}")
     print(f"{'model':14s} {'amp':5s} {'rho':>5s} {'tokens':>6s} {'img/s':>8s} {'GFLOP/img':>9s} {'vs rho=1':>8s}")
     for name in a.model:
         for amp in a.amp:

@@ -28,6 +28,8 @@ def test_bench_pretrain_compares_eager_and_optimised_paths():
     for r in table:
         img_s, gflop_img, gflop_s, of_peak = map(float, r[5:9])
         assert img_s > 0 and gflop_img > 0 and gflop_s > 0 and of_peak > 0
+        faults, sys_s = float(r[10]), float(r[11])  # page faults and kernel seconds per timed step
+        assert faults >= 0 and sys_s >= 0
     # Both paths do the same work: identical FLOP counts per image.
     assert table[0][6] == table[1][6] and table[2][6] == table[3][6]
     assert float(table[0][9]) == 1.0

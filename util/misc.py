@@ -124,6 +124,41 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+# glibc mallopt() parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def tune_cpu_memory(mode: str = "tuned") -> str:
+    """Keep a CPU training step from page-faulting its activations in again at every step.
+
+    glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and gives
+    freed memory back to the kernel, so the large activations of a step (64 MB per MLP tensor of
+    ``mixmim_base`` at batch 32) are faulted in, 4 KB page by page, at every step: 0.1-0.4 million page
+    faults per step (see ``benchmarks/bench_pretrain.py``). ``tuned`` keeps freed memory in the process
+    (no ``mmap`` for tensors, the heap never trimmed) and backs tensors of 2 MB or more with transparent huge
+    pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``, where the kernel allows ``madvise``). Call it before the first
+    large tensor. The resident size stays near the step's peak instead of shrinking between steps.
+    ``system`` leaves the allocator alone. Returns what was applied, for the log.
+    """
+    if mode == "system":
+        return "system allocator"
+    if mode != "tuned":
+        raise ValueError(f"cpu memory mode {mode!r}: expected 'tuned' or 'system'")
+    applied = []
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if os.environ["THP_MEM_ALLOC_ENABLE"] == "1":
+        applied.append("huge pages for tensors >= 2 MB")
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1:  # -1: never trim
+            applied.append("freed memory kept (glibc: no mmap, no trim)")
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune there
+        pass
+    return ", ".join(applied) or "nothing to tune on this platform"
+
+
 def cpu_supports_bf16() -> bool:
     """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
     try:

@@ -15,7 +15,7 @@ import torch
 from sarwmix.constants import CHANNELS
 from sarwmix.errors import ConfigError
 from util.config import coerce, write_config
-from util.misc import DistInfo, JsonLines, init_distributed, resolve_amp, setup_logging
+from util.misc import DistInfo, JsonLines, init_distributed, resolve_amp, setup_logging, tune_cpu_memory
 
 log = logging.getLogger("sarwmix")
 
@@ -61,6 +61,8 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=2)
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--num_threads", type=int, default=0, help="torch CPU threads per process (0: torch default)")
+    g.add_argument("--cpu_memory", default="tuned", choices=("tuned", "system"),
+                   help="CPU runs: keep freed memory and use huge pages (tuned) or leave glibc's allocator alone")
     g.add_argument("--dist_on_itp", action="store_true", help="accepted for compatibility; launchers are detected")
     g.add_argument("--dist_url", default="env://")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
@@ -173,6 +175,7 @@ def start(args: argparse.Namespace, task: str) -> Run:
     info, device = init_distributed(args.device, args.dist_url)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    memory = tune_cpu_memory(args.cpu_memory) if device.type == "cpu" else "device memory"
     setup_logging(info.is_main)
     derive(args, info.world_size)
     torch.manual_seed(args.seed + info.rank)
@@ -184,8 +187,8 @@ def start(args: argparse.Namespace, task: str) -> Run:
         from torch.utils.tensorboard import SummaryWriter
 
         run.tb = SummaryWriter(log_dir=str(args.log_dir or out))
-    log.info("%s on %s x%d (%s launcher), amp=%s, output %s", task, device, info.world_size, info.launcher,
-             run.amp_dtype, out.resolve())
+    log.info("%s on %s x%d (%s launcher), amp=%s, %s, output %s", task, device, info.world_size,
+             info.launcher, run.amp_dtype, memory, out.resolve())
     return run
 
 
