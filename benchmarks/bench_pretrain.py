@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_pretrain import make_pretrain_step  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
-from util.misc import cpu_supports_bf16, time_round_robin, tune_cpu_memory  # noqa: E402
+from util.misc import CPU_MEMORY_MODES, cpu_supports_bf16, time_round_robin, tune_cpu_memory  # noqa: E402
+from util.trainer import adamw  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 
@@ -52,7 +53,7 @@ def build(name: str, mode: str, img: int, eager: bool, compile_model: bool):
             m.attn_impl = "math" if eager else "auto"
     groups = param_groups(model, 0.05)
     opt = (torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=False) if eager
-           else torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True))
+           else adamw(groups, 1e-4, (0.9, 0.95), torch.device("cpu")))  # the optimizer training uses
     runner = torch.compile(model) if compile_model else model
     return model, runner, opt
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="also run the plain eager path (manual softmax attention, for-loop AdamW)")
     p.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--cpu_memory", default="tuned", choices=("tuned", "system"),
+    p.add_argument("--cpu_memory", default="tuned", choices=CPU_MEMORY_MODES,
                    help="allocator setting of the training runs (util.misc.tune_cpu_memory)")
     p.add_argument("--peak_seconds", type=float, default=2.0, help="duration of each matmul-peak measurement")
     a = p.parse_args(argv)

@@ -24,8 +24,9 @@ from bench_pretrain import DTYPES, count_flops  # noqa: E402  (same folder)
 from engine_finetune import make_finetune_step  # noqa: E402
 from models_vit import VIT_CONFIGS, build_vit  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
-from util.misc import time_round_robin, tune_cpu_memory  # noqa: E402
+from util.misc import CPU_MEMORY_MODES, time_round_robin, tune_cpu_memory  # noqa: E402
 from util.pss import keep_count  # noqa: E402
+from util.trainer import adamw  # noqa: E402
 
 N_CLASSES = 19
 
@@ -35,10 +36,7 @@ def build(name: str, img: int, batch: int, seed: int = 0):
     torch.manual_seed(seed)
     model = build_vit(name, img_size=img, in_chans=2, num_classes=N_CLASSES, drop_path_rate=0.1)
     groups = param_groups(model, 0.05, model.layer_id, model.num_layers, 0.75)
-    try:
-        opt = torch.optim.AdamW(groups, lr=1e-4, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        opt = torch.optim.AdamW(groups, lr=1e-4, foreach=True)
+    opt = adamw(groups, 1e-4, (0.9, 0.999), torch.device("cpu"))  # what main_finetune.py uses
     x = -15 + 5 * torch.randn(batch, 2, img, img)
     y = (torch.rand(batch, N_CLASSES) < 0.2).float()
     return model, opt, (x, y)
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per rho")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per rho first")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--cpu_memory", default="tuned", choices=("tuned", "system"),
+    p.add_argument("--cpu_memory", default="tuned", choices=CPU_MEMORY_MODES,
                    help="allocator setting, as in training (util.misc.tune_cpu_memory)")
     a = p.parse_args(argv)
     memory = tune_cpu_memory(a.cpu_memory)

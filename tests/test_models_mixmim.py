@@ -200,11 +200,11 @@ def test_fused_adamw_matches_for_loop_adamw():
     Both get the same seeded gradients each step, so only the optimiser implementations are compared.
     """
     from util.lr_decay import param_groups
-    from util.trainer import _adamw
+    from util.trainer import adamw
 
     models = [tiny().train(), tiny().train()]
     opts = [torch.optim.AdamW(param_groups(models[0], 0.05), lr=1e-3, betas=(0.9, 0.95), foreach=False),
-            _adamw(param_groups(models[1], 0.05), 1e-3, (0.9, 0.95), torch.device("cpu"))]
+            adamw(param_groups(models[1], 0.05), 1e-3, (0.9, 0.95), torch.device("cpu"))]
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         grads = {n: torch.randn(p.shape, generator=gen) for n, p in models[0].named_parameters() if p.requires_grad}

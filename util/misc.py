@@ -126,6 +126,7 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
 
 # glibc mallopt() parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+CPU_MEMORY_MODES = ("tuned", "system")  # --cpu_memory of the entry points and benchmarks
 
 
 def tune_cpu_memory(mode: str = "tuned") -> str:
@@ -133,7 +134,7 @@ def tune_cpu_memory(mode: str = "tuned") -> str:
 
     glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and gives
     freed memory back to the kernel, so the large activations of a step (64 MB per MLP tensor of
-    ``mixmim_base`` at batch 32) are faulted in, 4 KB page by page, at every step: 0.1-0.4 million page
+    ``mixmim_base`` at batch 32) are faulted in, 4 KB page by page, at every step: 0.14-0.53 million page
     faults per step (see ``benchmarks/bench_pretrain.py``). ``tuned`` keeps freed memory in the process
     (no ``mmap`` for tensors, the heap never trimmed) and backs tensors of 2 MB or more with transparent huge
     pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``, where the kernel allows ``madvise``). Call it before the first
@@ -142,8 +143,8 @@ def tune_cpu_memory(mode: str = "tuned") -> str:
     """
     if mode == "system":
         return "system allocator"
-    if mode != "tuned":
-        raise ValueError(f"cpu memory mode {mode!r}: expected 'tuned' or 'system'")
+    if mode not in CPU_MEMORY_MODES:
+        raise ValueError(f"cpu memory mode {mode!r}: expected {' or '.join(map(repr, CPU_MEMORY_MODES))}")
     applied = []
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if os.environ["THP_MEM_ALLOC_ENABLE"] == "1":

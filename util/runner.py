@@ -15,7 +15,15 @@ import torch
 from sarwmix.constants import CHANNELS
 from sarwmix.errors import ConfigError
 from util.config import coerce, write_config
-from util.misc import DistInfo, JsonLines, init_distributed, resolve_amp, setup_logging, tune_cpu_memory
+from util.misc import (
+    CPU_MEMORY_MODES,
+    DistInfo,
+    JsonLines,
+    init_distributed,
+    resolve_amp,
+    setup_logging,
+    tune_cpu_memory,
+)
 
 log = logging.getLogger("sarwmix")
 
@@ -61,7 +69,7 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=2)
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--num_threads", type=int, default=0, help="torch CPU threads per process (0: torch default)")
-    g.add_argument("--cpu_memory", default="tuned", choices=("tuned", "system"),
+    g.add_argument("--cpu_memory", default="tuned", choices=CPU_MEMORY_MODES,
                    help="CPU runs: keep freed memory and use huge pages (tuned) or leave glibc's allocator alone")
     g.add_argument("--dist_on_itp", action="store_true", help="accepted for compatibility; launchers are detected")
     g.add_argument("--dist_url", default="env://")

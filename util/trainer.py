@@ -62,7 +62,7 @@ class Trainer:
                                          args.accum_iter, args.seed)
         self.loader = _loader(dataset, self.sampler, args, run)
         groups = groups if groups is not None else param_groups(model, args.weight_decay)
-        self.optimizer = _adamw(groups, args.lr, betas, run.device)
+        self.optimizer = adamw(groups, args.lr, betas, run.device)
         fp16_cuda = run.amp_dtype == torch.float16 and run.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
         self.start_epoch, self.best = args.start_epoch, float("-inf")
@@ -188,7 +188,7 @@ def _loader(dataset, sampler, args: argparse.Namespace, run: Run) -> DataLoader:
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
-def _adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device):
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device):
     """AdamW, fused where the build supports it on this device, else the multi-tensor (foreach) path."""
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
