@@ -7,6 +7,9 @@ A step is what training does: weight map from raw dB, forward with the map, back
 counted by ``torch.utils.flop_counter`` on one step (matmuls, convolutions, attention), so GFLOP/s is
 model work per second. The bf16 and fp32 matmul peaks are measured in the same run, so the result reads as
 a fraction of peak and ratios are comparable whatever else the machine is doing.
+``--breakdown`` then times every ATen op of one more optimised step (forward, backward, optimiser) and
+prints where the time goes, with the fraction of peak the step would reach if only its matrix products
+took time: the ceiling that removing all other work (fusion) could give on this machine.
 The page faults and kernel time per timed step show what the allocator costs (``--cpu_memory system``
 leaves glibc's defaults, ``tuned`` is what training uses: ``util.misc.tune_cpu_memory``); the peaks are
 measured under the same setting, since huge pages raise them too.
@@ -17,9 +20,11 @@ import argparse
 import resource
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,18 +34,34 @@ from util.misc import CPU_MEMORY_MODES, cpu_supports_bf16, time_round_robin, tun
 from util.trainer import adamw  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
+# The ATen ops that do the counted FLOPs (what torch.utils.flop_counter counts).
+PRODUCT_OPS = frozenset({
+    "mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+})
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
-    """GFLOP/s of repeated n x n matmuls in ``dtype`` (the practical peak of this CPU)."""
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0, window: float = 0.25) -> float:
+    """GFLOP/s of repeated n x n matmuls in ``dtype``: the best of ``seconds / window`` windows.
+
+    The best window, not the mean: on a shared machine a neighbour's burst lowers some windows, and a peak
+    measured low would flatter every fraction of it (single 2 s windows ranged 290-345 GFLOP/s on the
+    development VM; the best of 8 varies far less).
+    """
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    best = 0.0
+    for _ in range(max(1, round(seconds / window))):
+        reps, t0 = 0, time.perf_counter()
+        while reps == 0 or time.perf_counter() - t0 < window:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def build(name: str, mode: str, img: int, eager: bool, compile_model: bool):
@@ -78,12 +99,66 @@ def count_flops(run) -> float:
     return float(counter.get_total_flops())
 
 
+class _OpTimer(TorchDispatchMode):
+    """Seconds and calls of every ATen op run under it, by op name (``self.times[name] = [s, calls]``).
+
+    A dispatch mode sits below autograd, so it sees the backward kernels and the optimiser's too; on a CPU
+    every op is synchronous, so its wall time is its cost.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: dict[str, list] = defaultdict(lambda: [0.0, 0])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        entry = self.times[func.overloadpacket.__name__]
+        entry[0] += time.perf_counter() - t0
+        entry[1] += 1
+        return out
+
+
+def op_breakdown(run, flops: float, peak: float, top: int = 10) -> list[str]:
+    """Lines saying where one step's time goes: matrix products, the ``top`` costliest other ops, the rest.
+
+    The timer adds a few microseconds per op; that lands in "outside ATen ops" with the time of Python and
+    of the autograd engine. The last line gives the fraction of ``peak`` the step would reach if everything
+    but its matrix products took no time.
+    """
+    timer = _OpTimer()
+    with timer:
+        t0 = time.perf_counter()
+        run()
+        wall = time.perf_counter() - t0
+    products = sum(t for name, (t, _) in timer.times.items() if name in PRODUCT_OPS)
+    others = sorted(((t, n, name) for name, (t, n) in timer.times.items() if name not in PRODUCT_OPS),
+                    reverse=True)
+    in_ops = sum(t for t, _ in timer.times.values())
+
+    def line(label: str, seconds: float, extra: str = "") -> str:
+        return f"  {label:52s} {seconds:7.3f} s {100 * seconds / wall:5.1f}%  {extra}".rstrip()
+
+    rate = flops / products / 1e9
+    lines = [f"where the optimised step's time goes (one step, every ATen op timed, {wall:.2f} s):",
+             line("matrix products (mm, addmm, bmm, attention, conv)", products,
+                  f"{rate:.0f} GFLOP/s, {rate / peak:.2f} of peak")]
+    lines += [line(f"{name} x{n}", t) for t, n, name in others[:top]]
+    rest = others[top:]
+    lines.append(line(f"other ATen ops ({len(rest)} kinds)", sum(t for t, _, _ in rest)))
+    lines.append(line("outside ATen ops (Python, autograd engine, timer)", wall - in_ops))
+    lines.append(f"  this step: {flops / wall / 1e9 / peak:.2f} of peak; "
+                 f"if only its matrix products took time: {rate / peak:.2f}")
+    return lines
+
+
 def measure(name: str, mode: str, batch: int, img: int, amp: str, paths: list[str], compile_model: bool,
-            steps: int, warmup: int) -> list[dict]:
+            steps: int, warmup: int) -> tuple[list[dict], object, float]:
     """img/s and GFLOP/s of each path ("eager", "optimised") from the same weights and batch.
 
     The paths are timed round-robin (eager step, optimised step, eager step, ...) and the median step time of
     each is kept, so a change of load on the machine hits both alike and their ratio is meaningful.
+    Also returns the last path's uncompiled step and its FLOPs, for ``op_breakdown``.
     """
     runs, flops = {}, {}
     for path in paths:
@@ -92,7 +167,8 @@ def measure(name: str, mode: str, batch: int, img: int, amp: str, paths: list[st
         chans = model.in_chans
         x = -15 + 5 * torch.randn(batch, chans, img, img, generator=torch.Generator().manual_seed(1))
         step = make_pretrain_step(torch.device("cpu"), [-19.2] * chans, [3.2] * chans)
-        flops[path] = count_flops(step_fn(model, opt, (x, None), DTYPES[amp], step))
+        plain = step_fn(model, opt, (x, None), DTYPES[amp], step)
+        flops[path] = count_flops(plain)
         runs[path] = step_fn(runner, opt, (x, None), DTYPES[amp], step)
     for _ in range(warmup):
         for run in runs.values():
@@ -108,7 +184,7 @@ def measure(name: str, mode: str, batch: int, img: int, amp: str, paths: list[st
         out.append({"model": name, "mode": mode, "batch": batch, "amp": amp, "path": path, "img_s": batch / dt,
                     "gflop_img": flops[path] / batch / 1e9, "gflop_s": flops[path] / dt / 1e9,
                     "faults": faults, "sys_s": (after.ru_stime - before.ru_stime) / n_steps})
-    return out
+    return out, plain, flops[paths[-1]]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compare-eager", dest="compare_eager", action="store_true",
                    help="also run the plain eager path (manual softmax attention, for-loop AdamW)")
     p.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
+    p.add_argument("--breakdown", action="store_true",
+                   help="after each setting, time every ATen op of one optimised step (uncompiled) and print "
+                        "where the time goes")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--cpu_memory", default="tuned", choices=CPU_MEMORY_MODES,
                    help="allocator setting of the training runs (util.misc.tune_cpu_memory)")
@@ -142,13 +221,16 @@ def main(argv: list[str] | None = None) -> None:
         for batch in a.batch_size:
             for amp in a.amp:
                 paths = ["eager", "optimised"] if a.compare_eager else ["optimised"]
-                results = measure(name, a.mode, batch, a.input_size, amp, paths, a.compile, a.steps, a.warmup)
+                results, plain, flops = measure(name, a.mode, batch, a.input_size, amp, paths, a.compile,
+                                                a.steps, a.warmup)
                 base = results[0]["img_s"]
                 for r in results:
                     print(f"{r['model']:14s} {r['mode']:7s} {batch:5d} {amp:5s} {r['path']:10s} "
                           f"{r['img_s']:7.2f} {r['gflop_img']:9.2f} {r['gflop_s']:8.1f} "
                           f"{r['gflop_s'] / peaks[amp]:7.2f} {r['img_s'] / base:8.2f} "
                           f"{r['faults']:11.0f} {r['sys_s']:10.2f}", flush=True)
+                if a.breakdown:
+                    print("\n".join(op_breakdown(plain, flops, peaks[amp])), flush=True)
 
 
 if __name__ == "__main__":

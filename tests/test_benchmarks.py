@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,11 +37,32 @@ def test_bench_pretrain_compares_eager_and_optimised_paths():
     assert float(table[0][9]) == 1.0
 
 
-def test_bench_pretrain_simmim_mode():
+def test_bench_pretrain_simmim_mode_with_breakdown():
     rows = run("bench_pretrain.py", "--model", "mixmim_tiny", "--mode", "simmim", "--input_size", "64",
-               "--batch_size", "2", "--amp", "fp32", "--steps", "1", "--warmup", "0", "--peak_seconds", "0.2")
+               "--batch_size", "2", "--amp", "fp32", "--steps", "1", "--warmup", "0", "--peak_seconds", "0.2",
+               "--breakdown")
     table = [r for r in rows if r and r[0] == "mixmim_tiny"]
     assert len(table) == 1 and table[0][1] == "simmim" and float(table[0][5]) > 0
+    # The breakdown: one line per part of the step, their shares adding up to the whole step.
+    start = next(i for i, r in enumerate(rows) if r[:2] == ["where", "the"])
+    parts = rows[start + 1:-1]
+    assert parts[0][:2] == ["matrix", "products"] and parts[-1][:3] == ["outside", "ATen", "ops"]
+    assert any(r[0] == "_fused_adamw_" or r[0].startswith("_foreach") for r in parts), parts
+    shares = [float(r[r.index("s") + 1].rstrip("%")) for r in parts]
+    assert abs(sum(shares) - 100) < 1.5, shares
+    assert rows[-1][:2] == ["this", "step:"]
+
+
+def test_op_breakdown_counts_products_apart_from_other_ops():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_pretrain import op_breakdown
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    lines = op_breakdown(lambda: (a @ b + a).relu(), flops=2 * 256**3, peak=1.0, top=5)
+    names = [line.split()[0] for line in lines[2:-3]]
+    assert lines[1].split()[:2] == ["matrix", "products"]
+    assert "mm" not in names and {"add", "relu"} <= set(names), lines
+    assert "other ATen ops (0 kinds)" in lines[-3] and "outside ATen ops" in lines[-2]
 
 
 def test_bench_pss_reports_each_rho():
