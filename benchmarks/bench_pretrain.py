@@ -12,7 +12,7 @@ prints where the time goes, with the fraction of peak the step would reach if on
 took time: the ceiling that removing all other work (fusion) could give on this machine.
 The page faults and kernel time per timed step show what the allocator costs (``--cpu_memory system``
 leaves glibc's defaults, ``tuned`` is what training uses: ``util.misc.tune_cpu_memory``); the peaks are
-measured under the same setting, since huge pages raise them too.
+measured under the same setting.
 """
 from __future__ import annotations
 
