@@ -140,7 +140,7 @@ def op_breakdown(run, flops: float, peak: float, top: int = 10) -> list[str]:
         return f"  {label:52s} {seconds:7.3f} s {100 * seconds / wall:5.1f}%  {extra}".rstrip()
 
     rate = flops / products / 1e9
-    lines = [f"where the optimised step's time goes (one step, every ATen op timed, {wall:.2f} s):",
+    lines = [f"where the optimised step's time goes (one uncompiled step, every ATen op timed, {wall:.2f} s):",
              line("matrix products (mm, addmm, bmm, attention, conv)", products,
                   f"{rate:.0f} GFLOP/s, {rate / peak:.2f} of peak")]
     lines += [line(f"{name} x{n}", t) for t, n, name in others[:top]]
