@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,16 +35,6 @@ from util.misc import CPU_MEMORY_MODES, cpu_supports_bf16, time_round_robin, tun
 from util.trainer import adamw  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
-# The ATen ops that do the counted FLOPs (what torch.utils.flop_counter counts).
-PRODUCT_OPS = frozenset({
-    "mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward",
-    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
-})
-
-
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0, window: float = 0.25) -> float:
     """GFLOP/s of repeated n x n matmuls in ``dtype``: the best of ``seconds / window`` windows.
 
@@ -91,8 +82,6 @@ def step_fn(runner, opt, batch, amp: torch.dtype | None, step):
 
 
 def count_flops(run) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         run()
@@ -131,9 +120,10 @@ def op_breakdown(run, flops: float, peak: float, top: int = 10) -> list[str]:
         t0 = time.perf_counter()
         run()
         wall = time.perf_counter() - t0
-    products = sum(t for name, (t, _) in timer.times.items() if name in PRODUCT_OPS)
-    others = sorted(((t, n, name) for name, (t, n) in timer.times.items() if name not in PRODUCT_OPS),
-                    reverse=True)
+    # The "products" are the ops whose FLOPs count_flops counts, so their rate divides like by like.
+    counted = {op.__name__ for op in FlopCounterMode(display=False).flop_registry}
+    products = sum(t for name, (t, _) in timer.times.items() if name in counted)
+    others = sorted(((t, n, name) for name, (t, n) in timer.times.items() if name not in counted), reverse=True)
     in_ops = sum(t for t, _ in timer.times.values())
 
     def line(label: str, seconds: float, extra: str = "") -> str:
