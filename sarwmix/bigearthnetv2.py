@@ -4,7 +4,7 @@
   names), ``split`` (``train | validation | test``), ``country``, ``s1_name``, ``s2v1_name``,
   ``contains_seasonal_snow``, ``contains_cloud_or_shadow``. The flagged patches are in
   ``metadata_for_patches_with_snow_cloud_or_shadow.parquet``, read only with ``include_snow_cloud``.
-  A CSV export with the same columns (labels as Python-list strings) is accepted too.
+  A CSV export with the same columns (labels as Python-list or numpy-array strings) is accepted too.
 - Folder layout: ``BigEarthNet-S1/<first 5 "_"-tokens of s1_name>/<s1_name>/<s1_name>_{VV,VH}.tif``.
 - LMDB of the reference tooling (rico-hdl): key = S1 name (bytes), value = safetensors-serialised dict
   ``{"VH": float32 (120, 120), "VV": float32 (120, 120)}``. Values are decoded with
@@ -15,9 +15,9 @@ The index of the 480,038-row parquet is built with vectorised pandas operations 
 """
 from __future__ import annotations
 
-import ast
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ SNOW_CLOUD_FILE = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
 METADATA_COLUMNS = ("patch_id", "labels", "split", "country", "s1_name", "s2v1_name",
                     "contains_seasonal_snow", "contains_cloud_or_shadow")
 V2_SPLITS = ("train", "validation", "test")
+_LABEL_QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")  # one quoted class name of a labels cell
 _LMDB_ENVS: dict[tuple[int, str], object] = {}  # (pid, path) -> open lmdb.Environment
 # Any 19-class name, or a 43-class name with a 19-class counterpart, -> 19-class index; -1: no counterpart.
 _CODE_19 = {name: i for i, name in enumerate(BEN_19_CLASSES)} | {
@@ -72,14 +73,16 @@ def load_metadata(path: str | Path) -> pd.DataFrame:
 
 
 def _parse_label_list(text: object, path: Path) -> list[str]:
-    """``"['Pastures', 'Mixed forest']"`` -> list; literal_eval, never eval."""
-    try:
-        value = ast.literal_eval(text) if isinstance(text, str) else None
-    except (ValueError, SyntaxError):
-        value = None
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise DataError(f"{path}: labels cell {text!r} is not a Python list of class names")
-    return list(value)
+    """``"['Pastures', 'Mixed forest']"`` or ``"['Pastures' 'Mixed forest']"`` -> list; never eval.
+
+    The second form (no commas, possibly wrapped over lines) is the numpy array repr that
+    ``pd.read_parquet(...).to_csv(...)`` writes for the parquet's list column; ``literal_eval`` would
+    silently join its adjacent strings into one name.
+    """
+    body = text.strip() if isinstance(text, str) else ""
+    if body[:1] == "[" and body[-1:] == "]" and not _LABEL_QUOTED.sub("", body[1:-1]).strip(" ,\n\r\t"):
+        return [single or double for single, double in _LABEL_QUOTED.findall(body[1:-1])]
+    raise DataError(f"{path}: labels cell {text!r} is not a Python list of class names")
 
 
 def targets_from_labels(labels: pd.Series, where: str) -> np.ndarray:
@@ -218,13 +221,15 @@ def decode_lmdb_value(value: bytes, where: str) -> np.ndarray:
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
-    if value[:1] == b"\x80":
-        raise DataError(f"{where}: the value is a Python pickle (the BigEarthNet v1 LMDB variant); refusing "
-                        "to unpickle it because unpickling can run arbitrary code. Expected a safetensors "
-                        "dict of bands (rico-hdl format); rebuild the LMDB or use the GeoTIFF folders.")
     try:
         bands = load(bytes(value))
     except SafetensorError as err:
+        # Checked only after safetensors failed: a valid safetensors header length can start with 0x80 too.
+        if value[:1] == b"\x80":
+            raise DataError(f"{where}: the value is a Python pickle (the BigEarthNet v1 LMDB variant); "
+                            "refusing to unpickle it because unpickling can run arbitrary code. Expected a "
+                            "safetensors dict of bands (rico-hdl format); rebuild the LMDB or use the GeoTIFF "
+                            "folders.") from err
         raise DataError(f"{where}: not a safetensors value ({err})") from err
     missing = [band for band in CHANNELS if band not in bands]
     if missing:
@@ -257,6 +262,10 @@ class BenV2Lmdb(_BenV2Base):
 
         key = (os.getpid(), str(self.lmdb_path.resolve()))
         if key not in _LMDB_ENVS:
+            # A forked DataLoader worker inherits the parent's environment: unusable here, and py-lmdb
+            # refuses to open the same files again while it is open. Closing it affects this process only.
+            for stale in [k for k in _LMDB_ENVS if k[1] == key[1]]:
+                _LMDB_ENVS.pop(stale).close()
             try:
                 _LMDB_ENVS[key] = lmdb.open(key[1], readonly=True, lock=False, readahead=False,
                                             meminit=False, max_readers=512)

@@ -33,12 +33,15 @@ def validate_band(band: np.ndarray, where: str, expected_shape: tuple[int, int] 
         float32 array (H, W).
 
     Raises:
-        DataError: wrong number of dimensions, wrong shape or non-finite pixels.
+        DataError: wrong number of dimensions, wrong shape, non-float pixels or non-finite pixels.
     """
     if band.ndim != 2:
         raise DataError(f"{where}: expected a 2-D band, got an array of shape {band.shape}")
     if expected_shape is not None and band.shape != tuple(expected_shape):
         raise DataError(f"{where}: expected shape {tuple(expected_shape)}, got {band.shape}")
+    if not np.issubdtype(band.dtype, np.floating):
+        # Integer pixels are not dB backscatter (e.g. a Sentinel-2 band or a scaled export): refuse, not cast.
+        raise DataError(f"{where}: pixels are {band.dtype}; expected float32 dB backscatter")
     band = band.astype(np.float32, copy=False)
     if check_finite:
         finite = np.isfinite(band)
@@ -61,7 +64,7 @@ def read_band(path: str | Path, expected_shape: tuple[int, int] | None = (PATCH_
 
     Raises:
         DataError: missing, unreadable, truncated or non-GeoTIFF file, band count other than 1, wrong
-            shape, or non-finite pixels.
+            shape, non-float or non-finite pixels.
     """
     path = Path(path)
     if not path.is_file():

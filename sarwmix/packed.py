@@ -62,6 +62,20 @@ def _read_meta(root: Path) -> dict:
     return meta
 
 
+def _read_index(root: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read and cross-check ``index.parquet`` (name, split) and ``targets.npy`` (N, label_set)."""
+    try:
+        index = pd.read_parquet(root / "index.parquet", columns=["name", "split"])
+        targets = np.load(root / "targets.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{root}: missing or unreadable index.parquet / targets.npy ({err}); "
+                        "re-run the conversion") from err
+    if targets.ndim != 2 or len(targets) != len(index):
+        raise DataError(f"{root}: targets.npy has shape {targets.shape}; expected ({len(index)}, label_set), "
+                        "one row per row of index.parquet")
+    return index, targets
+
+
 class PackedDataset(PatchDataset):
     """Reader of the packed format (see the module docstring).
 
@@ -79,13 +93,13 @@ class PackedDataset(PatchDataset):
         super().__init__(input_size=input_size, channels=channels, stats_name=self.meta["stats"],
                          label_set=label_set, skip_bad=skip_bad)
         split = "val" if split == "validation" else split
-        index = pd.read_parquet(self.root / "index.parquet")
+        index, targets = _read_index(self.root)
         self.rows = np.flatnonzero(index["split"].to_numpy() == split)
         if len(self.rows) == 0:
             raise DataError(f"{self.root}: split {split!r} is empty (splits present: "
                             f"{sorted(index['split'].unique())})")
         self.names = index["name"].to_numpy()[self.rows].tolist()
-        self.targets = self._targets(np.load(self.root / "targets.npy", mmap_mode="r")[self.rows])
+        self.targets = self._targets(targets[self.rows])
         self._shards: tuple[int, list[np.ndarray]] | None = None
 
     def _targets(self, stored: np.ndarray) -> np.ndarray:

@@ -59,7 +59,8 @@ def dataset_stats(dataset: torch.utils.data.Dataset, max_samples: int | None = N
 
     Args:
         dataset: yields (sar_db (C, H, W), target), e.g. from ``util.datasets.build_dataset``.
-        max_samples: use only the first ``max_samples`` items.
+        max_samples: use only ``max_samples`` items, evenly spaced over the data set (readers sort by
+            patch name, so the first items would all come from a few acquisitions).
         num_workers: DataLoader worker processes.
         batch_size: items per batch.
 
@@ -69,7 +70,7 @@ def dataset_stats(dataset: torch.utils.data.Dataset, max_samples: int | None = N
         convention of the released BENv1 statistics).
     """
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
-    subset = torch.utils.data.Subset(dataset, range(n))
+    subset = torch.utils.data.Subset(dataset, [i * len(dataset) // n for i in range(n)])
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
     total = total_sq = within = None
     pixels = 0

@@ -22,6 +22,7 @@ from sarwmix.bigearthnetv1 import (
 )
 from sarwmix.constants import BEN_43_CLASSES, BEN_43_TO_19
 from sarwmix.errors import ConfigError, DataError
+from sarwmix.geotiff import write_band
 from sarwmix.synthetic import generate_patch, patch_records, write_benv1
 from tests._bigearthnet_helpers import (
     copy_tree,
@@ -149,6 +150,8 @@ def test_empty_split_list(copy: Path) -> None:
     (lambda f: write_wrong_shape(f["VV"]), r"expected shape \(120, 120\), got \(100, 100\)"),
     (lambda f: write_two_bands(f["VH"]), "_VH.tif: has 2 bands, expected 1"),
     (lambda f: poke_nan(f["VV"]), "_VV.tif: 1 NaN/Inf pixels"),
+    (lambda f: write_band(f["VV"], np.full((120, 120), 1200, np.uint16)), "_VV.tif: pixels are uint16; "
+     "expected float32 dB"),
     (lambda f: f["json"].unlink(), "labels_metadata.json: labels JSON not found"),
     (lambda f: set_json(f["json"], labels=None), "labels_metadata.json: expected a JSON object with a list"),
     (lambda f: f["json"].write_text("{not json"), "labels_metadata.json: not a readable JSON"),

@@ -89,6 +89,18 @@ def test_csv_export_gives_the_same_index(folder: Path, tmp_path: Path) -> None:
         load_metadata(tmp_path / "evil.csv")
 
 
+def test_csv_written_by_pandas_from_the_parquet_is_accepted(folder: Path, tmp_path: Path) -> None:
+    # read_parquet gives numpy arrays; to_csv writes them as "['a' 'b'\n 'c']" (no commas, wrapped).
+    meta = pd.read_parquet(folder / "metadata.parquet")
+    meta.loc[0, "labels"] = np.array(["Beaches, dunes, sands", "Inland waters", "Arable land", "Pastures",
+                                      "Natural grassland and sparsely vegetated areas"], dtype=object)
+    meta.to_parquet(tmp_path / "metadata.parquet")
+    pd.read_parquet(tmp_path / "metadata.parquet").to_csv(tmp_path / "metadata.csv", index=False)
+    from_csv = load_metadata(tmp_path / "metadata.csv")
+    assert "' '" in (tmp_path / "metadata.csv").read_text(), "the numpy repr this test is about"
+    assert [list(labels) for labels in from_csv["labels"]] == [list(labels) for labels in meta["labels"]]
+
+
 def test_vectorised_targets_match_the_per_row_mapping() -> None:
     labels = pd.Series([["Marine waters", "Coniferous forest"], [], ["Urban fabric"],
                         np.array(["Arable land", "Pastures"])])
@@ -129,6 +141,19 @@ def test_bad_metadata(folder: Path, tmp_path: Path) -> None:
         BenV2Folder(folder, "test", label_set=43)
 
 
+def test_lmdb_reader_in_forked_dataloader_workers(lmdb_root: Path) -> None:
+    # The index is built (and an item read) in this process, so its environment is open when workers fork.
+    import torch
+
+    store = BenV2Lmdb(lmdb_root, "train", input_size=120)
+    first = store[0][0]
+    loader = torch.utils.data.DataLoader(store, batch_size=2, num_workers=2, multiprocessing_context="fork")
+    batches = [x for x, _ in loader]
+    assert sum(len(x) for x in batches) == len(store)
+    np.testing.assert_array_equal(batches[0][0].numpy(), first.numpy())
+    np.testing.assert_array_equal(store[0][0].numpy(), first.numpy())  # still readable here afterwards
+
+
 def _lmdb_with(path: Path, key: str, value: bytes) -> None:
     env = lmdb.open(str(path), map_size=2**24)
     with env.begin(write=True) as txn:
@@ -164,6 +189,15 @@ def test_lmdb_value_checks() -> None:
     nan[0, 1, 1] = np.nan
     with pytest.raises(DataError, match="k/VH: 1 NaN/Inf"):
         decode_lmdb_value(encode_lmdb_value(nan), "k")
+
+
+def test_lmdb_value_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle() -> None:
+    from safetensors.numpy import save
+
+    sar_db = generate_patch(2)[0]
+    bands = {"VH": sar_db[0], "VV": sar_db[1]}
+    value = next(v for pad in range(256) if (v := save(bands, metadata={"pad": "x" * pad}))[:1] == b"\x80")
+    np.testing.assert_array_equal(decode_lmdb_value(value, "k"), sar_db)
 
 
 REAL_BENV2 = REAL_S1 / "rico_hdl_benv2"

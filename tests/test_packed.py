@@ -91,6 +91,21 @@ def test_bad_packed_folders(sources: dict[str, Path], tmp_path: Path) -> None:
         PackedDataset(out, "train")
 
 
+def test_missing_or_inconsistent_index_files(tmp_path: Path) -> None:
+    out = convert_synthetic(tmp_path / "p", N, SEED)
+    targets = np.load(out / "targets.npy")
+    np.save(out / "targets.npy", targets[:-1])
+    with pytest.raises(DataError, match=r"targets.npy has shape .* one row per row of index.parquet"):
+        PackedDataset(out, "train")
+    (out / "targets.npy").write_bytes(b"not numpy")
+    with pytest.raises(DataError, match="unreadable index.parquet / targets.npy"):
+        PackedDataset(out, "train")
+    np.save(out / "targets.npy", targets)
+    (out / "index.parquet").unlink()
+    with pytest.raises(DataError, match="missing or unreadable index.parquet"):
+        PackedDataset(out, "train")
+
+
 def test_workers_reopen_the_memory_maps(tmp_path: Path) -> None:
     data = PackedDataset(convert_synthetic(tmp_path / "p", N, SEED), "train")
     data[0]  # maps opened in this process must not be shipped to the workers

@@ -44,6 +44,9 @@ def test_global_and_within_patch_conventions_differ_as_expected() -> None:
     assert stats["std_global"] == pytest.approx([5, 5])
     assert stats["std_within"] == pytest.approx([0, 0], abs=1e-9)
     assert dataset_stats(_Fixed(x), max_samples=1)["mean"] == pytest.approx([-10, -10])
+    # A subset is spread over the data set (sorted by name: the head is a few acquisitions only).
+    ramp = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 2, 4, 4) - 20
+    assert dataset_stats(_Fixed(ramp), max_samples=4)["mean"] == pytest.approx([-17, -17])
 
 
 def test_command_line_json_and_errors(capsys: pytest.CaptureFixture) -> None:
