@@ -119,3 +119,9 @@ def test_sen12flood_is_delegated(tmp_path: Path) -> None:
     pytest.importorskip("sarwmix.sen12flood_loader")
     with pytest.raises((ConfigError, DataError, FileNotFoundError)):
         build_dataset("sen12flood", data_path=str(tmp_path / "absent"), split="train", input_size=128)
+
+
+def test_sen12flood_refuses_a_channel_subset(tmp_path: Path) -> None:
+    """The pair files hold VH and VV of both dates: a subset would give the model the wrong in_chans."""
+    with pytest.raises(ConfigError, match=r"sen12flood.*\('VV',\)"):
+        build_dataset("sen12flood", data_path=str(tmp_path), split="train", input_size=512, channels=("VV",))

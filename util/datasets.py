@@ -158,6 +158,8 @@ def build_dataset(name: str, *, data_path: str | None, split: str, input_size: i
     if name == "sen12flood":
         from sarwmix.sen12flood_loader import Sen12FloodPairs
 
+        if tuple(channels) != CHANNELS:  # the pair files hold both polarisations of both dates
+            raise ConfigError(f"dataset 'sen12flood' has channels {CHANNELS}; got {tuple(channels)}")
         return Sen12FloodPairs(root=data_path, split=split)
     common = {"input_size": input_size, "channels": tuple(channels), "skip_bad": skip_bad,
               "label_set": label_set}
