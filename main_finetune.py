@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import engine_finetune as E
-from models_mixmim import ENCODER_CONFIGS, check_input_size
+from models_mixmim import ENCODER_CONFIGS, check_input_size, encoder_kwargs, valid_input_sizes
 from models_mixmim_ft import build_mixmim_ft
 from models_sen12_ft import PATCH_OPS, build_sen12_ft
 from models_vit import VIT_CONFIGS, build_vit
@@ -43,6 +43,7 @@ from util.trainer import Trainer
 
 log = logging.getLogger("sarwmix")
 DEFAULT_METRIC = {"ben": "mAP_macro", "sen12flood": "f1"}
+SWIN_WINDOWS: tuple[int, ...] = tuple(encoder_kwargs("mixmim_base")["window_size"])  # every mixmim_* size
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -97,7 +98,9 @@ def resolve_task(args: argparse.Namespace) -> None:
     if args.input_size is None:  # SEN12-FLOOD: side of the pair images (512, released); BEN: patch side
         args.input_size = 512 if task == "sen12flood" else 128
     if task == "sen12flood":
-        check_input_size(args.tile_size, (8, 8, 8, 4))
+        if args.tile_size not in valid_input_sizes(SWIN_WINDOWS, max(args.tile_size, 32)):
+            raise ConfigError(f"--tile_size {args.tile_size} does not fit the Swin windows {list(SWIN_WINDOWS)}; "
+                              f"valid tile sizes: {valid_input_sizes(SWIN_WINDOWS, 512)}")
         if args.input_size % args.tile_size:
             raise ConfigError(f"--input_size {args.input_size} is not a multiple of --tile_size {args.tile_size}")
     valid = BEN_METRICS if task == "ben" else SEN12_METRICS
@@ -110,6 +113,10 @@ def resolve_task(args: argparse.Namespace) -> None:
         raise ConfigError("--eval needs the finetuned checkpoint as --resume PATH")
     if not 0.0 < args.val_fraction < 1.0:
         raise ConfigError(f"--val_fraction {args.val_fraction}: expected 0 < fraction < 1")
+    if not 0.0 <= args.drop_path < 1.0:
+        raise ConfigError(f"--drop_path {args.drop_path}: expected a stochastic depth rate 0 <= rate < 1")
+    if not 0.0 < args.layer_decay <= 1.0:
+        raise ConfigError(f"--layer_decay {args.layer_decay}: expected 0 < decay <= 1 (1: no layer-wise decay)")
     if args.freeze_encoder:
         args.drop_path = 0.0  # linear probing: the frozen encoder must give the same features every time
     check_backbone(args)
@@ -132,6 +139,8 @@ def check_backbone(args: argparse.Namespace) -> None:
             flag = f"--pss {args.pss}" if args.pss != "none" else f"--eval_rho {args.eval_rho}"
             raise ConfigError(f"{flag} drops patch tokens, which needs a ViT backbone: --model one of {vits} "
                               f"(got {args.model}, a Swin)")
+        if args.task == "ben":  # before the data set is indexed (SEN12-FLOOD: the tile size, checked above)
+            check_input_size(args.input_size, SWIN_WINDOWS)
         return
     if args.input_size % 16:
         raise ConfigError(f"--input_size {args.input_size} is not a multiple of the ViT patch size 16")

@@ -181,9 +181,15 @@ def test_task_and_flags_are_checked_before_anything_runs():
     for argv, match in ((["--dataset", "sen12flood", "--data_path", "x", "--task", "ben"], "does not fit"),
                         (["--select_metric", "accuracy"], "select_metric"),
                         (["--eval"], "--resume"),
-                        (["--dataset", "sen12flood", "--data_path", "x", "--tile_size", "48"], "input_size 48"),
+                        (["--dataset", "sen12flood", "--data_path", "x", "--tile_size", "48"],
+                         r"--tile_size 48 does not fit .* valid tile sizes: \[32, 64, 128"),
                         (["--dataset", "sen12flood", "--data_path", "x", "--input_size", "160",
-                          "--tile_size", "64"], "multiple of --tile_size")):
+                          "--tile_size", "64"], "multiple of --tile_size"),
+                        (["--input_size", "100"], r"input_size 100 does not fit"),  # before any data is read
+                        (["--drop_path", "1.5"], r"--drop_path 1\.5: expected"),
+                        (["--drop_path", "-0.1"], r"--drop_path -0\.1: expected"),
+                        (["--layer_decay", "-0.7"], r"--layer_decay -0\.7: expected 0 < decay <= 1"),
+                        (["--layer_decay", "0"], r"--layer_decay 0\.0: expected")):
         with pytest.raises(ConfigError, match=match):
             main_finetune.resolve_task(main_finetune.parse_args(argv))
     args = main_finetune.parse_args(["--freeze_encoder"])

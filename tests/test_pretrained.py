@@ -1,5 +1,6 @@
 """util/pretrained.py: filtering, resizing and exact key checks when loading into finetune models."""
 import argparse
+import itertools
 
 import pytest
 import torch
@@ -74,8 +75,17 @@ def test_unexpected_missing_and_misshapen_keys_are_named(pretrain_64):
         load_pretrained(model, short, "pre.pth")
     with pytest.raises(CheckpointError, match=r"patch_embed\.proj\.weight.*\(96, 1, 4, 4\)"):
         load_pretrained(ft(in_chans=1), pretrain_64, "pre.pth")
-    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: head\.bias, head\.weight"):
+    with pytest.raises(CheckpointError, match=r"pre\.pth: has no classification head \(head\.bias, head\.weight "
+                                              r"missing\): a pretraining checkpoint\?.*--finetune"):
         load_pretrained(model, pretrain_64, "pre.pth", keep_head=True)  # --eval needs a head
+
+
+def test_eval_of_a_checkpoint_of_another_label_set_names_both_class_counts(pretrain_64):
+    finetuned = {**pretrain_64, "head.weight": torch.zeros(43, 768), "head.bias": torch.zeros(43)}
+    with pytest.raises(CheckpointError, match=r"ft\.pth: its head has 43 classes, the model's has 19: .*--label_set"):
+        load_pretrained(ft(), finetuned, "ft.pth", keep_head=True)
+    report = load_pretrained(ft(), finetuned, "ft.pth")  # --finetune: the other task's head is dropped
+    assert report["missing"] == ["head.bias", "head.weight"] and "head.weight" in report["dropped"]
 
 
 def test_smaller_input_resizes_position_embedding_and_window_tables(pretrain_64):
@@ -93,6 +103,24 @@ def test_smaller_input_resizes_position_embedding_and_window_tables(pretrain_64)
     assert torch.equal(own["absolute_pos_embed"], resize_pos_embed(pretrain_64["absolute_pos_embed"], (8, 8)))
     assert torch.equal(own["layers.1.blocks.0.attn.relative_position_index"], M.relative_position_index(4))
     assert model(torch.randn(1, 2, 32, 32)).shape == (1, 19)
+
+
+def test_a_window_clamped_by_a_smaller_input_keeps_the_bias_of_every_offset(pretrain_64):
+    """At 32 px the stage-1 grid (4) clamps window 8 to 4: tokens are as large as in pretraining, so a pair
+    of tokens at offset (dy, dx) must get the bias the pretrained block learned for that offset."""
+    model = ft(img_size=32)
+    load_pretrained(model, pretrain_64, "pre.pth")
+    for stage, (w_old, w_new) in ((1, (8, 4)), (2, (4, 2)), (3, (2, 1))):
+        old = pretrain_64[f"layers.{stage}.blocks.0.attn.relative_position_bias_table"]
+        new = model.layers[stage].blocks[0].attn.relative_position_bias_table.detach()
+        assert new.shape == ((2 * w_new - 1) ** 2, old.shape[1])
+        for dy, dx in itertools.product(range(-w_new + 1, w_new), repeat=2):
+            row_old = (dy + w_old - 1) * (2 * w_old - 1) + dx + w_old - 1
+            row_new = (dy + w_new - 1) * (2 * w_new - 1) + dx + w_new - 1
+            assert torch.equal(new[row_new], old[row_old]), (stage, dy, dx)
+    # A larger window has untrained offsets: resampled bicubically (Swin), to the new shape.
+    table = pretrain_64["layers.3.blocks.0.attn.relative_position_bias_table"]  # window 2: (9, heads)
+    assert resize_rel_pos_table(table, 4).shape == (49, table.shape[1])
 
 
 @needs_compat

@@ -58,12 +58,21 @@ def resize_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tens
 
 
 def resize_rel_pos_table(table: torch.Tensor, new_window: int) -> torch.Tensor:
-    """Bicubically resample a Swin relative-position bias table ((2w-1)^2, heads) to another window."""
+    """Adapt a relative-position bias table ((2w-1)^2, heads) of window ``w`` to ``new_window``.
+
+    A smaller window (a stage grid clamped by a smaller input) keeps the centre of the table: the tokens
+    are as large as in pretraining, so every offset the new window holds keeps its learned bias exactly.
+    A larger window has offsets never trained: the table is resampled bicubically, as Swin does.
+    """
     n, heads = table.shape
     side = int(round(n**0.5))
     new_side = 2 * new_window - 1
     if side == new_side:
         return table
+    if new_side < side:
+        lo = (side - new_side) // 2
+        grid = table.reshape(side, side, heads)[lo:lo + new_side, lo:lo + new_side]
+        return grid.reshape(new_side * new_side, heads).contiguous()
     grid = table.T.reshape(1, heads, side, side).float()
     grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
     return grid.reshape(heads, new_side * new_side).T.contiguous().to(table.dtype)

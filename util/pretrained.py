@@ -119,6 +119,11 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: st
                               f"checkpoint of another architecture?")
     expected_missing = set() if keep_head else {k for k in own_keys if k.startswith(HEAD_PREFIX)}
     missing = own_keys - set(kept)
+    if keep_head and missing and missing <= {k for k in own_keys if k.startswith(HEAD_PREFIX)}:
+        raise CheckpointError(f"{source}: has no classification head ({_few(sorted(missing))} missing): a "
+                              f"pretraining checkpoint? Evaluation needs a finetuned one (*_best.pth); to train "
+                              f"a head from a pretraining checkpoint pass it as --finetune")
+    check_head(model, kept, source)
     if missing != expected_missing:
         extra = sorted(missing - expected_missing)
         absent = sorted(expected_missing - missing)
@@ -131,6 +136,15 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: st
     log.info("loaded %d tensors from %s; dropped %d (%s); resized %s; left for training: %s", len(kept),
              source, len(dropped), _few(dropped, 4), resized or "none", sorted(missing) or "none")
     return report
+
+
+def check_head(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a head whose number of outputs differs from the model's, naming both counts."""
+    own = model.state_dict().get(f"{HEAD_PREFIX}weight")
+    theirs = state.get(f"{HEAD_PREFIX}weight")
+    if own is not None and theirs is not None and theirs.shape[0] != own.shape[0]:
+        raise CheckpointError(f"{source}: its head has {theirs.shape[0]} classes, the model's has {own.shape[0]}: "
+                              f"a checkpoint of another task or label set (--dataset, --label_set, --nb_classes)?")
 
 
 def _few(keys: list[str], n: int = 6) -> str:
