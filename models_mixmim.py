@@ -322,6 +322,9 @@ class MixMIM(SwinEncoder):
                  norm_pix_loss: bool = True, mask_ratio: float = 0.5, range_mask_ratio: float = 0.0,
                  **encoder_kwargs) -> None:
         super().__init__(**encoder_kwargs)
+        if not (0.0 < mask_ratio < 1.0 and range_mask_ratio >= 0.0 and mask_ratio + range_mask_ratio <= 1.0):
+            raise ConfigError(f"mask_ratio {mask_ratio} with range_mask_ratio {range_mask_ratio}: expected "
+                              f"0 < mask_ratio < 1, range_mask_ratio >= 0 and their sum <= 1")
         self.norm_pix_loss = norm_pix_loss
         self.mask_ratio, self.range_mask_ratio = mask_ratio, range_mask_ratio
         n_final = self.stage_grids[-1] ** 2
@@ -387,14 +390,17 @@ class MixMIM(SwinEncoder):
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B, C, S, S) normalised dB; weights: (B, C, S, S) or None; mask: (1, L) 0/1 or None."""
+        n_cells = (self.img_size // self.encoder_stride) ** 2
         if mask is None:
-            mask = sample_mixing_mask((self.img_size // self.encoder_stride) ** 2, self.mask_ratio,
-                                      self.range_mask_ratio, device=x.device, generator=generator)
+            mask = sample_mixing_mask(n_cells, self.mask_ratio, self.range_mask_ratio, device=x.device,
+                                      generator=generator)
+        elif mask.shape != (1, n_cells):
+            raise ValueError(f"mask of shape {tuple(mask.shape)}: expected (1, {n_cells}), one mixing mask "
+                             f"shared by the batch")
         z = self.forward_encoder(x, mask)
         pred = self.forward_decoder(z, mask)
         loss, rec = self.forward_loss(x, pred, mask, weights)
         return loss, rec, mask
-
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None,

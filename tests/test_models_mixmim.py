@@ -25,6 +25,18 @@ def test_forward_shapes_and_explicit_mask():
     assert torch.equal(out_mask, mask)
 
 
+@pytest.mark.parametrize("bad", [torch.ones(4), torch.ones(2, 4), torch.ones(1, 16)])
+def test_explicit_mask_of_wrong_shape_is_refused(bad):
+    with pytest.raises(ValueError, match=r"expected \(1, 4\)"):
+        tiny()(torch.randn(2, 2, 64, 64), mask=bad)
+
+
+@pytest.mark.parametrize("ratio,extra", [(-0.25, 0.0), (0.0, 0.0), (1.5, 0.0), (0.5, -0.1), (0.8, 0.5)])
+def test_mask_ratio_outside_unit_interval_is_refused(ratio, extra):
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        M.mixmim_tiny(img_size=64, mask_ratio=ratio, range_mask_ratio=extra)
+
+
 def test_in_chans_flows_to_the_decoder():
     m = M.mixmim_tiny(img_size=64, in_chans=1)
     loss, pred, _ = m(torch.randn(2, 1, 64, 64))
@@ -192,6 +204,41 @@ def test_released_format_checkpoint_loads_strict(tmp_path, compat_dir):
     with torch.no_grad():
         loss = model(x, mask=sample_mixing_mask(16, 0.5, generator=torch.Generator().manual_seed(0)))[0]
     assert torch.isfinite(loss)
+
+
+def test_checkpoint_with_a_refused_object_is_not_called_corrupted(tmp_path):
+    """weights_only refuses a numpy scalar: the message names its type instead of blaming a truncated file."""
+    import numpy as np
+
+    from sarwmix.errors import CheckpointError
+
+    path = tmp_path / "checkpoint_64.pth"
+    torch.save({"model": {}, "epoch": 63, "args": argparse.Namespace(best=np.float64(0.5))}, path)
+    with pytest.raises(CheckpointError, match="numpy.*weights_only=True") as err:
+        load_checkpoint(path)
+    assert "corrupted" not in str(err.value)
+
+
+def test_a_text_file_is_not_a_checkpoint(tmp_path):
+    from sarwmix.errors import CheckpointError
+
+    (tmp_path / "notes.pth").write_text("hi\n")
+    with pytest.raises(CheckpointError, match=r"notes\.pth: not a readable torch checkpoint"):
+        load_checkpoint(tmp_path / "notes.pth")
+
+
+def test_failed_save_keeps_the_previous_file_and_leaves_no_partial_one(tmp_path, monkeypatch):
+    path = save_atomic({"epoch": 0}, tmp_path / "checkpoint.pth")
+
+    def disk_full(obj, fh):
+        fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_atomic({"epoch": 1}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+    assert load_checkpoint(path)["epoch"] == 0
 
 
 def test_fused_adamw_matches_for_loop_adamw():

@@ -11,7 +11,7 @@ from conftest import REPO, TINY_PRETRAIN, run_py
 
 import main_pretrain
 from sarwmix.errors import CheckpointError, ConfigError, TrainingError
-from util.checkpoint import load_checkpoint
+from util.checkpoint import load_checkpoint, save_atomic
 
 
 def _run(tmp_path, *extra):
@@ -108,11 +108,47 @@ def test_resume_into_wrong_model_names_first_mismatching_key(tmp_path):
              "--resume", str(tmp_path / "checkpoint.pth"))
 
 
+def test_resume_from_a_foreign_checkpoint_names_keys_and_optimizer(tmp_path):
+    """A finetune-like state dict, or an optimizer state of other parameter groups, is one clear error."""
+    _run(tmp_path, "--epochs", "1", "--vis_samples", "0")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    sd = {k: v for k, v in ckpt["model"].items() if not k.startswith("decoder_blocks.")}
+    sd["head.weight"] = torch.zeros(19, 768)
+    save_atomic({**ckpt, "model": sd}, tmp_path / "finetune_like.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \['decoder_blocks.*unexpected keys \['head.weight'"):
+        _run(tmp_path / "a", "--resume", str(tmp_path / "finetune_like.pth"))
+    groups = ckpt["optimizer"]["param_groups"]
+    ckpt["optimizer"]["param_groups"] = groups[::-1]  # MAE's order: no-decay group first
+    save_atomic(ckpt, tmp_path / "other_groups.pth")
+    with pytest.raises(CheckpointError, match="optimizer state does not fit"):
+        _run(tmp_path / "b", "--resume", str(tmp_path / "other_groups.pth"))
+
+
+def test_kill_right_after_a_checkpoint_keeps_its_epoch_log(tmp_path, monkeypatch):
+    """Killed after checkpoint.pth of epoch 0 is written: the resumed run's log.txt still has epoch 0."""
+    from util.trainer import Trainer
+
+    real = Trainer._save
+
+    def save_then_die(self, epoch, metrics):
+        real(self, epoch, metrics)
+        raise KeyboardInterrupt  # stands for a SIGKILL right after the rename
+
+    monkeypatch.setattr(Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "--vis_samples", "0")
+    monkeypatch.setattr(Trainer, "_save", real)
+    _run(tmp_path, "--vis_samples", "0", "--resume", "auto")
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "log.txt").read_text().splitlines()] == [0, 1]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--input_size", "100"], "valid sizes: [32, 64, 128, 256"),
     (["--model", "mixmim_gigantic"], "unknown model 'mixmim_gigantic'; choices: mixmim_tiny"),
     (["--override", "TRAIN.BATCH_SIZ=4"], "did you mean 'TRAIN.BATCH_SIZE'"),
     (["--resume", "/nonexistent/checkpoint.pth"], "checkpoint not found"),
+    (["--num_samples", "3"], "data set of 3 samples is smaller than one global batch of 4"),
+    (["--stop_epoch", "0"], "--stop_epoch 0: expected a positive integer"),
 ])
 def test_bad_input_one_line_and_exit_code(tmp_path, argv, message):
     proc = run_py(["main_pretrain.py", *TINY_PRETRAIN, "--output_dir", str(tmp_path), *argv], check=False)

@@ -31,11 +31,15 @@ def save_atomic(obj: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, unpicklable object) leaves no partial file
+        raise
     return path
 
 
@@ -82,7 +86,13 @@ def load_checkpoint(path: str | Path, sha256: str | None = None) -> dict:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
+            KeyError) as e:  # KeyError: the safe unpickler on bytes that are no pickle (a text file)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:  # a whole file holding an object outside the allow-list: not a corruption
+            raise CheckpointError(f"{path}: holds a Python object of type {refused.group(1)}, which safe loading "
+                                  f"(weights_only=True) refuses; expected tensors, plain values and "
+                                  f"argparse.Namespace only") from None
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupted?): {first}") from None
     if not isinstance(ckpt, dict):
@@ -112,3 +122,13 @@ def check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], path: s
         if k in own and own[k].shape != v.shape:
             raise CheckpointError(f"{path}: shape of {k!r} is {tuple(v.shape)} in the checkpoint but "
                                   f"{tuple(own[k].shape)} in the model; wrong --model or --input_size?")
+
+
+def check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise CheckpointError naming the missing and unexpected keys when ``state`` is not ``model``'s."""
+    own = model.state_dict().keys()
+    missing, unexpected = sorted(own - state.keys()), sorted(state.keys() - own)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: state dict does not match the model: {len(missing)} missing keys "
+                              f"{missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}; "
+                              f"a finetune or other-model checkpoint?")

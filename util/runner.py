@@ -214,8 +214,8 @@ def validate_common(args: argparse.Namespace) -> None:
     elif mode == "mixmim":
         raise ConfigError(f"unknown model {args.model!r}; choices: {', '.join(ENCODER_CONFIGS)} "
                           f"(timm Swin and ViT backbones need --mode simmim)")
-    for name in ("batch_size", "epochs", "accum_iter"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "epochs", "accum_iter", "stop_epoch"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)}: expected a positive integer")
     if args.dataset != "synthetic" and not args.data_path:
         raise ConfigError(f"--dataset {args.dataset} needs --data_path (the folder or file of the data set)")

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from engine_pretrain import StepFn, train_one_epoch
+from sarwmix.errors import CheckpointError, ConfigError
 from util import checkpoint as ckpt_io
 from util.config import plain_dict
 from util.lr_decay import param_groups
@@ -58,8 +59,11 @@ class Trainer:
         if args.grad_ckpt and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
         self.model = _wrap(model, args, run)
-        self.sampler = BlockShardSampler(len(dataset), args.batch_size, run.info.world_size, run.info.rank,
-                                         args.accum_iter, args.seed)
+        try:
+            self.sampler = BlockShardSampler(len(dataset), args.batch_size, run.info.world_size, run.info.rank,
+                                             args.accum_iter, args.seed)
+        except ValueError as e:  # a user error: too little data for the batch, one line instead of a traceback
+            raise ConfigError(f"{e}; use a smaller --batch_size / --accum_iter or more data") from None
         self.loader = _loader(dataset, self.sampler, args, run)
         groups = groups if groups is not None else param_groups(model, args.weight_decay)
         self.optimizer = adamw(groups, args.lr, betas, run.device)
@@ -77,7 +81,7 @@ class Trainer:
     @property
     def end_epoch(self) -> int:
         stop = getattr(self.args, "stop_epoch", None)
-        return min(self.args.epochs, stop) if stop else self.args.epochs
+        return min(self.args.epochs, stop) if stop is not None else self.args.epochs
 
     def fit(self) -> dict:
         """Train from ``start_epoch`` to the end (or ``--stop_epoch``); return the last epoch's record."""
@@ -101,8 +105,10 @@ class Trainer:
             record.update({f"val_{k}": v for k, v in metrics.items()})
             if metrics:
                 self.val_log.write({"epoch": epoch, **metrics})
-            self._save(epoch, metrics)
+            # Log first: a kill between the two leaves a record that resume drops and redoes, whereas a
+            # checkpoint without its record would be resumed past, losing that epoch's line for good.
             run.epoch_log.write(record)
+            self._save(epoch, metrics)
             log.info("epoch %d: %s", epoch, {k: float(f"{v:.5g}") if isinstance(v, float) else v
                                              for k, v in record.items()})
         self.val_log.close()
@@ -150,9 +156,15 @@ class Trainer:
         ckpt = ckpt_io.load_checkpoint(path)
         state = ckpt_io.model_state(ckpt, path)
         ckpt_io.check_shapes(self.raw_model, state, path)
+        ckpt_io.check_keys(self.raw_model, state, path)
         self.raw_model.load_state_dict(state, strict=True)
         if "optimizer" in ckpt and ckpt["optimizer"] is not None:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{path}: its optimizer state does not fit this run's parameter groups "
+                                      f"({str(e).splitlines()[0][:160]}); resume needs a checkpoint of this "
+                                      f"project with the same --model and --mode") from None
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         for k, obj in self.extra_state.items():
