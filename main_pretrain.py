@@ -76,9 +76,10 @@ def main(args: argparse.Namespace) -> dict:
     run = runner.start(args, task="pretrain")
     dataset = runner.build_train_data(args, run)
     model = build_model(args).to(run.device)
+    # --weight_granularity token: a SimMIM mask cell, or a MixMIM target patch (the encoder's 32 px stride)
+    token = args.mask_patch_size if args.mode == "simmim" else model.encoder_stride
     step = make_pretrain_step(run.device, dataset.stats["mean"], dataset.stats["std"], args.weighting,
-                              args.weight_exp_scale, args.weight_granularity, args.mask_patch_size,
-                              args.weight_zscore_compat)
+                              args.weight_exp_scale, args.weight_granularity, token, args.weight_zscore_compat)
     # SimMIM: the encoder alone, for finetuning elsewhere (per --save_freq epoch and at the end).
     exporter = (BackboneExporter(args.output_dir, args.model, args.save_freq, run.info.is_main)
                 if args.mode == "simmim" else None)

@@ -175,3 +175,20 @@ def test_quickstart_command_runs(tmp_path):
     for name in ("checkpoint.pth", "log.txt", "config.yaml", "reconstructions.png"):
         assert (out / name).exists(), name
     assert "reconstructions" in proc.stdout and str(out.resolve()) in proc.stdout
+
+
+@pytest.mark.parametrize("mode,token", [("mixmim", 32), ("simmim", 16)])
+def test_token_granularity_uses_the_target_patch_of_the_mode(tmp_path, monkeypatch, mode, token):
+    """MixMIM's target patch is the encoder stride (32 px) whatever --mask_patch_size (a SimMIM flag) says."""
+    seen = {}
+
+    def capture(*args):
+        seen["token"] = args[6]
+        raise KeyboardInterrupt  # stop before training
+
+    monkeypatch.setattr(main_pretrain, "make_pretrain_step", capture)
+    args = main_pretrain.parse_args([*TINY_PRETRAIN, "--output_dir", str(tmp_path), "--mode", mode,
+                                     "--mask_patch_size", "16", "--weight_granularity", "token"])
+    with pytest.raises(KeyboardInterrupt):
+        main_pretrain.main(args)
+    assert seen["token"] == token

@@ -90,7 +90,9 @@ class Trainer:
         record, t_start = {}, time.time()
         for epoch in range(self.start_epoch, self.end_epoch):
             self.sampler.set_epoch(epoch)
-            torch.manual_seed(args.seed * 1_000 + epoch * 7 + run.info.rank)  # drop path etc.: resumable
+            # drop path etc.: one stream per (seed, epoch, rank), resumable; 65,537 > any world size, so no rank
+            # of one epoch reuses the stream of another rank in another epoch
+            torch.manual_seed((args.seed * 1_000_003 + epoch) * 65_537 + run.info.rank)
             stats = train_one_epoch(
                 self.model, self.loader, self.optimizer, self.step, epoch=epoch, lr_fn=self.lr_fn,
                 device=run.device, amp_dtype=run.amp_dtype, scaler=self.scaler, accum_iter=args.accum_iter,
