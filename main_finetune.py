@@ -298,13 +298,13 @@ def main(args: argparse.Namespace) -> dict:
     model = build_model(args, splits["train"].num_classes).to(run.device)
     init = None
     if args.finetune and not args.eval:
-        init, _ = load_pretrained_file(model, args.finetune, args.checkpoint_sha256)
+        init, _ = load_pretrained_file(model, args.finetune, args.checkpoint_sha256, channels=tuple(args.channels))
     if args.eval:
         chosen = run.output_dir / "checkpoint_best.pth" if args.resume == "auto" else Path(args.resume)
     else:
         chosen = train(args, run, model, splits)
     sha = args.checkpoint_sha256 if args.eval else None
-    ckpt, _ = load_pretrained_file(model, chosen, sha, keep_head=True)
+    ckpt, _ = load_pretrained_file(model, chosen, sha, keep_head=True, channels=tuple(args.channels))
     vit = {"pss": args.pss, "eval_rho": args.eval_rho} if is_vit(args.model) else {}
     results = {"task": args.task, "model": args.model, "dataset": args.dataset, **vit,
                **provenance(args, init, ckpt),

@@ -173,3 +173,15 @@ def test_checkpoint_epoch_from_name_or_stored_epoch():
     assert checkpoint_epoch("runs/benv2_pretrain_checkpoint_64.pth", {"epoch": 63}) == 64
     assert checkpoint_epoch("checkpoint_best.pth", {"epoch": 9}) == 10
     assert checkpoint_epoch("checkpoint.pth", {}) is None
+
+
+def test_channels_of_another_order_are_refused(tmp_path, pretrain_64):
+    """[VV, VH] into a [VH, VV] model has the same shapes: only the recorded channels can tell."""
+    path = save_atomic({"model": pretrain_64, "epoch": 0, "args": {"channels": ["VH", "VV"]}}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match=r"c\.pth: trained on channels VH VV, but this run reads VV VH; "
+                                              r"pass --channels VH VV"):
+        load_pretrained_file(ft(), path, channels=("VV", "VH"))
+    assert load_pretrained_file(ft(), path, channels=("VH", "VV"))[1]["missing"] == ["head.bias", "head.weight"]
+    released = save_atomic({"model": pretrain_64, "epoch": 0, "args": argparse.Namespace(in_chans=2)},
+                           tmp_path / "r.pth")  # no recorded channels: nothing to compare
+    load_pretrained_file(ft(), released, channels=("VV", "VH"))

@@ -25,7 +25,7 @@ from torch import nn
 
 from models_mixmim import relative_position_index
 from sarwmix.errors import CheckpointError
-from util.checkpoint import check_shapes, load_checkpoint, model_state
+from util.checkpoint import args_dict, check_shapes, load_checkpoint, model_state
 from util.pos_embed import resize_pos_embed, resize_rel_pos_table
 
 log = logging.getLogger("sarwmix")
@@ -161,12 +161,20 @@ def checkpoint_epoch(path: str | Path, ckpt: dict) -> int | None:
 
 
 def load_pretrained_file(model: nn.Module, path: str | Path, sha256: str | None = None, *,
-                         keep_head: bool = False) -> tuple[dict, dict]:
+                         keep_head: bool = False, channels: tuple[str, ...] | None = None) -> tuple[dict, dict]:
     """Read a checkpoint safely (hash verified when known) and ``load_pretrained`` its model state.
 
+    Args:
+        channels: this run's input channels; when the checkpoint records its own (``args.channels``), they
+            must be the same, in the same order (a swapped order has the same shapes and would load silently).
     Returns:
         (the checkpoint dict, the load report).
     """
     ckpt = load_checkpoint(path, sha256=sha256)
+    theirs = args_dict(ckpt.get("args")).get("channels")
+    recorded = isinstance(theirs, list | tuple) and all(isinstance(c, str) for c in theirs)  # ours: a list
+    if channels is not None and recorded and tuple(theirs) != tuple(channels):
+        raise CheckpointError(f"{path}: trained on channels {' '.join(theirs)}, but this run reads "
+                              f"{' '.join(channels)}; pass --channels {' '.join(theirs)}")
     report = load_pretrained(model, model_state(ckpt, path), path, keep_head=keep_head)
     return ckpt, report
