@@ -32,12 +32,12 @@ from models_sen12_ft import PATCH_OPS, build_sen12_ft
 from models_vit import VIT_CONFIGS, build_vit
 from sarwmix.errors import ConfigError
 from util import runner
-from util.checkpoint import args_dict
+from util.checkpoint import args_dict, model_state
 from util.config import parse_with_config, run_cli
 from util.datasets import build_dataset
 from util.lr_decay import param_groups
 from util.metrics import BEN_METRICS, SEN12_METRICS
-from util.pretrained import checkpoint_epoch, load_pretrained_file
+from util.pretrained import checkpoint_epoch, load_pretrained, load_pretrained_file, read_pretrained
 from util.pss import PSS_KINDS, PatchSchedule, keep_count
 from util.trainer import Trainer
 
@@ -228,6 +228,22 @@ def provenance(args: argparse.Namespace, init: dict | None, evaluated: dict) -> 
             "train_fraction": float(stored.get("train_fraction", args.train_fraction))}
 
 
+def adopt_holdout(args: argparse.Namespace, evaluated: dict) -> None:
+    """--eval of SEN12-FLOOD without a val/ folder: hold out the sequences the evaluated run held out.
+
+    Its validation pairs were carved from the training split by ``--seed`` and ``--val_fraction``; the
+    checkpoint's values win over this command line's, so "val" never holds sequences the model trained on.
+    """
+    if args.task != "sen12flood" or (Path(args.data_path) / "val").is_dir():
+        return
+    stored = args_dict(evaluated.get("args"))
+    for name in ("seed", "val_fraction"):
+        if name in stored and stored[name] != getattr(args, name):
+            log.warning("--eval: --%s %s from the checkpoint instead of %s, so that val holds the sequences its "
+                        "training held out", name, stored[name], getattr(args, name))
+            setattr(args, name, type(getattr(args, name))(stored[name]))
+
+
 def _pair_size(args: argparse.Namespace) -> int | None:
     return args.input_size if args.task == "sen12flood" else None
 
@@ -294,17 +310,20 @@ def train(args, run, model, splits: dict) -> Path:
 def main(args: argparse.Namespace) -> dict:
     resolve_task(args)
     run = runner.start(args, task=f"finetune ({args.task})")
+    channels, init = tuple(args.channels), None
+    if args.eval:  # read first: its stored args can decide the validation split
+        chosen = run.output_dir / "checkpoint_best.pth" if args.resume == "auto" else Path(args.resume)
+        ckpt = read_pretrained(chosen, args.checkpoint_sha256, channels)
+        adopt_holdout(args, ckpt)
     splits = build_splits(args, run.info.world_size)
     model = build_model(args, splits["train"].num_classes).to(run.device)
-    init = None
-    if args.finetune and not args.eval:
-        init, _ = load_pretrained_file(model, args.finetune, args.checkpoint_sha256, channels=tuple(args.channels))
     if args.eval:
-        chosen = run.output_dir / "checkpoint_best.pth" if args.resume == "auto" else Path(args.resume)
+        load_pretrained(model, model_state(ckpt, chosen), chosen, keep_head=True)
     else:
+        if args.finetune:
+            init, _ = load_pretrained_file(model, args.finetune, args.checkpoint_sha256, channels=channels)
         chosen = train(args, run, model, splits)
-    sha = args.checkpoint_sha256 if args.eval else None
-    ckpt, _ = load_pretrained_file(model, chosen, sha, keep_head=True, channels=tuple(args.channels))
+        ckpt, _ = load_pretrained_file(model, chosen, keep_head=True, channels=channels)
     vit = {"pss": args.pss, "eval_rho": args.eval_rho} if is_vit(args.model) else {}
     results = {"task": args.task, "model": args.model, "dataset": args.dataset, **vit,
                **provenance(args, init, ckpt),

@@ -100,6 +100,11 @@ def test_sen12_finetune_from_a_released_format_checkpoint(pretrained, tmp_path):
     assert r["test"]["n_samples"] == 2 and r["val"]["n_samples"] in (1, 2)  # one held-out sequence
     assert set(r["test"]) == {"loss", "accuracy", "precision", "recall", "f1", "n_samples"}
     assert load_checkpoint(tmp_path / "out" / "checkpoint_best.pth")["args"]["val_fraction"] == 0.34
+    # --eval with another --seed / --val_fraction still validates on the sequences training held out.
+    e = finetune("--eval", "--resume", str(tmp_path / "out" / "checkpoint_best.pth"), "--dataset", "sen12flood",
+                 "--data_path", str(root), "--input_size", "64", "--tile_size", "32", "--batch_size", "2",
+                 "--patch_op", "max", "--seed", "5", "--val_fraction", "0.6", "--output_dir", str(tmp_path / "ev"))
+    assert e["val"] == pytest.approx(r["val"], rel=1e-5) and e["test"] == pytest.approx(r["test"], rel=1e-5)
 
 
 def test_train_fraction_subsets_are_nested_and_seeded():

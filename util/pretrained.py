@@ -160,15 +160,13 @@ def checkpoint_epoch(path: str | Path, ckpt: dict) -> int | None:
     return int(epoch) + 1 if isinstance(epoch, int) else None
 
 
-def load_pretrained_file(model: nn.Module, path: str | Path, sha256: str | None = None, *,
-                         keep_head: bool = False, channels: tuple[str, ...] | None = None) -> tuple[dict, dict]:
-    """Read a checkpoint safely (hash verified when known) and ``load_pretrained`` its model state.
+def read_pretrained(path: str | Path, sha256: str | None = None,
+                    channels: tuple[str, ...] | None = None) -> dict:
+    """Read a checkpoint safely (hash verified when known), checking its recorded channels.
 
     Args:
         channels: this run's input channels; when the checkpoint records its own (``args.channels``), they
             must be the same, in the same order (a swapped order has the same shapes and would load silently).
-    Returns:
-        (the checkpoint dict, the load report).
     """
     ckpt = load_checkpoint(path, sha256=sha256)
     theirs = args_dict(ckpt.get("args")).get("channels")
@@ -176,5 +174,16 @@ def load_pretrained_file(model: nn.Module, path: str | Path, sha256: str | None 
     if channels is not None and recorded and tuple(theirs) != tuple(channels):
         raise CheckpointError(f"{path}: trained on channels {' '.join(theirs)}, but this run reads "
                               f"{' '.join(channels)}; pass --channels {' '.join(theirs)}")
+    return ckpt
+
+
+def load_pretrained_file(model: nn.Module, path: str | Path, sha256: str | None = None, *,
+                         keep_head: bool = False, channels: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """``read_pretrained`` then ``load_pretrained`` its model state.
+
+    Returns:
+        (the checkpoint dict, the load report).
+    """
+    ckpt = read_pretrained(path, sha256, channels)
     report = load_pretrained(model, model_state(ckpt, path), path, keep_head=keep_head)
     return ckpt, report
