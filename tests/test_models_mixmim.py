@@ -206,6 +206,37 @@ def test_released_format_checkpoint_loads_strict(tmp_path, compat_dir):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("decay_first", [True, False])
+@pytest.mark.parametrize("exempt_names", [(), ("mask_token",)])
+def test_optimizer_state_of_the_released_layout_is_matched_by_name(compat_dir, decay_first, exempt_names):
+    """An AdamW state numbered in the manifest's registration order, in either group order and by either
+    decay rule, is re-indexed so that every one of our parameters gets its own moments."""
+    from util.lr_decay import param_groups, regroup_optimizer_state
+
+    order = [k for k, _, _ in json.loads((compat_dir / "pretrain_mixmim_base.json").read_text())["entries"]]
+    with torch.device("meta"):
+        model = M.mixmim_base()
+    params = dict(model.named_parameters())
+    trainable = [k for k in order if k in params and params[k].requires_grad]
+    exempt = [k for k in trainable if params[k].ndim <= 1 or k.endswith(".bias") or k in exempt_names]
+    decay = [k for k in trainable if k not in exempt]
+    parts = [(decay, 0.05), (exempt, 0.0)] if decay_first else [(exempt, 0.0), (decay, 0.05)]
+    groups, state, start = [], {}, 0
+    for names, wd in parts:
+        groups.append({"weight_decay": wd, "lr": 1e-4, "params": list(range(start, start + len(names)))})
+        state |= {start + i: {"exp_avg": torch.empty(params[n].shape, device="meta"), "tag": n}
+                  for i, n in enumerate(names)}
+        start += len(names)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05))
+    regrouped = regroup_optimizer_state(optimizer, model, {"state": state, "param_groups": groups}, order)
+    assert regrouped is not None
+    name_of = {id(p): n for n, p in params.items()}
+    ours = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    assert [regrouped["state"][i]["tag"] for i in range(len(ours))] == ours
+    groups[0]["params"] = groups[0]["params"][:-1]  # a size no rule reproduces: refused, not guessed
+    assert regroup_optimizer_state(optimizer, model, {"state": state, "param_groups": groups}, order) is None
+
+
 def test_checkpoint_with_a_refused_object_is_not_called_corrupted(tmp_path):
     """weights_only refuses a numpy scalar: the message names its type instead of blaming a truncated file."""
     import numpy as np

@@ -108,20 +108,69 @@ def test_resume_into_wrong_model_names_first_mismatching_key(tmp_path):
              "--resume", str(tmp_path / "checkpoint.pth"))
 
 
-def test_resume_from_a_foreign_checkpoint_names_keys_and_optimizer(tmp_path):
-    """A finetune-like state dict, or an optimizer state of other parameter groups, is one clear error."""
-    _run(tmp_path, "--epochs", "1", "--vis_samples", "0")
+def _upstream_layout(ckpt: dict) -> dict:
+    """``ckpt`` re-saved the way another code base could lay it out: PatchMerging's ``reduction`` registered
+    before its ``norm``, and the AdamW groups in the other order (decay first) and by timm's rule (only 1-D
+    tensors and biases exempt, so ``mask_token`` moves to the decay group)."""
+    import models_mixmim
+    from util.lr_decay import param_groups
+
+    model = ckpt["model"]
+    order = []
+    for k in model:
+        if ".downsample." not in k:
+            order.append(k)
+        elif k not in order:  # the first key of a downsample: all of it, reduction first
+            prefix = k.split(".downsample.")[0] + ".downsample."
+            order += sorted((x for x in model if x.startswith(prefix)), key=lambda x: ".reduction." not in x)
+    reordered = {k: model[k] for k in order}
+    fresh = models_mixmim.mixmim_tiny(img_size=64)  # our groups, to name our saved indices
+    name_of_id = {id(p): n for n, p in fresh.named_parameters()}
+    ours = [name_of_id[id(p)] for g in param_groups(fresh, 0.05) for p in g["params"]]
+    indices = [i for g in ckpt["optimizer"]["param_groups"] for i in g["params"]]
+    by_index = dict(zip(indices, ours))
+    state_of = {by_index[i]: s for i, s in ckpt["optimizer"]["state"].items()}
+    theirs = [k for k in reordered if k in ours]  # trainable parameters in their registration order
+    exempt = [k for k in theirs if reordered[k].ndim <= 1 or k.endswith(".bias")]
+    decay = [k for k in theirs if k not in exempt]
+    hyper = {k: v for k, v in ckpt["optimizer"]["param_groups"][0].items() if k != "params"}
+    groups = [dict(hyper, weight_decay=0.05, params=list(range(len(decay)))),
+              dict(hyper, weight_decay=0.0, params=list(range(len(decay), len(theirs))))]
+    state = {i: state_of[k] for i, k in enumerate(decay + exempt) if k in state_of}
+    return {**ckpt, "model": reordered, "optimizer": {"state": state, "param_groups": groups}}
+
+
+def test_resume_from_another_layout_matches_the_optimizer_state_by_name(tmp_path):
+    """A checkpoint laid out like the released ones (other registration and AdamW group order, other decay
+    rule) resumes to exactly the weights of resuming our own file; a layout that cannot be matched, or a
+    finetune-like state dict, is one clear error."""
+    _run(tmp_path, "--stop_epoch", "1", "--vis_samples", "0")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    upstream = _upstream_layout(ckpt)
+    assert list(upstream["model"]) != list(ckpt["model"])
+    assert [len(g["params"]) for g in upstream["optimizer"]["param_groups"]] != \
+        [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]]
+    save_atomic(upstream, tmp_path / "released_like.pth")
+    _run(tmp_path / "ours", "--resume", str(tmp_path / "checkpoint.pth"), "--vis_samples", "0")
+    _run(tmp_path / "theirs", "--resume", str(tmp_path / "released_like.pth"), "--vis_samples", "0")
+    a, b = _weights(tmp_path / "ours" / "checkpoint.pth"), _weights(tmp_path / "theirs" / "checkpoint.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The comparison sees the moments: without them (an empty optimizer state, warned) the weights differ.
+    save_atomic({**ckpt, "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "no_optimizer.pth")
+    _run(tmp_path / "fresh", "--resume", str(tmp_path / "no_optimizer.pth"), "--vis_samples", "0")
+    c = _weights(tmp_path / "fresh" / "checkpoint.pth")
+    assert not torch.equal(a["patch_embed.proj.weight"], c["patch_embed.proj.weight"])
+
     sd = {k: v for k, v in ckpt["model"].items() if not k.startswith("decoder_blocks.")}
     sd["head.weight"] = torch.zeros(19, 768)
     save_atomic({**ckpt, "model": sd}, tmp_path / "finetune_like.pth")
     with pytest.raises(CheckpointError, match=r"missing keys \['decoder_blocks.*unexpected keys \['head.weight'"):
         _run(tmp_path / "a", "--resume", str(tmp_path / "finetune_like.pth"))
-    groups = ckpt["optimizer"]["param_groups"]
-    ckpt["optimizer"]["param_groups"] = groups[::-1]  # MAE's order: no-decay group first
-    save_atomic(ckpt, tmp_path / "other_groups.pth")
-    with pytest.raises(CheckpointError, match="optimizer state does not fit"):
-        _run(tmp_path / "b", "--resume", str(tmp_path / "other_groups.pth"))
+    groups = upstream["optimizer"]["param_groups"]
+    groups[0]["params"], groups[1]["params"] = groups[0]["params"][:-1], groups[1]["params"] + [99]
+    save_atomic(upstream, tmp_path / "unmatched.pth")  # sizes no rule reproduces
+    with pytest.raises(CheckpointError, match="optimizer state does not fit .* could not be matched"):
+        _run(tmp_path / "b", "--resume", str(tmp_path / "unmatched.pth"))
 
 
 def test_kill_right_after_a_checkpoint_keeps_its_epoch_log(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from engine_pretrain import StepFn, train_one_epoch
 from sarwmix.errors import CheckpointError, ConfigError
 from util import checkpoint as ckpt_io
 from util.config import plain_dict
-from util.lr_decay import param_groups
+from util.lr_decay import param_groups, regroup_optimizer_state
 from util.lr_sched import lr_at
 from util.misc import JsonLines, check_replicas, truncate_jsonl
 from util.runner import Run
@@ -160,13 +160,22 @@ class Trainer:
         ckpt_io.check_shapes(self.raw_model, state, path)
         ckpt_io.check_keys(self.raw_model, state, path)
         self.raw_model.load_state_dict(state, strict=True)
-        if "optimizer" in ckpt and ckpt["optimizer"] is not None:
+        saved = ckpt.get("optimizer")
+        if not saved or not saved.get("param_groups"):
+            log.warning("%s holds no optimizer state: AdamW's moments start from zero", path)
+        else:
             try:
-                self.optimizer.load_state_dict(ckpt["optimizer"])
+                self.optimizer.load_state_dict(saved)
             except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{path}: its optimizer state does not fit this run's parameter groups "
-                                      f"({str(e).splitlines()[0][:160]}); resume needs a checkpoint of this "
-                                      f"project with the same --model and --mode") from None
+                # Another group layout (e.g. a released checkpoint_64.pth): match the parameters by name.
+                regrouped = regroup_optimizer_state(self.optimizer, self.raw_model, saved, list(state))
+                if regrouped is None:
+                    raise CheckpointError(f"{path}: its optimizer state does not fit this run's parameter "
+                                          f"groups ({str(e).splitlines()[0][:160]}), and its groups could not "
+                                          f"be matched to the parameters by name; resume needs the same "
+                                          f"--model and --mode") from None
+                self.optimizer.load_state_dict(regrouped)
+                log.info("%s: optimizer state of another group layout, matched to the parameters by name", path)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         for k, obj in self.extra_state.items():
