@@ -318,7 +318,10 @@ def main(args: argparse.Namespace) -> dict:
     splits = build_splits(args, run.info.world_size)
     model = build_model(args, splits["train"].num_classes).to(run.device)
     if args.eval:
-        load_pretrained(model, model_state(ckpt, chosen), chosen, keep_head=True)
+        resized = load_pretrained(model, model_state(ckpt, chosen), chosen, keep_head=True)["resized"]
+        if resized:  # legitimate, but the numbers are then those of another model than the one trained
+            log.warning("--eval: %s was trained at another input size or window; resized to this run's: %s",
+                        chosen, ", ".join(resized[:4]) + (" ..." if len(resized) > 4 else ""))
     else:
         if args.finetune:
             init, _ = load_pretrained_file(model, args.finetune, args.checkpoint_sha256, channels=channels)

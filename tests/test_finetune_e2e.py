@@ -50,7 +50,8 @@ def benv2_root(tmp_path_factory) -> Path:
     return write_benv2(tmp_path_factory.mktemp("benv2"), 12, seed=0)
 
 
-def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pretrained, benv2_root, tmp_path):
+def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pretrained, benv2_root, tmp_path,
+                                                                              caplog):
     data = ["--dataset", "benv2", "--data_path", str(benv2_root), "--train_fraction", "0.4"]
     a = finetune(*ben_args(pretrained, tmp_path / "a", "--save_freq", "1", *data))
     assert a["task"] == "ben" and a["pretrain_epoch"] == 1 and a["train_fraction"] == 0.4
@@ -84,6 +85,9 @@ def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pret
     assert c["best_epoch"] == a["best_epoch"]
     # Provenance read from the evaluated file's args.
     assert (c["finetune"], c["pretrain_epoch"], c["train_fraction"]) == (str(pretrained), 1, 0.4)
+    assert not any(r.levelname == "WARNING" and "another input size" in r.message for r in caplog.records)
+    finetune("--eval", "--resume", str(path), "--input_size", "64", "--output_dir", str(tmp_path / "d"), *data)
+    assert any(r.levelname == "WARNING" and "another input size" in r.message for r in caplog.records)
 
 
 def test_sen12_finetune_from_a_released_format_checkpoint(pretrained, tmp_path):
