@@ -54,3 +54,15 @@ def test_unmixing_restores_both_images():
     restored = mixed * (1 - m) + flip_batch(mixed) * m
     assert torch.equal(restored, x)
     assert not torch.equal(mixed, x)
+
+
+def test_step_streams_of_large_runs_do_not_repeat():
+    """1,024 micro-batches per update (128 ranks x accum_iter 8): micro 1,009 of one update and micro 0 of
+    the next used to share a stream (and so a mixing mask and flips)."""
+    from util.augment import step_generator
+
+    def draw(update: int, micro: int) -> torch.Tensor:
+        return torch.rand(4, generator=step_generator(0, 0, update, micro))
+
+    assert not torch.equal(draw(0, 1_009), draw(1, 0))
+    assert torch.equal(draw(3, 5), draw(3, 5))

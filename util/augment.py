@@ -9,9 +9,13 @@ import torch
 
 
 def step_generator(seed: int, epoch: int, update: int, micro: int = 0) -> torch.Generator:
-    """A CPU generator whose stream depends only on (seed, epoch, optimizer update, micro-batch index)."""
+    """A CPU generator whose stream depends only on (seed, epoch, optimizer update, micro-batch index).
+
+    Each factor exceeds the range of what it multiplies (micro-batches per update = ranks x accum_iter,
+    updates per epoch), so no two (update, micro) pairs of a run share a stream.
+    """
     g = torch.Generator()
-    g.manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + update) * 1_009 + micro) % 2**63)
+    g.manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + update) * 1_000_037 + micro) % 2**63)
     return g
 
 
