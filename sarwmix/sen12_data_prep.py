@@ -217,8 +217,8 @@ def read_s1_image(folder: Path, filename: str) -> np.ndarray:
 def read_sequence_list(path: Path) -> list[str]:
     """Sequence names from a list file: one per line, or a CSV whose first column is the name.
 
-    Blank lines and lines starting with ``#`` are ignored; a bare number is zero-padded to 4 digits
-    (spreadsheets drop the leading zeros of ``0001``).
+    Blank lines and lines starting with ``#`` are ignored. Numbers are matched to the folders by value
+    later (``resolve_test_sequences``): spreadsheets drop the leading zeros of ``0001``.
     """
     path = Path(path)
     if not path.is_file():
@@ -227,7 +227,7 @@ def read_sequence_list(path: Path) -> list[str]:
     for line in path.read_text().splitlines():
         name = line.split(",")[0].strip().strip('"')
         if name and not name.startswith("#"):
-            names.append(name.zfill(4) if name.isdigit() else name)
+            names.append(name)
     if not names:
         raise ConfigError(f"test sequence list {path} names no sequence")
     return names
@@ -349,14 +349,18 @@ def resolve_test_sequences(sequences: list[str], list_file: Path | None, test_fr
     """Test sequences from ``list_file`` (names unknown to the JSON are reported) or a seeded fraction."""
     if list_file is None:
         return choose_test_sequences(sorted(sequences), test_fraction, seed)
+    def key(name: str) -> str:  # "0001", "001" and "1" name the same numbered folder
+        return str(int(name)) if name.isdigit() else name
+
+    folder_of = {key(s): s for s in sequences}
     names = read_sequence_list(list_file)
-    unknown = [n for n in names if n not in set(sequences)]
+    unknown = [n for n in names if key(n) not in folder_of]
     if len(unknown) == len(names):
         raise ConfigError(f"none of the {len(names)} sequences in {list_file} is in S1list.json "
                           f"(first: {names[0]!r}; expected folder names such as {min(sequences)!r})")
     if unknown:
         print(f"warning: {len(unknown)} sequences of {list_file} are not in S1list.json: {unknown[:10]}")
-    return sorted(set(names) - set(unknown))
+    return sorted({folder_of[key(n)] for n in names if n not in unknown})
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -171,6 +171,8 @@ def test_split_options(aligned, tmp_path):
     listing = tmp_path / "test.csv"
     listing.write_text("# test sequences\n3,extra\n0004\n0999\n\n")
     assert resolve_test_sequences(["0001", "0003", "0004"], listing, 0.2, 0) == ["0003", "0004"]
+    # Folders named without zero padding: the same list picks them by value.
+    assert resolve_test_sequences(["1", "3", "4"], listing, 0.2, 0) == ["3", "4"]
     listing.write_text("0999\n")
     with pytest.raises(ConfigError, match="none of the 1 sequences"):
         resolve_test_sequences(["0001"], listing, 0.2, 0)
