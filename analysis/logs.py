@@ -40,6 +40,8 @@ DEFAULT_METRIC = {"ben": "mAP_macro", "sen12flood": "f1"}
 RESULT_KEYS = ("task", "finetune", "pretrain_epoch", "train_fraction", "val", "test")
 RANDOM_INIT = "random init"
 PRETRAINED = "pretrained"
+# The model of a results.json without a "model" key: a real name, so that it groups and matches like one.
+UNKNOWN_MODEL = "unknown model"
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -205,7 +207,7 @@ def _result_row(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: train_fraction must be a number in (0, 1], got {fraction!r}")
     if epoch is not None and (not isinstance(epoch, int) or epoch < 0):
         raise DataError(f"{path}: pretrain_epoch must be a non-negative integer or null, got {epoch!r}")
-    row = {"path": str(path), "task": result["task"], "model": result.get("model"),
+    row = {"path": str(path), "task": result["task"], "model": result.get("model") or UNKNOWN_MODEL,
            "finetune": result["finetune"], "pretrain_epoch": epoch, "train_fraction": float(fraction),
            "best_epoch": result.get("best_epoch"), "selection_metric": result.get("selection_metric"),
            "init": RANDOM_INIT if result["finetune"] is None else PRETRAINED}
@@ -221,7 +223,8 @@ def read_results(patterns: str | Iterable[str]) -> pd.DataFrame:
         patterns: one or more globs (``**`` allowed), files or folders searched for ``results.json``.
 
     Returns:
-        One row per file, sorted by path: ``path, task, model, finetune, pretrain_epoch`` (nullable int),
+        One row per file, sorted by path: ``path, task, model`` (UNKNOWN_MODEL where the file has none),
+        ``finetune, pretrain_epoch`` (nullable int),
         ``train_fraction, best_epoch, selection_metric, init`` (``"pretrained"`` or ``"random init"``), and
         ``val_<metric>``, ``test_<metric>`` for every metric found (NaN where a file lacks it).
     """

@@ -35,9 +35,37 @@ check_choice() {
   die "$name=$value: expected one of: $*"
 }
 
+config_key() {
+  # config_key KEY -> REPLY: the value of CONFIG's top-level line `KEY: value` ('' when there is none).
+  REPLY=$(sed -n "s/^$1:[[:space:]]*[\"']\{0,1\}\([A-Za-z0-9_]*\).*/\1/p" "$CONFIG" | head -n 1)
+}
+
+settings_from_config() {
+  # An unset MODEL / DATASET takes CONFIG's `model: mixmim_<size>` / `dataset:`: --model and --dataset, always
+  # passed, would otherwise replace the recipe's values with the launcher's defaults without a word.
+  [[ -n ${CONFIG:-} && -f ${CONFIG:-} ]] || return 0
+  if [[ -z ${DATASET:-} ]]; then
+    config_key dataset
+    DATASET=$REPLY
+  fi
+  [[ -z ${MODEL:-} ]] || return 0
+  config_key model
+  case $REPLY in
+    "") ;;
+    mixmim_*) MODEL=${REPLY#mixmim_} ;;
+    *)
+      if [[ " ${EXTRA_ARGS:-} " != *" --model "* ]]; then
+        die "CONFIG=$CONFIG sets model: $REPLY, not a MODEL size: add EXTRA_ARGS=\"--model $REPLY\""
+      fi ;;
+  esac
+}
+
 read_settings() {
-  # Defaults common to both launchers, then validation (a bad value ends the script with one line).
+  # read_settings DEFAULT_DATASET: defaults common to both launchers, then validation (a bad value ends the
+  # script with one line).
   TASK_TYPE=${TASK_TYPE:-pretrain}
+  settings_from_config
+  DATASET=${DATASET:-$1}
   MODEL=${MODEL:-base}
   EPOCH=${EPOCH:-64}
   OUTPUT_DIR=${OUTPUT_DIR:-./output}
@@ -47,11 +75,14 @@ read_settings() {
   check_choice TASK_TYPE "$TASK_TYPE" "${TASK_TYPES[@]}"
   check_choice MODEL "$MODEL" "${MODELS[@]}"
   check_choice LAUNCHER "$LAUNCHER" "${LAUNCHERS[@]}"
-  local e
+  local e listed=()
   for e in $EPOCH; do
     [[ $e =~ ^[0-9]+$ ]] || die "EPOCH=$EPOCH: expected checkpoint epochs such as 64 or \"16 32 64\""
+    listed+=("$e")
   done
-  [[ -n $EPOCH ]] || die "EPOCH is empty: expected a checkpoint epoch such as 64"
+  ((${#listed[@]} > 0)) || die "EPOCH is empty: expected a checkpoint epoch such as 64"
+  # One space between epochs (not tabs, newlines or a leading space): run_task takes the first as ${EPOCH%% *}.
+  EPOCH=${listed[*]}
   # SEN12-FLOOD finetuning starts from the BigEarthNet v1 pretraining (the released recipe, SPEC 7).
   [[ -n ${DATASET:-} ]] || die "DATASET is empty: expected a data set name such as benv1 or synthetic"
   if [[ $DATASET == sen12flood ]]; then

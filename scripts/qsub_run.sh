@@ -18,9 +18,9 @@
 # qsub win.
 #
 # settings (environment, or qsub -v NAME=value,...):
-#   TASK_TYPE, MODEL, EPOCH, DATASET (default benv1), DATA_PATH, CONFIG, OUTPUT_DIR, PRETRAIN_DATASET,
-#   PRETRAIN_CKPT, FINETUNE_CKPT, THREADS, EXTRA_ARGS, MPI_IMPL, MPI_ARGS, PYTHON, DRY_RUN:
-#                  as in scripts/run_local.sh -h
+#   TASK_TYPE, MODEL, EPOCH, DATASET, DATA_PATH, CONFIG, OUTPUT_DIR, PRETRAIN_DATASET, PRETRAIN_CKPT,
+#   FINETUNE_CKPT, THREADS, EXTRA_ARGS, MPI_IMPL, MPI_ARGS, PYTHON, DRY_RUN:
+#                  as in scripts/run_local.sh -h, except DATASET (default: the dataset of CONFIG, else benv1)
 #   (pretraining follows the released recipe of its config: --epochs 1024 --stop_epoch 64)
 #   GPUS_PER_NODE  ranks per node (default: `nvidia-smi -L | wc -l` on the first node; 8 on H200/A100, 4 V100)
 #   USE_CPU=1      CPU ranks and gloo instead of GPUs and NCCL (CPU_RANKS_PER_NODE per node, default 2)
@@ -36,7 +36,6 @@ set -euo pipefail
 MODULES=${MODULES:-"hpcx/2.20 cuda/12.6/12.6.1 cudnn/9.5/9.5.1 nccl/2.23/2.23.4-1"}
 VENV=${VENV:-}
 CONDA_ENV=${CONDA_ENV:-}
-DATASET=${DATASET:-benv1}
 OUTPUT_DIR=${OUTPUT_DIR:-./output}
 CPU_RANKS_PER_NODE=${CPU_RANKS_PER_NODE:-2}
 # ----------------------------------------------------------------------------------------------------------
@@ -98,7 +97,7 @@ read_hosts() {
 }
 
 load_site_env
-read_settings
+read_settings benv1
 read_hosts
 if [[ ${USE_CPU:-0} == 1 ]]; then
   DEVICE=cpu

@@ -4,8 +4,10 @@
 # usage: [VAR=value ...] bash scripts/run_local.sh        (settings are environment variables)
 #
 #   TASK_TYPE      pretrain | finetune | test                                          (default pretrain)
-#   MODEL          tiny | small | base | large | huge -> --model mixmim_<MODEL>        (default base)
-#   DATASET        synthetic | benv1 | benv2 | sen12flood | ... (--dataset)           (default synthetic)
+#   MODEL          tiny | small | base | large | huge -> --model mixmim_<MODEL>
+#                  (default: the mixmim_<MODEL> of CONFIG, else base)
+#   DATASET        synthetic | benv1 | benv2 | sen12flood | ... (--dataset)
+#                  (default: the dataset of CONFIG, else synthetic)
 #   DATA_PATH      root of the data set (not needed for synthetic)
 #   CONFIG         YAML recipe (default configs/<pretrain|finetune>_<DATASET>_<MODEL>.yaml when it exists;
 #                  synthetic runs without one use the entry point's defaults)
@@ -42,8 +44,7 @@ if [[ ${1:-} == -h || ${1:-} == --help ]]; then
 fi
 (($# == 0)) || die "unexpected argument '$1': settings are environment variables (see -h)"
 
-DATASET=${DATASET:-synthetic}
-read_settings
+read_settings synthetic
 
 GPUS=$(gpu_count)
 if [[ ${USE_CPU:-0} == 1 || $GPUS == 0 ]]; then

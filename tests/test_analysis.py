@@ -366,3 +366,24 @@ def test_label_efficiency_command_line_on_sen12flood(tmp_path):
     assert set(table["metric"]) == {"f1"} and len(table) == 4
     val = run_script("plot_label_efficiency", "res", "--split", "val", cwd=tmp_path)
     assert val.returncode == 2 and val.stderr.startswith("error: --metric f1: not in the val results")
+
+
+def test_results_without_a_model_key_are_still_drawn(tmp_path):
+    """``model`` is optional in results.json: such runs group under one name instead of vanishing (NaN)."""
+    for index, (epoch, fraction) in enumerate([(64, 1.0), (64, 0.5), (None, 1.0), (None, 0.5), (16, 1.0)]):
+        write_result(tmp_path / f"r{index}", "ben", epoch, fraction, 0.6 + 0.01 * index)
+        path = tmp_path / f"r{index}" / "results.json"
+        result = json.loads(path.read_text())
+        del result["model"]
+        path.write_text(json.dumps(result))
+
+    def points(figure) -> int:
+        # Data lines of errorbar() have marker "o"; caps ("_") and random-init levels (no marker) are left out.
+        return sum(len(line.get_xdata()) for line in figure.axes[0].get_lines()
+                   if line.get_marker() == "o" and line.get_linestyle() == "-")
+
+    figure, table = plot_label_efficiency.plot_label_efficiency([str(tmp_path)], pretrain_epoch=64)
+    assert points(figure) == 2 and len(table) == 4  # the 2 pretrained fractions (random init: dashed)
+    figure, table = plot_epoch_sweep.plot_epoch_sweep([str(tmp_path)])
+    assert points(figure) == 3 and len(table) == 5  # epochs 16, 64 at 100% and 64 at 50%
+    assert set(logs.read_results(str(tmp_path))["model"]) == {logs.UNKNOWN_MODEL}

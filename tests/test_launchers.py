@@ -71,6 +71,46 @@ def test_bad_setting_is_one_line_error(script, name, value):
     assert "+ " not in proc.stdout
 
 
+@pytest.mark.parametrize("epoch", [" 64", "64\n", "16\n32", "16\t32"], ids=repr)
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_epoch_list_whitespace_runs_once_per_epoch(epoch, task):
+    """Pretraining, and finetuning from a given file, run once whatever separates or surrounds the epochs."""
+    proc = run_script(RUN_LOCAL, USE_CPU="1", DRY_RUN="1", MODEL="tiny", MPI_IMPL="openmpi", TASK_TYPE=task,
+                      PRETRAIN_CKPT="/ckpt/released.pth", EPOCH=epoch)
+    assert proc.returncode == 0, proc.stderr
+    [argv] = command_lines(proc.stdout)
+    if task == "finetune":
+        assert flag_value(argv, "--output_dir") == f"./output/finetune_synthetic_tiny_ep{epoch.split()[0]}"
+
+
+@pytest.mark.parametrize("script", [RUN_LOCAL, QSUB_RUN], ids=["run_local", "qsub_run"])
+def test_config_model_and_dataset_are_not_replaced_by_defaults(script, tmp_path):
+    """--model/--dataset are always passed: unset MODEL/DATASET take the recipe's, not mixmim_base/synthetic."""
+    common = {"USE_CPU": "1", "DRY_RUN": "1", "MPI_IMPL": "openmpi", "DATA_PATH": "/data/ben"}
+    proc = run_script(script, CONFIG=str(REPO / "configs" / "pretrain_benv1_large.yaml"), **common)
+    assert proc.returncode == 0, proc.stderr
+    [argv] = command_lines(proc.stdout)
+    assert (flag_value(argv, "--model"), flag_value(argv, "--dataset")) == ("mixmim_large", "benv1")
+    assert flag_value(argv, "--output_dir") == "./output/pretrain_benv1_large"
+    proc = run_script(script, CONFIG=str(REPO / "configs" / "pretrain_benv1_large.yaml"), MODEL="tiny",
+                      DATASET="benv2", **common)  # explicit settings still win
+    [argv] = command_lines(proc.stdout)
+    assert (flag_value(argv, "--model"), flag_value(argv, "--dataset")) == ("mixmim_tiny", "benv2")
+    simmim = str(REPO / "configs" / "pretrain_simmim_swinv2_tiny_w8.yaml")
+    proc = run_script(script, CONFIG=simmim, **common)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert 'EXTRA_ARGS="--model swinv2_tiny_w8"' in proc.stderr
+    proc = run_script(script, CONFIG=simmim, EXTRA_ARGS="--model swinv2_tiny_w8", **common)
+    [argv] = command_lines(proc.stdout)
+    assert argv[-2:] == ["--model", "swinv2_tiny_w8"]
+
+
+def test_blank_epoch_is_one_line_error():
+    proc = run_script(RUN_LOCAL, USE_CPU="1", DRY_RUN="1", EPOCH=" \t")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: EPOCH is empty")
+    assert "+ " not in proc.stdout
+
+
 @pytest.mark.parametrize("script", [RUN_LOCAL, QSUB_RUN], ids=["run_local", "qsub_run"])
 def test_help_lists_the_settings(script):
     proc = subprocess.run(["bash", str(script), "-h"], check=False, capture_output=True, text=True, timeout=30)
