@@ -112,6 +112,8 @@ else
   ((PER_NODE > 0)) || die "no GPU visible on $(hostname) (nvidia-smi -L): set GPUS_PER_NODE, or USE_CPU=1"
 fi
 [[ $PER_NODE =~ ^[1-9][0-9]*$ ]] || die "GPUS_PER_NODE=$PER_NODE: expected a positive count of ranks per node"
+# GPU ranks too: torch's default of one thread per core in every rank would oversubscribe the node 8 times.
+THREADS=${THREADS:-$(($(cpu_count) / PER_NODE > 0 ? $(cpu_count) / PER_NODE : 1))}
 NNODES=${#HOSTS[@]}
 export MASTER_ADDR=${HOSTS[0]}
 MASTER_PORT=${MASTER_PORT:-$(free_port)}

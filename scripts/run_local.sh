@@ -19,7 +19,7 @@
 #   FINETUNE_CKPT  test this file instead of finetune_.../checkpoint_best.pth
 #   NPROC          processes (default: number of visible GPUs, else 2 CPU ranks)
 #   USE_CPU=1      run on CPU even when GPUs are visible
-#   THREADS        torch threads per process (CPU default: cores / NPROC)
+#   THREADS        torch threads per process (default: cores / NPROC)
 #   LAUNCHER       mpirun | torchrun (default mpirun; Open MPI or MPICH/Hydra flags, detected)
 #   MPI_IMPL       openmpi | mpich: skip the detection from `mpirun --version`
 #   MPI_ARGS       extra mpirun flags, split on spaces (e.g. "--mca pml ucx" or "--display map")
@@ -55,9 +55,13 @@ else
   NPROC=${NPROC:-$GPUS}
 fi
 [[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC: expected a positive number of processes"
+if [[ $DEVICE == gpu ]] && ((NPROC > GPUS)); then
+  die "NPROC=$NPROC but $GPUS GPU(s) are visible: one process per GPU (or USE_CPU=1 for CPU ranks)"
+fi
+# Share the cores out explicitly: under mpirun torch starts with one thread, and GPU ranks with one per core
+# each would oversubscribe the machine.
+THREADS=${THREADS:-$(($(cpu_count) / NPROC > 0 ? $(cpu_count) / NPROC : 1))}
 if [[ $DEVICE == cpu ]]; then
-  # Under mpirun torch starts with one thread: share the cores out explicitly.
-  THREADS=${THREADS:-$(($(cpu_count) / NPROC > 0 ? $(cpu_count) / NPROC : 1))}
   export OMP_NUM_THREADS=$THREADS
   # gloo on one host: the loopback interface always exists and needs no DNS.
   export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}

@@ -142,6 +142,18 @@ def test_qsub_dry_run_multi_node_line(tmp_path, two_hosts):
     assert flag_value(program, "--model") == "mixmim_base"
     assert flag_value(program, "--data_path") == "/data/ben"
     assert "--device" not in program  # GPUs: the entry point picks cuda:<local rank>
+    # the node's cores shared by its 8 GPU ranks, not one thread per core in each
+    assert flag_value(program, "--num_threads") == str(max(1, len(os.sched_getaffinity(0)) // 8))
+
+
+def test_run_local_gpu_ranks_fit_the_visible_gpus():
+    common = {"DRY_RUN": "1", "MODEL": "tiny", "MPI_IMPL": "openmpi", "CUDA_VISIBLE_DEVICES": "0,1"}
+    proc = run_script(RUN_LOCAL, NPROC="4", **common)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: NPROC=4 but 2 GPU(s) are visible: one process per GPU (or USE_CPU=1 for CPU ranks)")
+    [argv] = command_lines(run_script(RUN_LOCAL, **common).stdout)
+    assert flag_value(argv, "-np") == "2" and "--device" not in argv
+    assert flag_value(argv, "--num_threads") == str(max(1, len(os.sched_getaffinity(0)) // 2))
 
 
 def open_mpi_major() -> int:
