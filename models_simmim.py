@@ -267,6 +267,9 @@ def check_simmim_size(name: str, img_size: int, mask_patch_size: int = 32) -> No
         raise ConfigError(f"--mask_patch_size {mask_patch_size} is not a multiple of the patch size "
                           f"{bb.patch} of {name}")
     valid = valid_sizes(name, mask_patch_size)
+    if not valid:  # no --input_size can help: the mask cell is what to change
+        raise ConfigError(f"--mask_patch_size {mask_patch_size} divides none of the input sizes of {name} "
+                          f"({bb.geometry}): {', '.join(map(str, valid_sizes(name, bb.patch)))}")
     if img_size not in valid:
         raise ConfigError(f"--input_size {img_size} is not valid for {name} ({bb.geometry}, mask cell "
                           f"{mask_patch_size}); valid sizes: {', '.join(map(str, valid))}")

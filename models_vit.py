@@ -121,7 +121,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed = UnfoldPatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_embed = (nn.Parameter(torch.zeros(1, self.grid**2, embed_dim), requires_grad=False)
                           if abs_pos else None)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        # On the CPU even under a meta default device (util.export_backbone builds its reference there).
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], self.grid if rel_pos else None)
             for i in range(depth)

@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -81,8 +82,30 @@ def step_fn(runner, opt, batch, amp: torch.dtype | None, step):
     return run
 
 
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's counter has no formula for the CPU kernel of scaled_dot_product_attention, which runs whenever the
+# attention has no trainable bias (MixMIM's decoder, the absolute-position ViTs): its q@k and attn@v would
+# count as 0 FLOP, an error that grows with the token count (about a third of a vit_small step at 512 px).
+_CPU_SDPA = {"_scaled_dot_product_flash_attention_for_cpu": _sdpa_flops,
+             "_scaled_dot_product_flash_attention_for_cpu_backward": _sdpa_backward_flops}
+SDPA_FLOPS = {getattr(torch.ops.aten, op): f for op, f in _CPU_SDPA.items() if hasattr(torch.ops.aten, op)}
+
+
+def flop_counter_mode() -> FlopCounterMode:
+    """torch's FLOP counter with the CPU attention kernels added (matmuls, convolutions, attention)."""
+    return FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS)
+
+
 def count_flops(run) -> float:
-    counter = FlopCounterMode(display=False)
+    """FLOPs of one call of ``run`` (forward, backward and optimizer step)."""
+    counter = flop_counter_mode()
     with counter:
         run()
     return float(counter.get_total_flops())
@@ -121,7 +144,7 @@ def op_breakdown(run, flops: float, peak: float, top: int = 10) -> list[str]:
         run()
         wall = time.perf_counter() - t0
     # The "products" are the ops whose FLOPs count_flops counts, so their rate divides like by like.
-    counted = {op.__name__ for op in FlopCounterMode(display=False).flop_registry}
+    counted = {op.__name__ for op in flop_counter_mode().flop_registry}
     products = sum(t for name, (t, _) in timer.times.items() if name in counted)
     others = sorted(((t, n, name) for name, (t, n) in timer.times.items() if name not in counted), reverse=True)
     in_ops = sum(t for t, _ in timer.times.values())

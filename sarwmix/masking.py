@@ -22,7 +22,7 @@ def sample_mixing_mask(num_cells: int, mask_ratio: float, range_mask_ratio: floa
     ratio = mask_ratio
     if range_mask_ratio > 0:
         ratio += float(torch.rand((), generator=generator)) * range_mask_ratio
-    n_masked = int(math.floor(num_cells * ratio))
+    n_masked = int(math.floor(num_cells * ratio + 1e-9))  # 0.29 * 100 is 28.999999999999996 in floats
     order = torch.rand(num_cells, generator=generator).argsort()
     mask = torch.zeros(num_cells)
     mask[order[:n_masked]] = 1.0
@@ -32,7 +32,7 @@ def sample_mixing_mask(num_cells: int, mask_ratio: float, range_mask_ratio: floa
 def sample_simmim_mask(batch: int, num_cells: int, mask_ratio: float,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """SimMIM mask, one per sample: exactly ``ceil(L * r)`` cells set to 1 in every row. Returns (B, L)."""
-    n_masked = int(math.ceil(num_cells * mask_ratio))
+    n_masked = int(math.ceil(num_cells * mask_ratio - 1e-9))  # 0.55 * 100 is 55.000000000000007 in floats
     order = torch.rand(batch, num_cells, generator=generator).argsort(dim=1)
     mask = torch.zeros(batch, num_cells)
     mask.scatter_(1, order[:, :n_masked], 1.0)

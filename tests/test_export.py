@@ -83,6 +83,19 @@ def test_vit_export_loads_into_the_vit():
     build_vit("vit_small_rel", img_size=64, in_chans=1).load_state_dict(state, strict=True)
 
 
+@pytest.mark.parametrize("name", ["vit_tiny", "vit_tiny_rel"])
+def test_vit_checkpoint_export_via_the_cli(tmp_path, name):
+    """The reference ViT is built on the meta device: its constructor must not compute there."""
+    torch.manual_seed(0)
+    model = build_simmim(name, img_size=64, in_chans=1)
+    args = {"model": name, "mode": "simmim", "input_size": 64, "channels": ["VV"]}
+    ckpt = save_pretrain_ckpt(tmp_path / "checkpoint.pth", model, args)
+    assert main([str(ckpt), str(tmp_path / "b.pth")]) == 0
+    vit = build_vit(name, img_size=64, in_chans=1)
+    vit.load_state_dict(torch.load(tmp_path / "b.pth", weights_only=True), strict=True)
+    assert torch.equal(vit.patch_embed.proj.weight, model.encoder.patch_embed.proj.weight)
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "missing.pth"), str(tmp_path / "b.pth")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

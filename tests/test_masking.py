@@ -66,3 +66,14 @@ def test_step_streams_of_large_runs_do_not_repeat():
 
     assert not torch.equal(draw(0, 1_009), draw(1, 0))
     assert torch.equal(draw(3, 5), draw(3, 5))
+
+
+@pytest.mark.parametrize("cells,ratio,expected", [(100, 0.55, 55), (25, 0.28, 7), (64, 0.6, 39), (16, 0.5, 8)])
+def test_simmim_mask_count_is_not_raised_by_float_error(cells, ratio, expected):
+    mask = sample_simmim_mask(2, cells, ratio, generator=torch.Generator().manual_seed(0))
+    assert mask.sum(1).tolist() == [expected, expected]
+
+
+@pytest.mark.parametrize("cells,ratio,expected", [(100, 0.29, 29), (100, 0.57, 57), (16, 0.5, 8), (49, 0.5, 24)])
+def test_mixing_mask_count_is_not_lowered_by_float_error(cells, ratio, expected):
+    assert sample_mixing_mask(cells, ratio, generator=torch.Generator().manual_seed(0)).sum() == expected

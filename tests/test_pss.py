@@ -137,6 +137,21 @@ def test_dropping_tokens_cuts_the_compute_and_still_trains_every_parameter():
     assert not no_grad
 
 
+def test_bench_pss_counts_the_attention_of_a_vit_without_a_bias(monkeypatch):
+    """Without a trainable bias, SDPA runs torch's CPU kernel, which FlopCounterMode alone counts as 0."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_pss
+
+    x = torch.randn(2, 2, 128, 128)  # 64 tokens of width 32: the attention matmuls are a third of a block
+
+    def step_flops(**kw) -> float:
+        vit = small_vit(img_size=128, **kw)
+        return bench_pss.count_flops(lambda: vit(x).square().mean().backward())
+
+    absolute, relative = step_flops(), step_flops(abs_pos=False, rel_pos=True)
+    assert absolute == pytest.approx(relative, rel=0.05)
+
+
 @pytest.mark.parametrize("name, resized", [("vit_tiny_rel", "blocks.0.rel_pos.table (49, 3)->(9, 3)"),
                                             ("vit_tiny", "pos_embed (1, 16, 192)->(1, 4, 192)")])
 def test_simmim_vit_weights_load_into_a_finetune_vit_of_another_size(name, resized):

@@ -197,6 +197,9 @@ def test_invalid_size_refused_before_anything_is_built(tmp_path, name, size, val
 def test_bad_mask_cell_and_unknown_backbone_refused():
     with pytest.raises(ConfigError, match="multiple of the patch size 16"):
         check_simmim_size("vit_tiny", 64, mask_patch_size=8)
+    no_size = r"--mask_patch_size 64 divides none of the input sizes of swin_tiny .*: 224$"
+    with pytest.raises(ConfigError, match=no_size):
+        check_simmim_size("swin_tiny", 224, mask_patch_size=64)
     with pytest.raises(ConfigError, match="choices: .*swinv2_tiny_w8"):
         check_simmim_size("swinv3_tiny", 256)
     with pytest.raises(ConfigError, match="choices: mixmim_tiny.*need --mode simmim"):
