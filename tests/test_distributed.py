@@ -7,8 +7,10 @@ import pytest
 import torch
 from conftest import TINY_PRETRAIN, run_py
 
+from sarwmix.errors import ConfigError
+from util import misc
 from util.checkpoint import load_checkpoint
-from util.misc import dist_env
+from util.misc import cuda_index, dist_env, resolve_amp, spans_nodes
 
 RUN = [*TINY_PRETRAIN, "--epochs", "1", "--vis_samples", "0", "--batch_size", "2"]
 
@@ -31,6 +33,61 @@ def test_dist_env_reads_every_launcher():
     assert q.local_rank == 1  # derived from ranks per node when the launcher gives no local rank
     s = dist_env({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"})
     assert (s.rank, s.launcher) == (2, "slurm")
+
+
+def test_cuda_index_is_the_local_rank_or_the_one_visible_gpu():
+    assert cuda_index(3, 8) == 3
+    assert cuda_index(1, 1) == 0  # srun --gpus-per-task=1: each rank sees only its own GPU
+    with pytest.raises(ConfigError, match="local rank 2 .* sees 2 GPUs"):
+        cuda_index(2, 2)
+
+
+def test_spans_nodes_from_the_launcher_variables():
+    ompi = {"OMPI_COMM_WORLD_LOCAL_SIZE": "8"}
+    assert spans_nodes(ompi, 16) and not spans_nodes(ompi, 8)
+    assert spans_nodes({"MPI_LOCALNRANKS": "4"}, 8) and not spans_nodes({"MPI_LOCALNRANKS": "2"}, 2)
+    assert spans_nodes({"SLURM_NNODES": "2"}, 16) and not spans_nodes({"SLURM_NNODES": "1"}, 4)
+    assert not spans_nodes({}, 2)
+
+
+def _fail_init(*args, **kwargs):
+    raise AssertionError("init_process_group reached")
+
+
+def test_multi_host_mpirun_without_master_addr_is_refused(monkeypatch):
+    # The other hosts would wait for 127.0.0.1:29500 on themselves until the rendezvous timeout.
+    env = {"OMPI_COMM_WORLD_RANK": "9", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}
+    monkeypatch.setattr(os, "environ", env)
+    monkeypatch.setattr(misc.dist, "init_process_group", _fail_init)
+    with pytest.raises(ConfigError, match="16 ranks on several hosts.*MASTER_ADDR"):
+        misc.init_distributed("cpu")
+    env["MASTER_ADDR"] = "node-a"  # given: the rendezvous goes ahead
+    with pytest.raises(AssertionError, match="init_process_group reached"):
+        misc.init_distributed("cpu")
+
+
+def test_explicit_cuda_without_a_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "environ", {})
+    with pytest.raises(ConfigError, match="--device cuda"):
+        misc.init_distributed("cuda")
+    assert misc.init_distributed("auto")[1] == torch.device("cpu")
+
+
+def test_amp_auto_uses_fp16_on_gpus_without_native_bf16(monkeypatch):
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a V100 or T4 answers
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    assert resolve_amp("auto", gpu) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert resolve_amp("auto", gpu) == torch.bfloat16
+    monkeypatch.setattr(misc, "cpu_supports_bf16", lambda: False)
+    assert resolve_amp("auto", torch.device("cpu")) is None
+    monkeypatch.setattr(misc, "cpu_supports_bf16", lambda: True)
+    assert resolve_amp("auto", torch.device("cpu")) == torch.bfloat16
+    assert resolve_amp("off", gpu) is None and resolve_amp("fp16", torch.device("cpu")) == torch.float16
 
 
 @pytest.fixture(scope="module")

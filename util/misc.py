@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sarwmix.errors import ConfigError
+
 log = logging.getLogger("sarwmix")
 
 
@@ -88,25 +90,50 @@ def wants_cuda(device_arg: str) -> bool:
     return torch.cuda.is_available() and device_arg in ("auto", "cuda")
 
 
+def cuda_index(local_rank: int, n_visible: int) -> int:
+    """GPU of a rank: ``cuda:<local rank>``, or ``cuda:0`` when the launcher shows each rank only its own
+    GPU (``srun --gpus-per-task=1``, a ``CUDA_VISIBLE_DEVICES`` wrapper)."""
+    if local_rank < n_visible:
+        return local_rank
+    if n_visible == 1:
+        return 0
+    raise ConfigError(f"local rank {local_rank} needs cuda:{local_rank}, but this process sees {n_visible} GPUs: "
+                      f"start at most {n_visible} ranks per node (mpirun -N, torchrun --nproc_per_node)")
+
+
+def spans_nodes(env: Mapping[str, str], world_size: int) -> bool:
+    """True when the launcher's variables show ranks on more than one host (False when they do not say)."""
+    local = env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or env.get("MPI_LOCALNRANKS") or env.get("LOCAL_WORLD_SIZE")
+    if local:
+        return int(local) < world_size
+    return int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1) > 1
+
+
 def init_distributed(device_arg: str = "auto", dist_url: str = "env://") -> tuple[DistInfo, torch.device]:
     """Start the process group if launched by torchrun/mpirun/srun; pick this rank's device.
 
     NCCL on GPU, gloo on CPU. mpirun sets no MASTER_ADDR/PORT: the launch scripts export them; without
-    them a single-host default (127.0.0.1:29500) is used.
+    them a single-host default (127.0.0.1:29500) is used, and a job across hosts is refused (its other
+    hosts would wait for a rendezvous on their own 127.0.0.1 until the 10-30 min timeout).
     """
     info = dist_env(os.environ)
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device (a CPU-only torch build, no driver, or an "
+                          "empty CUDA_VISIBLE_DEVICES); use --device cpu or auto")
     use_cuda = wants_cuda(device_arg)
-    device = torch.device(f"cuda:{info.local_rank}" if use_cuda else "cpu")
+    device = torch.device(f"cuda:{cuda_index(info.local_rank, torch.cuda.device_count())}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if info.distributed:
+        if "MASTER_ADDR" not in os.environ and spans_nodes(os.environ, info.world_size):
+            raise ConfigError(f"{info.world_size} ranks on several hosts ({info.launcher} launcher) but MASTER_ADDR "
+                              f"is not set: export MASTER_ADDR=<host of rank 0> MASTER_PORT=<free port> and pass "
+                              f"them to every rank (mpirun -x MASTER_ADDR -x MASTER_PORT), as scripts/qsub_run.sh does")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method=dist_url,
                                 rank=info.rank, world_size=info.world_size)
         dist.barrier()
-    if device.type == "cpu" and "SARWMIX_THREADS" in os.environ:
-        torch.set_num_threads(int(os.environ["SARWMIX_THREADS"]))
     return info, device
 
 
@@ -178,7 +205,10 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "fp16":
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Compute capability 8.0 (Ampere) brought bf16 tensor cores. torch.cuda.is_bf16_supported() also says
+        # True on a V100 or T4, where bf16 is emulated (slow): those get fp16 and the GradScaler.
+        native = torch.version.hip is not None or torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.bfloat16 if native else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
