@@ -31,8 +31,10 @@ def test_dist_env_reads_every_launcher():
     assert (p.rank, p.world_size, p.local_rank, p.launcher) == (5, 8, 1, "pmi")
     q = dist_env({"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALNRANKS": "4"})
     assert q.local_rank == 1  # derived from ranks per node when the launcher gives no local rank
-    s = dist_env({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"})
-    assert (s.rank, s.launcher) == (2, "slurm")
+    s = dist_env({"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0"})
+    assert (s.rank, s.world_size, s.launcher) == (2, 4, "slurm")  # the srun step's tasks, not the allocation's
+    batch = dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0"})  # sbatch script, no srun
+    assert (batch.world_size, batch.distributed) == (1, False)
 
 
 def test_cuda_index_is_the_local_rank_or_the_one_visible_gpu():

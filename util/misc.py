@@ -42,7 +42,9 @@ _LAUNCHER_VARS = (
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
     ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
     ("pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    # srun's step variables, not the allocation's SLURM_NTASKS: a plain `python ...` inside sbatch/salloc
+    # (which has no step variables) runs alone instead of waiting for tasks that no srun started.
+    ("slurm", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
 )
 
 
