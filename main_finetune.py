@@ -82,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.set_defaults(model="mixmim_tiny", input_size=None, epochs=2, warmup_epochs=1, batch_size=16,
                         blr=5e-4, weight_decay=0.05, num_samples=64, num_eval_samples=32,
                         output_dir="./output_finetune")
-    return parser
+    return runner.document_defaults(parser)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -224,7 +224,10 @@ def provenance(args: argparse.Namespace, init: dict | None, evaluated: dict) -> 
                 "train_fraction": args.train_fraction}
     stored = args_dict(evaluated.get("args")) if args.eval else {}
     source = args.finetune or stored.get("finetune") or None
-    return {"finetune": source, "pretrain_epoch": checkpoint_epoch(source, {}) if source else None,
+    epoch = checkpoint_epoch(source, {}) if source else None
+    if not args.finetune and stored.get("pretrain_epoch") is not None:  # recorded by the training run
+        epoch = int(stored["pretrain_epoch"])
+    return {"finetune": source, "pretrain_epoch": epoch,
             "train_fraction": float(stored.get("train_fraction", args.train_fraction))}
 
 
@@ -325,6 +328,8 @@ def main(args: argparse.Namespace) -> dict:
     else:
         if args.finetune:
             init, _ = load_pretrained_file(model, args.finetune, args.checkpoint_sha256, channels=channels)
+            # Stored with the args of every checkpoint of this run, for --eval of a checkpoint.pth-named source.
+            args.pretrain_epoch = checkpoint_epoch(args.finetune, init)
         chosen = train(args, run, model, splits)
         ckpt, _ = load_pretrained_file(model, chosen, keep_head=True, channels=channels)
     vit = {"pss": args.pss, "eval_rho": args.eval_rho} if is_vit(args.model) else {}

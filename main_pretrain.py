@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--vis_samples", type=int, default=4, help="samples in reconstructions.png (0: none)")
     parser.set_defaults(model="mixmim_tiny", epochs=4, warmup_epochs=1, batch_size=32, blr=1.5e-4,
                         weight_decay=0.05, num_samples=192)
-    return parser
+    return runner.document_defaults(parser)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -244,7 +244,9 @@ def metric_column(frame: pd.DataFrame, metric: str | None, split: str) -> str:
             raise ConfigError(f"no default metric for task(s) {', '.join(map(str, tasks))}; pass --metric")
     column = f"{split}_{metric}"
     if column not in frame.columns or frame[column].isna().all():
-        have = sorted(c.split("_", 1)[1] for c in frame.columns if c.startswith(f"{split}_"))
+        counts = {"n_samples", "n_classes_present"}  # stored beside the metrics, not metrics
+        have = sorted(c.split("_", 1)[1] for c in frame.columns if c.startswith(f"{split}_")
+                      and c.split("_", 1)[1] not in counts)
         raise ConfigError(f"--metric {metric}: not in the {split} results; available: {', '.join(have)}")
     return column
 

@@ -161,3 +161,14 @@ def test_yaml_booleans_for_on_off_flags(tmp_path):
     assert (a.norm_pix_loss, a.pin_mem) == (False, False)
     assert parse("--config", write(tmp_path, "norm_pix_loss: true\n")).norm_pix_loss is True
     assert parse("--config", write(tmp_path, "norm_pix_loss: false\n"), "--norm_pix_loss").norm_pix_loss is True
+
+
+def test_help_states_the_defaults(capsys):
+    import main_finetune
+    import main_pretrain
+
+    for module, expected in ((main_pretrain, ("(default: 192)", "(default: 0.0)", "(default: synthetic)")),
+                             (main_finetune, ("(default: 64)", "(default: ./output_finetune)"))):
+        text = module.get_args_parser().format_help()
+        assert all(e in text for e in expected), (module.__name__, [e for e in expected if e not in text])
+        assert "(default: None)" not in text and "(default: False)" not in text

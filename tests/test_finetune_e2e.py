@@ -86,8 +86,11 @@ def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pret
     # Provenance read from the evaluated file's args.
     assert (c["finetune"], c["pretrain_epoch"], c["train_fraction"]) == (str(pretrained), 1, 0.4)
     assert not any(r.levelname == "WARNING" and "another input size" in r.message for r in caplog.records)
+    caplog.set_level("INFO", logger="sarwmix")
     finetune("--eval", "--resume", str(path), "--input_size", "64", "--output_dir", str(tmp_path / "d"), *data)
     assert any(r.levelname == "WARNING" and "another input size" in r.message for r in caplog.records)
+    [outputs] = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"outputs in {tmp_path / 'd'}")]
+    assert outputs.endswith(": config.yaml, results.json, TensorBoard events")  # --eval: no checkpoint
 
 
 def test_sen12_finetune_from_a_released_format_checkpoint(pretrained, tmp_path):
@@ -225,3 +228,13 @@ def test_released_recipe_configs_parse(name):
     assert (args.layer_decay, args.drop_path, args.weight_decay) == (0.7, 0.1, 0.05)
     assert args.input_size == (512 if args.task == "sen12flood" else 128)
     assert args.select_metric == ("f1" if args.task == "sen12flood" else "mAP_macro")
+
+
+def test_eval_reads_the_pretrain_epoch_the_training_run_recorded():
+    """A run finetuned from ``checkpoint.pth`` (no epoch in the name) still reports its pretraining epoch."""
+    args = main_finetune.parse_args(["--eval", "--resume", "x.pth"])
+    stored = {"finetune": "output_dir/checkpoint.pth", "pretrain_epoch": 4, "train_fraction": 0.5}
+    assert main_finetune.provenance(args, None, {"args": stored}) == {
+        "finetune": "output_dir/checkpoint.pth", "pretrain_epoch": 4, "train_fraction": 0.5}
+    older = {k: v for k, v in stored.items() if k != "pretrain_epoch"}  # before it was recorded: unknown
+    assert main_finetune.provenance(args, None, {"args": older})["pretrain_epoch"] is None

@@ -28,6 +28,16 @@ from util.misc import (
 log = logging.getLogger("sarwmix")
 
 
+def document_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Append ``(default: X)`` to the --help of every option with a default its help does not state."""
+    for action in parser._actions:
+        help_text = action.help or ""
+        if (action.option_strings and action.help is not argparse.SUPPRESS and "default" not in help_text
+                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            action.help = f"{help_text} (default: %(default)s)".lstrip()
+    return parser
+
+
 def common_parser() -> argparse.ArgumentParser:
     """Flags shared by pretraining and finetuning (declared once, used as ``parents=[...]``)."""
     from util.datasets import DATASET_NAMES
@@ -236,7 +246,9 @@ def finish(run: Run) -> None:
         run.tb.close()
     run.epoch_log.close()
     run.step_log.close()
-    if run.info.is_main:
-        log.info("outputs in %s: checkpoint.pth, log.txt, train_log.json, config.yaml, TensorBoard events",
-                 run.output_dir.resolve())
+    if run.info.is_main:  # what this run left there (an --eval run writes no checkpoint)
+        files = sorted(p.name for p in run.output_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        shown = [f for f in files if not f.startswith("events.out.tfevents")]
+        shown += ["TensorBoard events"] if len(shown) < len(files) else []
+        log.info("outputs in %s: %s", run.output_dir.resolve(), ", ".join(shown))
     cleanup_distributed()
