@@ -25,6 +25,7 @@ from engine_pretrain import StepFn
 from sarwmix.errors import DataError
 from util.augment import check_finite, normalize, random_flips
 from util.metrics import task_metrics
+from util.misc import write_text_atomic
 from util.pss import keep_count
 from util.sampler import StridedEvalSampler
 
@@ -214,8 +215,7 @@ def _json_safe(value):
 
 def write_results(path: Path, results: dict) -> Path:
     """Write ``results.json`` (NaN metrics become null, so the file stays valid JSON)."""
-    path.write_text(json.dumps(_json_safe(results), indent=2) + "\n")
-    return path
+    return write_text_atomic(path, json.dumps(_json_safe(results), indent=2) + "\n")
 
 
 def format_table(results: dict) -> str:

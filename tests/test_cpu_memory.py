@@ -58,3 +58,11 @@ def test_system_allocator_is_left_alone(tmp_path):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="'fast'.*'tuned' or 'system'"):
         tune_cpu_memory("fast")
+
+
+def test_write_text_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path):
+    from util.misc import write_text_atomic
+
+    path = write_text_atomic(tmp_path / "results.json", "{}\n")
+    write_text_atomic(path, '{"a": 1}\n')
+    assert path.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from sarwmix.errors import ConfigError, SarwmixError
+from util.misc import write_text_atomic
 
 
 def str2bool(v: str | bool) -> bool:
@@ -136,7 +137,7 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set
 def write_config(args: argparse.Namespace, path: Path) -> None:
     """Write the resolved configuration as YAML (plain types only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(plain_dict(args), sort_keys=True))
+    write_text_atomic(path, yaml.safe_dump(plain_dict(args), sort_keys=True))
 
 
 def plain_dict(args: argparse.Namespace | dict) -> dict:

@@ -249,9 +249,17 @@ def truncate_jsonl(path: Path, keep: callable) -> None:
             continue  # a line cut by a kill
         if keep(rec):
             lines.append(line)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+    write_text_atomic(path, "".join(x + "\n" for x in lines))
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a kill leaves the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+    return path
 
 
 def check_replicas(model: torch.nn.Module, device: torch.device) -> str:
