@@ -153,6 +153,8 @@ write_hostfile() {
       echo "$host slots=$per_node" >>"$file"
     fi
   done
+  # A dry run's file is deleted on exit: show what it held, so that the printed command can be rebuilt.
+  if [[ ${DRY_RUN:-0} == 1 ]]; then sed "s|^|# $file: |" "$file"; fi
 }
 
 pass_vars() {
