@@ -129,6 +129,8 @@ def test_qsub_dry_run_multi_node_line(tmp_path, two_hosts):
     assert proc.returncode == 0, proc.stderr
     assert "(node-a node-b)" in proc.stdout  # each host once, in node-file order
     [argv] = command_lines(proc.stdout)
+    hostfile = flag_value(argv, "--hostfile")  # deleted on exit: its content is printed instead
+    assert f"# {hostfile}: node-a slots=8\n# {hostfile}: node-b slots=8" in proc.stdout
     assert argv[0] == "mpirun"
     assert flag_value(argv, "-np") == "16" and flag_value(argv, "-N") == "8"
     assert "--hostfile" in argv
