@@ -179,6 +179,7 @@ def test_pss_with_a_swin_or_on_sen12flood_is_refused_in_one_line(capsys):
                         (["--model", "vit_tiny", "--input_size", "72"], "multiple of the ViT patch size"),
                         (["--model", "vit_tiny", "--pss", "linear", "--pss_min", "0"], "pss_min"),
                         (["--model", "vit_tiny", "--pss", "cyclic", "--pss_period", "1"], "pss_period"),
+                        (["--model", "vit_tiny", "--pss", "linear", "--pss_period", "8"], "would be ignored"),
                         (["--model", "vit_tiny", "--pss", "linear", "--compile"], "without --compile"),
                         (["--model", "vit_gigantic"], "unknown model 'vit_gigantic'; choices: mixmim_tiny")):
         with pytest.raises(ConfigError, match=match):

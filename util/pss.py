@@ -60,6 +60,9 @@ class PatchSchedule:
                  period: int | None = None) -> PatchSchedule:
         """The schedule of a run of ``epochs`` x ``updates_per_epoch`` updates; cyclic period default: one
         epoch of updates (at least 2)."""
+        if kind != "cyclic" and period is not None:
+            raise ConfigError(f"--pss_period {period} sets the cycle of --pss cyclic; with --pss {kind} it would "
+                              f"be ignored")
         if kind == "cyclic" and period is None:
             period = max(2, updates_per_epoch)
         return cls(kind, rho_min, rho_max, updates_per_epoch * epochs, period if kind == "cyclic" else None)
