@@ -3,8 +3,8 @@
 Pair files are float32 ``(2 dates, 2 channels [VH, VV], 512, 512)`` in **linear** power, written by
 ``sen12_data_prep`` and cleaned by ``sen12_prune_partial_pairs``. The loader converts to dB with
 ``10 * log10(max(lin, LINEAR_FLOOR))``: the no-data zeros become -60 dB instead of ``-inf``. It does not
-normalise: the training engine normalises on the device with ``dataset.stats`` (the BENv1 statistics,
-SPEC section 6), after computing the weight maps from the raw dB.
+normalise: the finetuning engine resizes, flips and normalises on the device with ``dataset.stats`` (the
+BENv1 statistics, SPEC section 6).
 
 SEN12-FLOOD has only a train and a test split. ``split="val"`` reads ``OUT/val`` when it exists (make one
 by moving some training sequences there) and otherwise falls back to ``OUT/test`` with a logged warning:
@@ -37,6 +37,22 @@ def linear_to_db(power: np.ndarray) -> np.ndarray:
     Computed in float64: 1e-6 has no exact float32 value, and its float32 log would be -60.000004.
     """
     return (10.0 * np.log10(np.maximum(power.astype(np.float64), LINEAR_FLOOR))).astype(np.float32)
+
+
+def load_pair(path: Path) -> np.ndarray:
+    """The array of one ``.npy`` pair file; DataError naming the file if it cannot be read as one array.
+
+    An empty file (an interrupted write) raises EOFError in ``np.load`` and an ``.npz`` archive loads as
+    an ``NpzFile``: both are reported like any other unreadable file.
+    """
+    try:
+        power = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable .npy pair file: {exc}") from exc
+    if not isinstance(power, np.ndarray):
+        power.close()
+        raise DataError(f"{path} is not a readable .npy pair file: it holds an archive, not one array")
+    return power
 
 
 def split_folder(root: Path, split: str) -> Path:
@@ -89,12 +105,11 @@ class Sen12FloodPairs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = self.files[index]
-        try:
-            power = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path} is not a readable .npy pair file: {exc}") from exc
+        power = load_pair(path)
         if power.shape != PAIR_SHAPE:
             raise DataError(f"{path} has shape {power.shape}; expected {PAIR_SHAPE} (dates, [VH, VV], H, W)")
+        if power.dtype.kind != "f":
+            raise DataError(f"{path} has dtype {power.dtype}; expected float32 linear power")
         if not np.isfinite(power).all():
             raise DataError(f"{path} holds non-finite values (NaN/Inf); expected finite linear power")
         pair_db = torch.from_numpy(linear_to_db(power))

@@ -101,3 +101,21 @@ def test_class_counts(pruned, capsys):
                                                     "test: 2 pairs (no flood 0, flood 2)"]
     assert print_class_counts(pruned / "train") == 2
     assert "no train/val/test folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["empty", "npz", "int16", "complex64", "bool"])
+def test_unreadable_or_non_float_pair_file_is_a_data_error_naming_it(kind, tmp_path):
+    # An interrupted write leaves an empty file (np.load: EOFError); an .npz loads as an archive; integer,
+    # complex or boolean arrays are not linear power and must not be converted silently.
+    path = tmp_path / "train" / "0001__a__b__1.npy"
+    path.parent.mkdir()
+    power = np.full((2, 2, 512, 512), 0.03, dtype=np.float32)
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "npz":
+        with open(path, "wb") as fh:
+            np.savez(fh, pair=power)
+    else:
+        np.save(path, power.astype(kind))
+    with pytest.raises(DataError, match=r"0001__a__b__1\.npy (is not a readable \.npy|has dtype)"):
+        Sen12FloodPairs(tmp_path)[0]
