@@ -191,7 +191,19 @@ def build_splits(args: argparse.Namespace, world_size: int) -> dict:
         raise ConfigError(f"training split has {len(train)} samples, fewer than one global batch of "
                           f"{per_update}; lower --batch_size or raise --train_fraction/--num_samples")
     log.info("samples: train %d, val %d", len(train), len(val))
+    if args.task == "sen12flood" and args.select_metric != "accuracy" and not any(pair_labels(val)):
+        log.warning("the SEN12-FLOOD validation split holds no flood pair: its %s is 0 in every epoch, so the "
+                    "first epoch would be kept; use another --seed / --val_fraction, a val/ folder, or "
+                    "--select_metric accuracy", args.select_metric)
     return {"train": train, "val": val, "test": build_split(args, "test")}
+
+
+def pair_labels(dataset) -> list[int]:
+    """The 0/1 labels of a SEN12-FLOOD data set or of a view of one (from the file names, nothing read)."""
+    if isinstance(dataset, E.SubsetView):
+        base = pair_labels(dataset.base)
+        return [base[i] for i in dataset.indices]
+    return list(dataset.labels)
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:

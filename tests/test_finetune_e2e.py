@@ -238,3 +238,17 @@ def test_eval_reads_the_pretrain_epoch_the_training_run_recorded():
         "finetune": "output_dir/checkpoint.pth", "pretrain_epoch": 4, "train_fraction": 0.5}
     older = {k: v for k, v in stored.items() if k != "pretrain_epoch"}  # before it was recorded: unknown
     assert main_finetune.provenance(args, None, {"args": older})["pretrain_epoch"] is None
+
+
+def test_a_flood_less_sen12_validation_split_is_warned(tmp_path, caplog):
+    """F1 of a validation split without floods is 0 every epoch: the first epoch would be kept silently."""
+    root = write_sen12_pairs(tmp_path / "pairs", {"train": [("0001", 0), ("0001", 1)], "val": [("0002", 0)],
+                                                  "test": [("0009", 0)]})
+    args = main_finetune.parse_args(["--dataset", "sen12flood", "--data_path", str(root), "--batch_size", "1"])
+    main_finetune.resolve_task(args)
+    main_finetune.build_splits(args, world_size=1)
+    assert any("holds no flood pair" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    args.select_metric = "accuracy"
+    main_finetune.build_splits(args, world_size=1)
+    assert not any("holds no flood pair" in r.getMessage() for r in caplog.records)
