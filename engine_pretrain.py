@@ -71,13 +71,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         on_iteration: called after each optimizer update with the global iteration; may return extra
             scalars to log (e.g. a token-keep schedule).
     Raises:
-        TrainingError on a non-finite loss (the last good checkpoint on disk is left untouched).
+        TrainingError on a non-finite loss, or a non-finite gradient norm without the fp16 GradScaler
+        (the last good checkpoint on disk is left untouched).
     """
     model.train()
     n_iter = len(loader)
     t0, t_start = time.time(), t_start or time.time()
-    sums: dict[str, float] = {}
-    n_images, grad_norm = 0, float("nan")
+    sums: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0}
+    n_images, n_norms, grad_norm = 0, 0, float("nan")
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, total=n_iter, desc=f"epoch {epoch}", disable=not progress, leave=False)
     for i, batch in enumerate(bar):
@@ -97,11 +98,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             (scaler.scale(loss / accum_iter) if scaler else loss / accum_iter).backward()
         extra_log = {}
         if boundary:
-            grad_norm = _optimizer_step(model, optimizer, scaler, clip_grad)
+            grad_norm = _optimizer_step(model, optimizer, scaler, clip_grad, f"epoch {epoch}, iteration {i}")
+            if math.isfinite(grad_norm):  # inf/nan: an fp16 step the GradScaler skipped
+                sums["grad_norm"] += grad_norm
+                n_norms += 1
             if on_iteration is not None:
                 extra_log = on_iteration(it) or {}
         n_images += b
-        for k, v in {"loss": loss_value, "grad_norm": grad_norm, **extras}.items():
+        for k, v in {"loss": loss_value, **extras}.items():
             sums[k] = sums.get(k, 0.0) + v
         record = {"epoch": epoch, "iter": it, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                   "time_s": round(time.time() - t_start, 3), **extras, **extra_log}
@@ -113,6 +117,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
     elapsed = time.time() - t0
     stats = {k: v / max(n_iter, 1) for k, v in sums.items()}
+    # the mean over the updates taken (micro-batches that only accumulate measure nothing)
+    stats["grad_norm"] = sums["grad_norm"] / n_norms if n_norms else float("nan")
     stats.update(lr=lr, epoch_time_s=elapsed, img_per_s=n_images / max(elapsed, 1e-9))
     if tb_writer is not None:
         tb_writer.add_scalar("train/img_per_s", stats["img_per_s"], epoch)
@@ -120,19 +126,26 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, clip_grad: float | None) -> float:
-    """Unscale, measure (and optionally clip) the gradient norm, step, zero the gradients."""
+                    scaler: torch.amp.GradScaler | None, clip_grad: float | None, where: str) -> float:
+    """Unscale, measure (and optionally clip) the gradient norm, step, zero the gradients.
+
+    A non-finite norm with the fp16 GradScaler is a step it skips (lowering its scale); without a scaler it
+    raises TrainingError before the step, so no NaN weights reach a checkpoint.
+    """
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float("inf"))
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float("inf")))
+    if scaler is None and not math.isfinite(norm):
+        raise TrainingError(f"non-finite gradient norm ({norm}) at {where}; stopped before the optimizer "
+                            f"step: the last good checkpoint is kept")
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 @torch.no_grad()

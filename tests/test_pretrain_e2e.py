@@ -241,3 +241,98 @@ def test_token_granularity_uses_the_target_patch_of_the_mode(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         main_pretrain.main(args)
     assert seen["token"] == token
+
+
+class _FakeDDP(torch.nn.Module):
+    """A one-parameter model with DDP's ``no_sync``, recording which micro-batches skip the all-reduce."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.synced: list[bool] = []
+
+    def no_sync(self):
+        import contextlib
+
+        self.synced.append(False)
+        return contextlib.nullcontext()
+
+    def forward(self, x):
+        return (self.w * x).sum()
+
+
+class _SkippingScaler:
+    """GradScaler stand-in: unit scale, records its calls; ``unscale_`` finds inf on the updates in ``skip``."""
+
+    def __init__(self, skip: set[int]) -> None:
+        self.skip, self.calls, self.updates = skip, [], 0
+
+    def scale(self, loss):
+        return loss
+
+    def unscale_(self, optimizer):
+        self.calls.append("unscale_")
+        if self.updates in self.skip:
+            for p in optimizer.param_groups[0]["params"]:
+                p.grad.fill_(float("inf"))
+
+    def step(self, optimizer):
+        self.calls.append("step")
+        if self.updates not in self.skip:
+            optimizer.step()
+
+    def update(self):
+        self.calls.append("update")
+        self.updates += 1
+
+
+def test_fp16_skipped_steps_and_accumulation_keep_the_epoch_grad_norm_finite(monkeypatch):
+    """Epoch grad_norm: the mean over the updates the scaler took (not NaN with --accum_iter, not inf after a
+    skipped fp16 step); the scaler unscales before the norm is measured; no_sync on all but the last micro-batch."""
+    import engine_pretrain
+
+    norms = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm):
+        norms.append(float(torch.cat([p.grad.flatten() for p in params]).norm()))
+        scaler.calls.append("clip")
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    model, scaler = _FakeDDP(), _SkippingScaler(skip={0})
+    loader = [torch.full((3,), float(k + 1)) for k in range(6)]  # 3 updates of 2 micro-batches
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = engine_pretrain.train_one_epoch(model, loader, opt, lambda m, x, g: (m(x), {}, 1), epoch=0,
+                                            lr_fn=lambda e: 0.1, device=torch.device("cpu"), scaler=scaler,
+                                            accum_iter=2, progress=False)
+    assert scaler.calls == ["unscale_", "clip", "step", "update"] * 3
+    assert model.synced == [False] * 3  # micro-batches 0, 2, 4 of 6
+    assert norms[0] == float("inf") and all(n < float("inf") for n in norms[1:])
+    assert stats["grad_norm"] == pytest.approx(sum(norms[1:]) / 2)
+
+
+def test_non_finite_gradient_without_scaler_stops_before_the_step(tmp_path, monkeypatch):
+    """bf16/fp32 (no GradScaler): a finite loss with a non-finite gradient at the last update of an epoch
+    must not step the optimizer, else checkpoint.pth would be overwritten with NaN weights."""
+    real = main_pretrain.make_pretrain_step
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        step = real(*a, **k)
+
+        def wrapped(model, batch, gen):
+            calls["n"] += 1
+            loss, extras, n = step(model, batch, gen)
+            if calls["n"] == 8:  # the last iteration of epoch 1: d sqrt(|0|) is nan, the loss stays finite
+                p = next(q for q in model.parameters() if q.requires_grad)
+                loss = loss + (p - p.detach()).abs().sqrt().sum()
+            return loss, extras, n
+        return wrapped
+
+    monkeypatch.setattr(main_pretrain, "make_pretrain_step", poisoned)
+    with pytest.raises(TrainingError, match="non-finite gradient norm.*epoch 1, iteration 3.*last good"):
+        _run(tmp_path, "--epochs", "3", "--vis_samples", "0")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                      if v.is_floating_point())
