@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from engine_pretrain import StepFn
 from sarwmix.errors import DataError
 from util.augment import check_finite, normalize, random_flips
 from util.metrics import task_metrics
-from util.misc import write_text_atomic
+from util.misc import json_safe, write_text_atomic
 from util.pss import keep_count
 from util.sampler import StridedEvalSampler
 
@@ -205,17 +204,10 @@ def holdout_by_sequence(files: Sequence[Path], fraction: float, seed: int) -> tu
 
 # --- results --------------------------------------------------------------------------------------
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
-
 
 def write_results(path: Path, results: dict) -> Path:
     """Write ``results.json`` (NaN metrics become null, so the file stays valid JSON)."""
-    return write_text_atomic(path, json.dumps(_json_safe(results), indent=2) + "\n")
+    return write_text_atomic(path, json.dumps(json_safe(results), indent=2) + "\n")
 
 
 def format_table(results: dict) -> str:

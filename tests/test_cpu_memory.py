@@ -66,3 +66,17 @@ def test_write_text_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path
     path = write_text_atomic(tmp_path / "results.json", "{}\n")
     write_text_atomic(path, '{"a": 1}\n')
     assert path.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_json_lines_are_strict_json(tmp_path):
+    """NaN/inf (a first update's grad norm, an fp16 skipped step) become null, which every JSON parser reads."""
+    import json
+
+    from util.misc import JsonLines
+
+    log = JsonLines(tmp_path / "train_log.json")
+    log.write({"iter": 0, "grad_norm": float("nan"), "loss": float("inf"), "lr": [1e-4, float("-inf")]})
+    log.close()
+    line = (tmp_path / "train_log.json").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line) == {"iter": 0, "grad_norm": None, "loss": None, "lr": [1e-4, None]}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -220,8 +221,21 @@ def setup_logging(is_main: bool) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
 
 
+def json_safe(value):
+    """``value`` with every non-finite float (and in nested dicts and lists) as None: strict JSON, which
+    ``json.dumps`` would otherwise break with ``NaN``/``Infinity`` tokens (jq and most parsers refuse them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class JsonLines:
-    """Append-only JSON-lines file, flushed per record (a killed run keeps every finished line)."""
+    """Append-only JSON-lines file of strict JSON (non-finite numbers as null), flushed per record (a killed
+    run keeps every finished line)."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -229,7 +243,7 @@ class JsonLines:
 
     def write(self, record: dict) -> None:
         if self._fh is not None:
-            self._fh.write(json.dumps(record) + "\n")
+            self._fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
             self._fh.flush()
 
     def close(self) -> None:
