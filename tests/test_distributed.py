@@ -169,3 +169,20 @@ def test_block_sampler_equivalence_of_ranks_and_accumulation():
     with pytest.raises(ValueError, match="smaller than one global batch"):
         BlockShardSampler(3, 4)
     assert torch.equal(torch.tensor(sorted(accum)), torch.arange(20))
+
+
+def test_ddp_does_not_rebroadcast_buffers_and_models_have_only_constant_ones(monkeypatch):
+    """broadcast_buffers=False is safe only while no model has a buffer that training changes (BatchNorm)."""
+    import types
+
+    import models_mixmim
+    import models_simmim
+    from util import trainer
+
+    seen = {}
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda m, **kw: seen.update(kw) or m)
+    run = types.SimpleNamespace(info=misc.DistInfo(0, 2, 0, "test"), device=torch.device("cpu"))
+    trainer._wrap(torch.nn.Linear(2, 2), types.SimpleNamespace(compile=False), run)
+    assert seen["broadcast_buffers"] is False
+    for model in (models_mixmim.mixmim_tiny(img_size=64), models_simmim.build_simmim("swinv2_tiny_w8", 128, 2)):
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -200,7 +200,9 @@ def _wrap(model: nn.Module, args: argparse.Namespace, run: Run) -> nn.Module:
             log.warning("torch.compile unavailable (%s); running eager", str(e).splitlines()[0][:120])
     if run.info.distributed:
         ids = [run.device.index] if run.device.type == "cuda" else None
-        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
+        # Every buffer is a constant (relative-position indices; no BatchNorm): nothing to re-broadcast from
+        # rank 0 before each forward. Rank 0's initial buffers still reach every rank at construction.
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids, broadcast_buffers=False)
     return wrapped
 
 
