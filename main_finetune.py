@@ -175,10 +175,15 @@ def build_split(args: argparse.Namespace, split: str):
                          skip_bad=args.skip_bad, num_samples=n, seed=args.seed, label_set=args.label_set)
 
 
+def carves_validation(args: argparse.Namespace) -> bool:
+    """SEN12-FLOOD without a ``val/`` folder: validation is held out of the training sequences."""
+    return args.task == "sen12flood" and not (Path(args.data_path) / "val").is_dir()
+
+
 def build_splits(args: argparse.Namespace, world_size: int) -> dict:
     """train (``--train_fraction`` of it), val and test data sets of the run."""
     train = build_split(args, "train")
-    if args.task == "sen12flood" and not (Path(args.data_path) / "val").is_dir():
+    if carves_validation(args):
         keep, held = E.holdout_by_sequence(train.files, args.val_fraction, args.seed)
         val, train = E.SubsetView(train, held), E.SubsetView(train, keep)
         log.info("SEN12-FLOOD validation: %d pairs of held-out training sequences (seed %d)", len(val), args.seed)
@@ -249,7 +254,7 @@ def adopt_holdout(args: argparse.Namespace, evaluated: dict) -> None:
     Its validation pairs were carved from the training split by ``--seed`` and ``--val_fraction``; the
     checkpoint's values win over this command line's, so "val" never holds sequences the model trained on.
     """
-    if args.task != "sen12flood" or (Path(args.data_path) / "val").is_dir():
+    if not carves_validation(args):
         return
     stored = args_dict(evaluated.get("args"))
     for name in ("seed", "val_fraction"):

@@ -71,7 +71,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert log_epochs == [0, 1, 2]
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+def _poison_steps(monkeypatch, poison) -> None:
+    """Wrap main_pretrain's training step: ``poison(call_number, model, loss)`` returns the loss to use."""
     real = main_pretrain.make_pretrain_step
     calls = {"n": 0}
 
@@ -81,10 +82,14 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         def wrapped(model, batch, gen):
             calls["n"] += 1
             loss, extras, n = step(model, batch, gen)
-            return (loss * float("nan") if calls["n"] > 4 else loss), extras, n
+            return poison(calls["n"], model, loss), extras, n
         return wrapped
 
     monkeypatch.setattr(main_pretrain, "make_pretrain_step", poisoned)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    _poison_steps(monkeypatch, lambda call, model, loss: loss * float("nan") if call > 4 else loss)
     with pytest.raises(TrainingError, match="non-finite loss.*last good checkpoint"):
         _run(tmp_path, "--epochs", "3")
     assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 0
@@ -315,22 +320,13 @@ def test_fp16_skipped_steps_and_accumulation_keep_the_epoch_grad_norm_finite(mon
 def test_non_finite_gradient_without_scaler_stops_before_the_step(tmp_path, monkeypatch):
     """bf16/fp32 (no GradScaler): a finite loss with a non-finite gradient at the last update of an epoch
     must not step the optimizer, else checkpoint.pth would be overwritten with NaN weights."""
-    real = main_pretrain.make_pretrain_step
-    calls = {"n": 0}
+    def nan_gradient(call, model, loss):
+        if call == 8:  # the last iteration of epoch 1: d sqrt(|0|) is nan, the loss stays finite
+            p = next(q for q in model.parameters() if q.requires_grad)
+            loss = loss + (p - p.detach()).abs().sqrt().sum()
+        return loss
 
-    def poisoned(*a, **k):
-        step = real(*a, **k)
-
-        def wrapped(model, batch, gen):
-            calls["n"] += 1
-            loss, extras, n = step(model, batch, gen)
-            if calls["n"] == 8:  # the last iteration of epoch 1: d sqrt(|0|) is nan, the loss stays finite
-                p = next(q for q in model.parameters() if q.requires_grad)
-                loss = loss + (p - p.detach()).abs().sqrt().sum()
-            return loss, extras, n
-        return wrapped
-
-    monkeypatch.setattr(main_pretrain, "make_pretrain_step", poisoned)
+    _poison_steps(monkeypatch, nan_gradient)
     with pytest.raises(TrainingError, match="non-finite gradient norm.*epoch 1, iteration 3.*last good"):
         _run(tmp_path, "--epochs", "3", "--vis_samples", "0")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pth")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import pickle
 import re
 import zipfile
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sarwmix.errors import CheckpointError
+from util.misc import replace_atomic
 
 FORMAT_VERSION = 1
 CHECKSUMS_FILE = Path(__file__).resolve().parents[1] / "CHECKSUMS.txt"
@@ -28,19 +28,7 @@ def save_atomic(obj: dict, path: str | Path) -> Path:
 
     A crash or kill at any moment leaves either the previous file or the new one, never a partial file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full, unpicklable object) leaves no partial file
-        raise
-    return path
+    return replace_atomic(path, lambda fh: torch.save(obj, fh))
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.distributed as dist
@@ -266,14 +267,30 @@ def truncate_jsonl(path: Path, keep: callable) -> None:
     write_text_atomic(path, "".join(x + "\n" for x in lines))
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a kill leaves the old
-    file or the new one, never half of one."""
+def replace_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write(fh)`` on a temporary file beside ``path``, fsync, then rename it over ``path``.
+
+    A crash or kill at any moment leaves either the previous file or the new one, never a partial file; a
+    failed write (disk full, unpicklable object) removes the temporary file and re-raises.
+    """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """``replace_atomic`` for UTF-8 text (results.json, config.yaml, a truncated log)."""
+    return replace_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def check_replicas(model: torch.nn.Module, device: torch.device) -> str:
