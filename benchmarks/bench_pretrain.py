@@ -200,6 +200,23 @@ def measure(name: str, mode: str, batch: int, img: int, amp: str, paths: list[st
     return out, plain, flops[paths[-1]]
 
 
+def significant(x: float, width: int) -> str:
+    """``x`` right-aligned in ``width`` characters with three significant digits.
+
+    A fixed number of decimals would print a slow step's small fraction of peak (0.4 GFLOP/s of a
+    770 GFLOP/s bf16 peak) as 0.00; three significant digits keep every positive figure positive.
+    """
+    return f"{x:{width}.3g}"
+
+
+def format_row(r: dict, batch: int, amp: str, peak: float, base_img_s: float) -> str:
+    """One table row: a measured path of one (model, batch, amp) setting."""
+    return (f"{r['model']:14s} {r['mode']:7s} {batch:5d} {amp:5s} {r['path']:10s} "
+            f"{significant(r['img_s'], 7)} {significant(r['gflop_img'], 9)} {significant(r['gflop_s'], 8)} "
+            f"{significant(r['gflop_s'] / peak, 7)} {r['img_s'] / base_img_s:8.2f} "
+            f"{r['faults']:11.0f} {r['sys_s']:10.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["mixmim_base"])
@@ -238,10 +255,7 @@ def main(argv: list[str] | None = None) -> None:
                                                 a.steps, a.warmup)
                 base = results[0]["img_s"]
                 for r in results:
-                    print(f"{r['model']:14s} {r['mode']:7s} {batch:5d} {amp:5s} {r['path']:10s} "
-                          f"{r['img_s']:7.2f} {r['gflop_img']:9.2f} {r['gflop_s']:8.1f} "
-                          f"{r['gflop_s'] / peaks[amp]:7.2f} {r['img_s'] / base:8.2f} "
-                          f"{r['faults']:11.0f} {r['sys_s']:10.2f}", flush=True)
+                    print(format_row(r, batch, amp, peaks[amp], base), flush=True)
                 if a.breakdown:
                     print("\n".join(op_breakdown(plain, flops, peaks[amp])), flush=True)
 

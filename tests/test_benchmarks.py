@@ -65,6 +65,19 @@ def test_op_breakdown_counts_products_apart_from_other_ops():
     assert "other ATen ops (0 kinds)" in lines[-3] and "outside ATen ops" in lines[-2]
 
 
+def test_table_keeps_a_slow_steps_figures_positive():
+    """A step far below peak (0.4 GFLOP/s of a 770 GFLOP/s peak) still prints a positive fraction."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_pretrain import format_row
+
+    r = {"model": "mixmim_tiny", "mode": "mixmim", "path": "eager", "img_s": 0.004, "gflop_img": 0.1,
+         "gflop_s": 0.0004, "faults": 0.0, "sys_s": 0.0}
+    cols = format_row(r, 2, "bf16", 770.0, 0.004).split()
+    img_s, gflop_img, gflop_s, of_peak = map(float, cols[5:9])
+    assert img_s > 0 and gflop_s > 0 and of_peak > 0
+    assert abs(of_peak - 0.0004 / 770) / (0.0004 / 770) < 0.01
+
+
 def test_bench_pss_reports_each_rho():
     rows = run("bench_pss.py", "--model", "vit_tiny_rel", "--input_size", "64", "--batch_size", "2",
                "--rho", "1.0", "0.5", "--amp", "fp32", "--steps", "1", "--warmup", "0")
