@@ -87,7 +87,8 @@ def common_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Dotted keys of the SimMIM guide's YAML configs (SimMIM/Swin style, e.g. DATA.IMG_SIZE) -> flags. A key whose flag an entry point lacks is refused there.
+# Dotted keys of SimMIM-style YAML configs (e.g. DATA.IMG_SIZE) -> flags.
+# A key whose flag an entry point lacks is refused there.
 DOTTED_KEYS: dict[str, str] = {
     "MODEL.BACKBONE": "model", "MODEL.IN_CHANS": "in_chans", "MODEL.MASK_RATIO": "mask_ratio",
     "MODEL.MASK_PATCH_SIZE": "mask_patch_size", "MODEL.DROP_PATH": "drop_path", "MODEL.MODE": "mode",
