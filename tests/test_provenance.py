@@ -180,3 +180,25 @@ def test_third_party_lists_every_dependency_with_a_licence():
             continue
         assert f"| {name} |" in text or f"| {name} (" in text, f"optional dependency {name} missing"
     assert "redistributes no third-party code, no data and no model weights" in text
+
+
+# The authors' public links of the released files, in CHECKSUMS.txt order.
+RELEASED_LINKS = {
+    "benv1_pretrain_checkpoint_64.pth": "https://drive.google.com/file/d/1wGrfp-NVqW_RD2HwzSL1WgpLi-Hwfwj8/view",
+    "benv1_finetune_checkpoint_best.pth": "https://drive.google.com/file/d/1upoYLnUod6-whUE1xSrrRaIVvvLlTq-A/view",
+    "benv2_pretrain_checkpoint_64.pth": "https://drive.google.com/file/d/1zJdnCKmWJOjUFvOS6kOczFkR1x99KIbH/view",
+    "benv2_finetune_checkpoint_best.pth": "https://drive.google.com/file/d/19jHfitDjVQ2ogHCHetyRXqLt0XfqIBDx/view",
+    "sen12_finetune_checkpoint_best.pth": "https://drive.google.com/file/d/1wIKk7sY7eZldyE8RggrynJj3u4tetETT/view",
+}
+
+
+def test_readme_lists_each_released_file_with_its_link_and_hash():
+    section = (REPO / "README.md").read_text().split("### Released checkpoints", 1)[1].split("\n### ", 1)[0]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in section.splitlines()
+            if line.startswith("| `") and ".pth`" in line}
+    assert list(rows) == list(RELEASED_LINKS)
+    for name, digest in read_checksums(REPO / "CHECKSUMS.txt").items():
+        cells = [cell.strip() for cell in rows[name].split("|")[1:-1]]
+        assert f"({RELEASED_LINKS[name]})" in cells[2] and cells[4] == f"`{digest}`", name
+        assert cells[3], f"{name}: no paper figure (or 'not reported')"
+    assert "https://bigearth.net" in section and "10.21227/w6xz-s898" in section
