@@ -179,7 +179,16 @@ def test_third_party_lists_every_dependency_with_a_licence():
         if name == own:
             continue
         assert f"| {name} |" in text or f"| {name} (" in text, f"optional dependency {name} missing"
-    assert "redistributes no third-party code, no data and no model weights" in text
+    assert "redistributes no third-party code, no imagery and no model weights" in text
+
+
+def test_third_party_lists_every_datasets_file_with_its_sha256():
+    rows = dict(re.findall(r"^\| `(datasets/[^`]+)` \|.*\| `([0-9a-f]{64})` \|$",
+                           (REPO / "THIRD_PARTY.md").read_text(), re.M))
+    files = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "datasets").iterdir() if p.is_file())
+    assert files and sorted(rows) == files
+    for name in files:
+        assert hashlib.sha256((REPO / name).read_bytes()).hexdigest() == rows[name], f"{name}: SHA-256 differs"
 
 
 # The authors' public links of the released files, in CHECKSUMS.txt order.
