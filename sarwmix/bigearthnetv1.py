@@ -229,8 +229,8 @@ def resolve_split(available: Sequence[str], root: Path, split: str, split_file: 
 
     names = _listed_names(available, root, split, split_file, mapping)
     if names is None and split != "train":
-        raise ConfigError(f"no split list {split}.csv found next to {root} (and the shipped official list "
-                          "names none of its patches); pass --split_file")
+        raise ConfigError(f"no split list {split}.csv found next to {root}, and no shipped official list "
+                          "names its patches; pass --split_file")
     if names is None:
         logger.info("no train.csv found next to %s: using all %d patches on disk", root, len(available))
         names = list(available)

@@ -106,7 +106,7 @@ def test_shipped_lists_naming_none_of_the_patches_are_not_used(tmp_path: Path) -
     names = ["S1A_IW_GRDH_1SDV_20990101T000000_33UUP_1_1", "S1A_IW_GRDH_1SDV_20990101T000000_33UUP_1_2"]
     root = make_folders(tmp_path, names)
     assert BenV1Folder(root, "train").names == names  # not BigEarthNet names: every patch on disk
-    with pytest.raises(ConfigError, match="no split list val.csv .*shipped official list names none"):
+    with pytest.raises(ConfigError, match="no split list val.csv .*no shipped official list names its patches"):
         BenV1Folder(root, "val")
 
 
