@@ -89,7 +89,8 @@ def main(args: argparse.Namespace) -> dict:
         exporter.final(trainer.raw_model)
     if run.info.is_main and args.vis_samples > 0:
         path = save_reconstructions(trainer.raw_model, dataset, run.output_dir / "reconstructions.png",
-                                    args.vis_samples, args.weighting, args.weight_exp_scale, args.seed)
+                                    args.vis_samples, args.weighting, args.weight_exp_scale, args.seed,
+                                    args.weight_granularity, token, args.weight_zscore_compat)
         log.info("reconstructions: %s", path)
     runner.finish(run)
     return stats
