@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from util.augment import normalize
 from util.metrics import multilabel_metrics
@@ -217,3 +218,91 @@ def handcrafted_features(sar_db: np.ndarray, bins: int = 16, lo: float = -35.0, 
     for b in range(bins):
         hist[..., b] = (edges == b).mean(-1)
     return np.concatenate([*stats, hist], axis=-1).reshape(x.shape[0], -1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The labelled probe set and the monitor of a pretraining run.
+
+# Synthetic probe sets use the data-set seed ``seed + PROBE_SEED_OFFSET``: patches that no split of the
+# run's own seed generates.
+PROBE_SEED_OFFSET = 1000
+TRAIN_FRACTION = 0.75
+
+
+def _cached(dataset, indices: Sequence[int], num_workers: int) -> TensorDataset:
+    """Read the items once into memory: (raw dB inputs, targets), so later probes only run the encoder."""
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=64, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
+    xs, ys = zip(*[(x.float(), y.float()) for x, y in loader])
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+def build_probe_sets(name: str, *, data_path: str | None, input_size: int, channels: Sequence[str],
+                     samples: int = 1024, seed: int = 0, num_workers: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """The labelled probe data: a training part (3/4) and a held-out part (1/4), read once into memory.
+
+    Synthetic data sets are generated from their own seed (``seed + PROBE_SEED_OFFSET``), so no patch of
+    the pretraining data is probed. Other data sets take a seeded random subset of their validation split.
+
+    Returns:
+        (train, test) ``TensorDataset`` of (raw dB (C, S, S), target (K,)).
+    """
+    from util.datasets import build_dataset
+
+    if samples < 8:
+        raise ValueError(f"probe samples {samples}: expected at least 8 (a training and a held-out part)")
+    synthetic = name.startswith("synthetic")
+    ds = build_dataset(name, data_path=data_path, split="train" if synthetic else "val", input_size=input_size,
+                       channels=tuple(channels), num_samples=samples if synthetic else None,
+                       seed=seed + PROBE_SEED_OFFSET if synthetic else 0)
+    if len(ds) < 8:
+        raise ValueError(f"probe data set {name!r} ({data_path}) has {len(ds)} items; expected at least 8")
+    order = np.random.default_rng(seed).permutation(len(ds))[:samples]
+    n_train = int(round(len(order) * TRAIN_FRACTION))
+    return _cached(ds, order[:n_train], num_workers), _cached(ds, order[n_train:], num_workers)
+
+
+class ProbeMonitor:
+    """Epoch-end callback of pretraining: probe mAP of the frozen encoder every ``every`` epochs and at the last.
+
+    Rank 0 computes; the other ranks wait at a barrier. Sharding the forward pass would save little: the
+    forward of a few thousand patches takes seconds on one GPU, and the scikit-learn fits (the larger part)
+    run on the CPU of one process anyway.
+
+    Args:
+        encoder: the module whose ``forward_features`` is probed; the training model's own (shared) module,
+            so every call sees the current weights.
+        train_set, test_set: ``build_probe_sets``'s output (only needed on rank 0).
+        mean, std: per-channel dB statistics the pretraining normalises with.
+        every: probe after every ``every``-th epoch and the last (0: never).
+    """
+
+    def __init__(self, encoder: torch.nn.Module, train_set, test_set, mean: Sequence[float],
+                 std: Sequence[float], *, every: int, device: torch.device | str = "cpu", knn_k: int = 20,
+                 batch_size: int = 64, amp_dtype: torch.dtype | None = None, seed: int = 0,
+                 is_main: bool = True, distributed: bool = False) -> None:
+        self.encoder, self.train_set, self.test_set = encoder, train_set, test_set
+        self.mean, self.std, self.every, self.device = list(mean), list(std), every, device
+        self.knn_k, self.batch_size, self.amp_dtype, self.seed = knn_k, batch_size, amp_dtype, seed
+        self.is_main, self.distributed = is_main, distributed
+
+    def due(self, epoch: int, last: bool) -> bool:
+        """Probe at the end of every ``every``-th epoch (counted from 1) and of the last one."""
+        return self.every > 0 and ((epoch + 1) % self.every == 0 or last)
+
+    def __call__(self, epoch: int, last: bool) -> dict[str, float]:
+        """``{"probe_knn_mAP_macro", ..., "probe_seconds"}`` on rank 0 when due, else ``{}``."""
+        if not self.due(epoch, last):
+            return {}
+        out: dict[str, float] = {}
+        if self.is_main:
+            t0 = time.perf_counter()
+            kw = {"device": self.device, "batch_size": self.batch_size, "amp_dtype": self.amp_dtype}
+            train_x, train_y = pooled_features(self.encoder, self.train_set, self.mean, self.std, **kw)
+            test_x, test_y = pooled_features(self.encoder, self.test_set, self.mean, self.std, **kw)
+            metrics = probe_metrics(train_x, train_y, test_x, test_y, k=self.knn_k, seed=self.seed)
+            out = {f"probe_{k}": v for k, v in metrics.items()}
+            out["probe_seconds"] = time.perf_counter() - t0
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return out
