@@ -15,7 +15,7 @@ import torch
 
 from engine_pretrain import make_pretrain_step, save_reconstructions
 from sarwmix.errors import ConfigError
-from sarwmix.weighting import GRANULARITIES, WEIGHTINGS
+from sarwmix.weighting import GRANULARITIES, WEIGHT_NORMS, WEIGHTINGS, check_weight_norm
 from util import runner
 from util.config import parse_with_config, run_cli
 from util.datasets import DATASET_NAMES
@@ -44,6 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="polarisation-aware weights from linear backscatter")
     g.add_argument("--weight_exp_scale", type=float, default=1.0, help="s in w = exp(s * (1 - x~))")
     g.add_argument("--weight_granularity", default="pixel", choices=GRANULARITIES)
+    g.add_argument("--weight_norm", default="minmax", choices=WEIGHT_NORMS,
+                   help="x~ from the image's min and max (published), or its percentiles clipped to [0, 1]")
+    g.add_argument("--weight_norm_low", type=float, default=1.0, help="percentile norm: lower percentile")
+    g.add_argument("--weight_norm_high", type=float, default=99.0, help="percentile norm: upper percentile")
     g.add_argument("--weight_zscore_compat", action="store_true",
                    help="reproduce the released code's defect: weights from z-scores, not raw dB")
     g.add_argument("--stop_epoch", type=int, default=None,
@@ -66,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_with_config(get_args_parser(), argv, extra=runner.override_values)
     if args.mask_ratio is None:  # each mode's own default unless the user chose one
         args.mask_ratio = DEFAULT_MASK_RATIO[args.mode]
+    try:
+        check_weight_norm(args.weight_norm, args.weight_norm_low, args.weight_norm_high)
+    except ValueError as e:
+        raise ConfigError(f"--weight_norm {args.weight_norm}: {e}") from None
     for name, low in (("probe_every", 0), ("probe_samples", 8), ("probe_knn_k", 1)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name} {getattr(args, name)}: expected an integer >= {low}")
@@ -111,7 +119,9 @@ def main(args: argparse.Namespace) -> dict:
     # --weight_granularity token: a SimMIM mask cell, or a MixMIM target patch (the encoder's 32 px stride)
     token = args.mask_patch_size if args.mode == "simmim" else model.encoder_stride
     step = make_pretrain_step(run.device, dataset.stats["mean"], dataset.stats["std"], args.weighting,
-                              args.weight_exp_scale, args.weight_granularity, token, args.weight_zscore_compat)
+                              args.weight_exp_scale, args.weight_granularity, token, args.weight_zscore_compat,
+                              weight_norm=args.weight_norm, weight_norm_low=args.weight_norm_low,
+                              weight_norm_high=args.weight_norm_high)
     # SimMIM: the encoder alone, for finetuning elsewhere (per --save_freq epoch and at the end).
     exporter = (BackboneExporter(args.output_dir, args.model, args.save_freq, run.info.is_main)
                 if args.mode == "simmim" else None)
@@ -122,7 +132,8 @@ def main(args: argparse.Namespace) -> dict:
         exporter.final(trainer.raw_model)
     if run.info.is_main and args.vis_samples > 0:
         path = save_reconstructions(trainer.raw_model, dataset, run.output_dir / "reconstructions.png",
-                                    args.vis_samples, args.weighting, args.weight_exp_scale, args.seed)
+                                    args.vis_samples, args.weighting, args.weight_exp_scale, args.seed,
+                                    args.weight_norm, args.weight_norm_low, args.weight_norm_high)
         log.info("reconstructions: %s", path)
     runner.finish(run)
     return stats

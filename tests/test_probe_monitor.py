@@ -11,8 +11,7 @@ from util.checkpoint import load_checkpoint
 from util.probe import PROBE_METRICS, ProbeMonitor, build_probe_sets
 
 PROBE_KEYS = {f"probe_{k}" for k in PROBE_METRICS} | {"probe_seconds"}
-SMALL = ["--vis_samples", "0", "--probe_samples", "16",
-         "--probe_knn_k", "5"]
+SMALL = ["--vis_samples", "0", "--probe_samples", "16", "--probe_knn_k", "5"]
 
 
 def _run(out, *extra):
