@@ -245,7 +245,8 @@ def build_probe_sets(name: str, *, data_path: str | None, input_size: int, chann
     the pretraining data is probed. Other data sets take a seeded random subset of their validation split.
 
     Returns:
-        (train, test) ``TensorDataset`` of (raw dB (C, S, S), target (K,)).
+        (train, test) ``TensorDataset`` of (raw dB (C, S, S), target (K,)), each with the data set's
+        ``stats``.
     """
     from util.datasets import build_dataset
 
@@ -259,7 +260,9 @@ def build_probe_sets(name: str, *, data_path: str | None, input_size: int, chann
         raise ValueError(f"probe data set {name!r} ({data_path}) has {len(ds)} items; expected at least 8")
     order = np.random.default_rng(seed).permutation(len(ds))[:samples]
     n_train = int(round(len(order) * TRAIN_FRACTION))
-    return _cached(ds, order[:n_train], num_workers), _cached(ds, order[n_train:], num_workers)
+    train, test = _cached(ds, order[:n_train], num_workers), _cached(ds, order[n_train:], num_workers)
+    train.stats = test.stats = dict(ds.stats)  # the data set's own normalisation, as finetuning uses
+    return train, test
 
 
 class ProbeMonitor:
