@@ -101,7 +101,8 @@ def probe_encoder(label: str, enc: torch.nn.Module, sets, args: argparse.Namespa
     enc.to(device)
     train_x, train_y = pooled_features(enc, train, train.stats["mean"], train.stats["std"], **kw)
     test_x, test_y = pooled_features(enc, test, test.stats["mean"], test.stats["std"], **kw)
-    rows = _rows(label, probe_metrics(train_x, train_y, test_x, test_y, k=args.knn_k, seed=args.seed))
+    rows = _rows(label, probe_metrics(train_x, train_y, test_x, test_y, k=args.knn_k, seed=args.seed,
+                                      solver=args.solver, device=device))
     log.info("%s: %s", label, {f"{r['protocol']}_{r['metric']}": round(r["value"], 4) for r in rows})
     return rows
 
@@ -110,7 +111,7 @@ def handcrafted_rows(sets, args: argparse.Namespace) -> list[dict]:
     train, test = sets
     train_x, test_x = (handcrafted_features(s.tensors[0].numpy()) for s in (train, test))
     metrics = probe_metrics(train_x, train.tensors[1].numpy(), test_x, test.tensors[1].numpy(), k=args.knn_k,
-                            seed=args.seed)
+                            seed=args.seed, solver=args.solver, device=args.device)
     return _rows("handcrafted", metrics)
 
 
@@ -143,6 +144,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1024, help="probe patches: 3/4 to fit, 1/4 held out")
     p.add_argument("--knn_k", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--solver", default="sklearn", choices=("sklearn", "torch"),
+                   help="linear probe: one scikit-learn fit per class, or one L-BFGS solve of the same problem "
+                        "on --device (what the pretraining monitor uses)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -163,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "probe.csv", index=False)
-    meta = {"dataset": args.dataset, "samples": args.samples, "knn_k": args.knn_k, "seed": args.seed}
+    meta = {"dataset": args.dataset, "samples": args.samples, "knn_k": args.knn_k, "seed": args.seed,
+            "solver": args.solver}
     (args.out / "probe.json").write_text(json.dumps({**meta, "rows": table.to_dict("records")}, indent=1) + "\n")
     print(table.pivot_table(index="checkpoint", columns=["protocol", "metric"], values="value", sort=False)
           .round(4).to_string())
