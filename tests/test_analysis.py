@@ -187,6 +187,26 @@ def test_pretrain_loss_epoch_curve_from_steps_without_log_txt(tmp_path):
     assert len(steps) == 24 and figure.axes[0].get_xlabel() == "epoch"
 
 
+def test_pretrain_loss_draws_the_probe_metrics_when_logged(tmp_path):
+    write_pretrain_run(tmp_path / "probed", n_epochs=4, iters=4, seed=5)
+    write_pretrain_run(tmp_path / "plain", n_epochs=2, iters=4, seed=6)
+    log = tmp_path / "probed" / "log.txt"
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    for line in lines[1::2]:  # --probe_every 2: epochs 2 and 4 carry the probe keys
+        line.update(probe_knn_mAP_macro=0.3 + 0.05 * line["epoch"], probe_knn_mAP_micro=0.4,
+                    probe_linear_mAP_macro=0.35, probe_linear_mAP_micro=0.45, probe_seconds=1.5)
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    assert plot_pretrain_loss.main([str(tmp_path / "probed"), str(tmp_path / "plain"), "--out", str(out)]) == 0
+    probes = pd.read_csv(out / "pretrain_loss_probe.csv")
+    assert probes["epoch"].tolist() == [2, 4] and set(probes["run"]) == {"probed"}
+    assert probes["probe_knn_mAP_macro"].to_numpy() == pytest.approx([0.35, 0.45])
+    figure, _, _ = plot_pretrain_loss.plot_pretrain_loss([tmp_path / "probed"])
+    assert len(figure.axes) == 3 and len(figure.axes[2].lines) == 2
+    figure, _, _ = plot_pretrain_loss.plot_pretrain_loss([tmp_path / "plain"])
+    assert len(figure.axes) == 2 and figure.probes.empty
+
+
 def test_pretrain_loss_command_line(tmp_path):
     write_pretrain_run(tmp_path / "a", n_epochs=2, seed=4)
     result = run_script("plot_pretrain_loss", "a", "--out", "figs", "--logy", cwd=tmp_path)

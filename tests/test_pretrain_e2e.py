@@ -236,7 +236,7 @@ def test_token_granularity_uses_the_target_patch_of_the_mode(tmp_path, monkeypat
     """MixMIM's target patch is the encoder stride (32 px) whatever --mask_patch_size (a SimMIM flag) says."""
     seen = {}
 
-    def capture(*args):
+    def capture(*args, **kwargs):
         seen["token"] = args[6]
         raise KeyboardInterrupt  # stop before training
 

@@ -33,6 +33,8 @@ log = logging.getLogger("sarwmix")
 
 # evaluate(raw_model, epoch) -> metrics (plain floats), e.g. {"mAP_macro": 0.61, ...}
 EvalFn = Callable[[nn.Module, int], dict]
+# on_epoch_end(epoch, is_last_epoch) -> scalars logged as they are named (e.g. {"probe_knn_mAP_macro": 0.4})
+EpochEndFn = Callable[[int, bool], dict]
 
 
 class Trainer:
@@ -44,16 +46,20 @@ class Trainer:
         evaluate / select_metric: optional per-epoch evaluation and the metric (higher is better) that
             selects ``checkpoint_best.pth``.
         on_iteration: passed to the engine (e.g. a token-keep schedule stepped per update).
+        on_epoch_end: called on every rank after each epoch's evaluation (e.g. the representation probe);
+            its scalars go into the epoch's ``log.txt`` record under their own names and into TensorBoard
+            as ``<prefix>/<rest>`` (``probe_knn_mAP_macro`` -> ``probe/knn_mAP_macro``).
         extra_state: objects with ``state_dict``/``load_state_dict`` stored under ``"extra"``.
     """
 
     def __init__(self, args: argparse.Namespace, run: Run, model: nn.Module, dataset, step: StepFn, *,
                  groups: list[dict] | None = None, betas: tuple[float, float] = (0.9, 0.95),
                  evaluate: EvalFn | None = None, select_metric: str | None = None,
-                 on_iteration: Callable[[int], dict] | None = None,
+                 on_iteration: Callable[[int], dict] | None = None, on_epoch_end: EpochEndFn | None = None,
                  extra_state: dict[str, object] | None = None) -> None:
         self.args, self.run, self.dataset, self.step = args, run, dataset, step
         self.evaluate, self.select_metric, self.on_iteration = evaluate, select_metric, on_iteration
+        self.on_epoch_end = on_epoch_end
         self.extra_state = extra_state or {}
         self.raw_model = model
         if args.grad_ckpt and hasattr(model, "set_grad_checkpointing"):
@@ -107,6 +113,7 @@ class Trainer:
             record.update({f"val_{k}": v for k, v in metrics.items()})
             if metrics:
                 self.val_log.write({"epoch": epoch, **metrics})
+            record.update(self._epoch_end(epoch))
             # Log first: a kill between the two leaves a record that resume drops and redoes, whereas a
             # checkpoint without its record would be resumed past, losing that epoch's line for good.
             run.epoch_log.write(record)
@@ -116,6 +123,16 @@ class Trainer:
         self.val_log.close()
         check_replicas(self.raw_model, run.device)
         return record
+
+    def _epoch_end(self, epoch: int) -> dict:
+        """The ``on_epoch_end`` scalars of this epoch, also written to TensorBoard (rank 0)."""
+        if self.on_epoch_end is None:
+            return {}
+        scalars = self.on_epoch_end(epoch, epoch + 1 == self.end_epoch)
+        if self.run.tb is not None:
+            for key, value in scalars.items():
+                self.run.tb.add_scalar(key.replace("_", "/", 1), value, epoch)
+        return scalars
 
     def _open_logs(self) -> None:
         run = self.run
