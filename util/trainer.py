@@ -10,6 +10,7 @@ Checkpoints (rank 0 only, each written atomically): ``checkpoint.pth`` after eve
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -200,10 +201,19 @@ def _wrap(model: nn.Module, args: argparse.Namespace, run: Run) -> nn.Module:
             log.warning("torch.compile unavailable (%s); running eager", str(e).splitlines()[0][:120])
     if run.info.distributed:
         ids = [run.device.index] if run.device.type == "cuda" else None
-        # Every buffer is a constant (relative-position indices; no BatchNorm): nothing to re-broadcast from
-        # rank 0 before each forward. Rank 0's initial buffers still reach every rank at construction.
-        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids, broadcast_buffers=False)
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids, **_no_forward_buffer_sync())
     return wrapped
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that turns off the re-broadcast of buffers from rank 0 before each forward.
+
+    Every buffer is a constant (relative-position indices; no BatchNorm), so there is nothing to re-broadcast;
+    rank 0's initial buffers still reach every rank at construction. torch 2.14 renamed the flag
+    ``broadcast_buffers`` to ``forward_sync_buffers`` and warns (FutureWarning) on the old name.
+    """
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def _loader(dataset, sampler, args: argparse.Namespace, run: Run) -> DataLoader:
