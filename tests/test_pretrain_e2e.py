@@ -20,10 +20,16 @@ def _run(tmp_path, *extra):
 
 
 def test_run_writes_all_outputs(tmp_path):
-    record = _run(tmp_path)
-    for name in ("checkpoint.pth", "checkpoint_2.pth", "log.txt", "train_log.json", "config.yaml",
-                 "reconstructions.png"):
+    record = _run(tmp_path, "--save_freq", "1")
+    for name in ("checkpoint.pth", "checkpoint_1.pth", "checkpoint_2.pth", "log.txt", "train_log.json",
+                 "config.yaml", "reconstructions.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    # The last epoch's bytes are written once: checkpoint_2.pth is a hard link of checkpoint.pth (released
+    # format, optimizer state included); epoch 2's write replaced checkpoint.pth and left checkpoint_1.pth.
+    assert (tmp_path / "checkpoint.pth").samefile(tmp_path / "checkpoint_2.pth")
+    first = load_checkpoint(tmp_path / "checkpoint_1.pth")
+    assert first["epoch"] == 0 and first["optimizer"]["state"]
+    assert load_checkpoint(tmp_path / "checkpoint_2.pth")["optimizer"]["state"]
     assert list(tmp_path.glob("events.out.tfevents.*"))
     epochs = [json.loads(x) for x in (tmp_path / "log.txt").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1] and record["epoch"] == 1
