@@ -143,16 +143,17 @@ class Trainer:
         out, n = self.run.output_dir, epoch + 1
         state = self.state(epoch)
         improved = self.select_metric is not None and metrics.get(self.select_metric, float("-inf")) > self.best
-        aliases = []
+        # One write; the other names are hard links (copies where links fail). checkpoint.pth is replaced by
+        # the next epoch's file, never written in place, so a link keeps this epoch's bytes. The best one
+        # comes first: a kill before checkpoint.pth names this epoch makes the resumed run redo the epoch.
+        names = [out / "checkpoint.pth"]
         if improved:
             self.best = state["best"] = float(metrics[self.select_metric])
-            aliases.append(out / "checkpoint_best.pth")
+            names.insert(0, out / "checkpoint_best.pth")
         freq = self.args.save_freq
         if (freq and n % freq == 0) or n == self.end_epoch:
-            aliases.append(out / f"checkpoint_{n}.pth")
-        # One write; the other names are hard links (copies where links fail). checkpoint.pth is replaced by
-        # the next epoch's file, never written in place, so a link keeps this epoch's bytes.
-        ckpt_io.save_linked(state, out / "checkpoint.pth", *aliases)
+            names.append(out / f"checkpoint_{n}.pth")
+        ckpt_io.save_linked(state, *names)
 
     def _resume(self) -> None:
         path = Path(self.run.output_dir / "checkpoint.pth" if self.args.resume == "auto" else self.args.resume)
