@@ -26,6 +26,8 @@ from util.trainer import Trainer
 log = logging.getLogger("sarwmix")
 PRETRAIN_MODES = ("mixmim", "simmim")
 DEFAULT_MASK_RATIO = {"mixmim": 0.5, "simmim": 0.6}
+# Flags that only one mode reads; config.yaml of a run leaves out those of the other mode.
+MODE_ONLY_FLAGS = {"mixmim": ("range_mask_ratio", "norm_pix_loss"), "simmim": ("mask_patch_size", "loss")}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -113,7 +115,8 @@ def probe_monitor(args: argparse.Namespace, run: runner.Run, encoder: torch.nn.M
 
 
 def main(args: argparse.Namespace) -> dict:
-    run = runner.start(args, task="pretrain")
+    other_modes = [flag for mode, flags in MODE_ONLY_FLAGS.items() if mode != args.mode for flag in flags]
+    run = runner.start(args, task="pretrain", not_applicable=other_modes)
     dataset = runner.build_train_data(args, run)
     model = build_model(args).to(run.device)
     # --weight_granularity token: a SimMIM mask cell, or a MixMIM target patch (the encoder's 32 px stride)

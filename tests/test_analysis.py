@@ -407,3 +407,43 @@ def test_results_without_a_model_key_are_still_drawn(tmp_path):
     figure, table = plot_epoch_sweep.plot_epoch_sweep([str(tmp_path)])
     assert points(figure) == 3 and len(table) == 5  # epochs 16, 64 at 100% and 64 at 50%
     assert set(logs.read_results(str(tmp_path))["model"]) == {logs.UNKNOWN_MODEL}
+
+
+def write_finetune_run(path: Path, score: float, config: dict, evaluated: Path | None = None,
+                       pretrain_epoch: int = 16) -> Path:
+    """A finetune run folder: results.json (evaluated_checkpoint set) and config.yaml."""
+    write_result(path, "ben", pretrain_epoch, 1.0, score)
+    result = json.loads((path / "results.json").read_text())
+    result["evaluated_checkpoint"] = str(evaluated or path / "checkpoint_best.pth")
+    (path / "results.json").write_text(json.dumps(result))
+    (path / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(path), "model": "mixmim_base", **config}))
+    return path
+
+
+def test_epoch_sweep_counts_a_rescore_once_and_splits_other_hyperparameters(tmp_path, capsys):
+    """An --eval re-score of a run's checkpoint is not another seed; runs with another learning rate are
+    another series, not a seed of the same point."""
+    runs = tmp_path / "runs"
+    seed0 = write_finetune_run(runs / "blr1e-3_seed0", 0.70, {"blr": 1e-3, "seed": 0, "epochs": 50})
+    write_finetune_run(runs / "blr1e-3_seed1", 0.72, {"blr": 1e-3, "seed": 1, "epochs": 50})
+    write_finetune_run(runs / "eval_seed0", 0.99, {"eval": True, "resume": str(seed0 / "checkpoint_best.pth"),
+                                                   "blr": 1e-3, "epochs": 2},
+                       evaluated=seed0 / "checkpoint_best.pth")
+    write_finetune_run(runs / "blr5e-4_seed0", 0.40, {"blr": 5e-4, "seed": 0, "epochs": 50})
+    _, table = plot_epoch_sweep.plot_epoch_sweep([str(runs)])
+    points = table[table["pretrain_epoch"] == 16].set_index("hparams")
+    assert sorted(points.index) == ["blr=0.0005", "blr=0.001"]
+    assert points.loc["blr=0.001", "n"] == 2 and points.loc["blr=0.001", "mean"] == pytest.approx(0.71)
+    assert points.loc["blr=0.0005", "n"] == 1 and points.loc["blr=0.0005", "mean"] == pytest.approx(0.40)
+    err = capsys.readouterr().err
+    assert f"{runs / 'eval_seed0' / 'results.json'}: re-scores" in err and "counted once" in err
+    assert "differ in blr" in err
+
+
+def test_epoch_sweep_keeps_one_series_when_only_seeds_differ(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        write_finetune_run(runs / f"s{seed}", 0.6 + 0.01 * seed, {"blr": 1e-3, "seed": seed,
+                                                                  "output_dir": f"o{seed}"})
+    _, table = plot_epoch_sweep.plot_epoch_sweep([str(runs)])
+    assert table["hparams"].tolist() == [""] and table["n"].tolist() == [3]

@@ -10,6 +10,7 @@ Checkpoints (rank 0 only, each written atomically): ``checkpoint.pth`` after eve
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -159,13 +160,17 @@ class Trainer:
         out, n = self.run.output_dir, epoch + 1
         state = self.state(epoch)
         improved = self.select_metric is not None and metrics.get(self.select_metric, float("-inf")) > self.best
+        # One write; the other names are hard links (copies where links fail). checkpoint.pth is replaced by
+        # the next epoch's file, never written in place, so a link keeps this epoch's bytes. The best one
+        # comes first: a kill before checkpoint.pth names this epoch makes the resumed run redo the epoch.
+        names = [out / "checkpoint.pth"]
         if improved:
             self.best = state["best"] = float(metrics[self.select_metric])
-            ckpt_io.save_atomic(state, out / "checkpoint_best.pth")
-        ckpt_io.save_atomic(state, out / "checkpoint.pth")
+            names.insert(0, out / "checkpoint_best.pth")
         freq = self.args.save_freq
         if (freq and n % freq == 0) or n == self.end_epoch:
-            ckpt_io.save_atomic(state, out / f"checkpoint_{n}.pth")
+            names.append(out / f"checkpoint_{n}.pth")
+        ckpt_io.save_linked(state, *names)
 
     def _resume(self) -> None:
         path = Path(self.run.output_dir / "checkpoint.pth" if self.args.resume == "auto" else self.args.resume)
@@ -217,10 +222,19 @@ def _wrap(model: nn.Module, args: argparse.Namespace, run: Run) -> nn.Module:
             log.warning("torch.compile unavailable (%s); running eager", str(e).splitlines()[0][:120])
     if run.info.distributed:
         ids = [run.device.index] if run.device.type == "cuda" else None
-        # Every buffer is a constant (relative-position indices; no BatchNorm): nothing to re-broadcast from
-        # rank 0 before each forward. Rank 0's initial buffers still reach every rank at construction.
-        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids, broadcast_buffers=False)
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids, **_no_forward_buffer_sync())
     return wrapped
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that turns off the re-broadcast of buffers from rank 0 before each forward.
+
+    Every buffer is a constant (relative-position indices; no BatchNorm), so there is nothing to re-broadcast;
+    rank 0's initial buffers still reach every rank at construction. torch 2.14 renamed the flag
+    ``broadcast_buffers`` to ``forward_sync_buffers`` and warns (FutureWarning) on the old name.
+    """
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def _loader(dataset, sampler, args: argparse.Namespace, run: Run) -> DataLoader:
