@@ -332,12 +332,13 @@ def train(args, run, model, splits: dict) -> Path:
 
 def main(args: argparse.Namespace) -> dict:
     resolve_task(args)
-    run = runner.start(args, task=f"finetune ({args.task})")
+    run = runner.start(args, task=f"finetune ({args.task})", record=False)
     channels, init = tuple(args.channels), None
     if args.eval:  # read first: its stored args can decide the validation split
         chosen = run.output_dir / "checkpoint_best.pth" if args.resume == "auto" else Path(args.resume)
         ckpt = read_pretrained(chosen, args.checkpoint_sha256, channels)
         adopt_holdout(args, ckpt)
+        runner.record_config(run, args)  # with the hold-out the evaluated run used
     splits = build_splits(args, run.info.world_size)
     model = build_model(args, splits["train"].num_classes).to(run.device)
     if args.eval:
@@ -350,6 +351,7 @@ def main(args: argparse.Namespace) -> dict:
             init, _ = load_pretrained_file(model, args.finetune, args.checkpoint_sha256, channels=channels)
             # Stored with the args of every checkpoint of this run, for --eval of a checkpoint.pth-named source.
             args.pretrain_epoch = checkpoint_epoch(args.finetune, init)
+        runner.record_config(run, args)
         chosen = train(args, run, model, splits)
         ckpt, _ = load_pretrained_file(model, chosen, keep_head=True, channels=channels)
     vit = {"pss": args.pss, "eval_rho": args.eval_rho} if is_vit(args.model) else {}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 from _finetune_helpers import eval_rank, released_checkpoint, toy_dataset, toy_model, write_sen12_pairs
 
 import engine_finetune as E
@@ -113,6 +114,9 @@ def test_sen12_finetune_from_a_released_format_checkpoint(pretrained, tmp_path):
                  "--data_path", str(root), "--input_size", "64", "--tile_size", "32", "--batch_size", "2",
                  "--patch_op", "max", "--seed", "5", "--val_fraction", "0.6", "--output_dir", str(tmp_path / "ev"))
     assert e["val"] == pytest.approx(r["val"], rel=1e-5) and e["test"] == pytest.approx(r["test"], rel=1e-5)
+    # The --eval run's config.yaml records the hold-out it used, not the command line's.
+    config = yaml.safe_load((tmp_path / "ev" / "config.yaml").read_text())
+    assert config["seed"] == 0 and config["val_fraction"] == 0.34
 
 
 def test_train_fraction_subsets_are_nested_and_seeded():

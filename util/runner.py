@@ -189,10 +189,13 @@ def derive(args: argparse.Namespace, world_size: int) -> None:
              args.batch_size, args.accum_iter, world_size, args.lr)
 
 
-def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] = ()) -> Run:
+def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] = (),
+          record: bool = True) -> Run:
     """Distributed setup, logging, seeding, output folder, resolved config; validates cheap flags first.
 
     ``not_applicable``: flags left out of ``config.yaml`` because this run does not use them.
+    ``record``: write ``config.yaml`` now; an entry point that still settles values after ``start`` (a
+    checkpoint's hold-out adopted by ``--eval``) passes False and calls ``record_config`` once they are settled.
     """
     validate_common(args)
     info, device = init_distributed(args.device, args.dist_url)
@@ -206,13 +209,20 @@ def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] =
     run = Run(info, device, out, resolve_amp(args.amp, device))
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_config(args, out / "config.yaml", omit=not_applicable)
         from torch.utils.tensorboard import SummaryWriter
 
         run.tb = SummaryWriter(log_dir=str(args.log_dir or out))
     log.info("%s on %s x%d (%s launcher), amp=%s, %s, output %s", task, device, info.world_size,
              info.launcher, run.amp_dtype, memory, out.resolve())
+    if record:
+        record_config(run, args, not_applicable)
     return run
+
+
+def record_config(run: Run, args: argparse.Namespace, not_applicable: Collection[str] = ()) -> None:
+    """Write the run's resolved ``config.yaml`` (main process only), once every value of ``args`` is settled."""
+    if run.info.is_main:
+        write_config(args, run.output_dir / "config.yaml", omit=not_applicable)
 
 
 def validate_common(args: argparse.Namespace) -> None:
