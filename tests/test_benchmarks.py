@@ -26,7 +26,8 @@ def run(script: str, *args: str) -> list[list[str]]:
 
 def test_bench_pretrain_compares_eager_and_optimised_paths():
     rows = run("bench_pretrain.py", "--model", "mixmim_tiny", "--input_size", "64", "--batch_size", "2",
-               "--amp", "bf16", "fp32", "--steps", "1", "--warmup", "0", "--compare-eager", "--peak_seconds", "0.2")
+               "--device", "cpu", "--amp", "bf16", "fp32", "--steps", "1", "--warmup", "0", "--compare-eager",
+               "--peak_seconds", "0.2")
     table = [r for r in rows if r and r[0] == "mixmim_tiny"]
     assert [(r[3], r[4]) for r in table] == [("bf16", "eager"), ("bf16", "optimised"),
                                              ("fp32", "eager"), ("fp32", "optimised")]
@@ -42,8 +43,8 @@ def test_bench_pretrain_compares_eager_and_optimised_paths():
 
 def test_bench_pretrain_simmim_mode_with_breakdown():
     rows = run("bench_pretrain.py", "--model", "mixmim_tiny", "--mode", "simmim", "--input_size", "64",
-               "--batch_size", "2", "--amp", "fp32", "--steps", "1", "--warmup", "0", "--peak_seconds", "0.2",
-               "--breakdown")
+               "--batch_size", "2", "--device", "cpu", "--amp", "fp32", "--steps", "1", "--warmup", "0",
+               "--peak_seconds", "0.2", "--breakdown")
     table = [r for r in rows if r and r[0] == "mixmim_tiny"]
     assert len(table) == 1 and table[0][1] == "simmim" and float(table[0][5]) > 0
     # The breakdown: one line per part of the step, their shares adding up to the whole step.
