@@ -60,6 +60,7 @@ class Setting:
     img: int
     amp: str
     device: torch.device
+    compile_backend: str = "inductor"
 
 
 def build(s: Setting, path: str):
@@ -77,7 +78,7 @@ def build(s: Setting, path: str):
     groups = param_groups(model, 0.05)
     opt = (torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=False) if eager
            else adamw(groups, 1e-4, (0.9, 0.95), s.device))  # the optimizer training uses
-    runner = torch.compile(model) if path == "compiled" else model
+    runner = torch.compile(model, backend=s.compile_backend) if path == "compiled" else model
     return model, runner, opt
 
 
@@ -318,6 +319,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare-eager", dest="compare_eager", action="store_true",
                    help="also run the plain eager path (manual softmax attention, for-loop AdamW)")
     p.add_argument("--compile", action="store_true", help="also run the optimised path under torch.compile")
+    p.add_argument("--compile_backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                   help="torch.compile backend of --compile (eager: graph capture only, a quick check)")
     p.add_argument("--grad_ckpt", action="store_true", help="also run the optimised path with --grad_ckpt")
     p.add_argument("--breakdown", action="store_true",
                    help="CPU: after each setting, time every ATen op of one optimised step (uncompiled) and "
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     clock = dev.clock_for(a.device)
     for name in a.model:
         for amp in a.amp:
-            s = Setting(name, a.mode, a.input_size, amp, a.device)
+            s = Setting(name, a.mode, a.input_size, amp, a.device, a.compile_backend)
             sweep(s, batch_sizes(a.batch_size, a.max_batch), paths, a, clock, peaks[amp], unit)
 
 
