@@ -238,10 +238,14 @@ def _no_forward_buffer_sync() -> dict[str, bool]:
 
 
 def _loader(dataset, sampler, args: argparse.Namespace, run: Run) -> DataLoader:
-    workers = args.num_workers
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=args.pin_mem and run.device.type == "cuda", drop_last=True,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    return make_loader(dataset, sampler, args.batch_size, args.num_workers, args.pin_mem and run.device.type == "cuda")
+
+
+def make_loader(dataset, sampler, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    """The training loader: persistent workers, 4 batches prefetched per worker, incomplete batch dropped."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None)
 
 
 def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device):
