@@ -32,7 +32,7 @@ def make_pretrain_step(device: torch.device, mean: list[float], std: list[float]
                        zscore_compat: bool = False, flips: bool = True) -> StepFn:
     """Pretraining step: flips, weight map from the raw dB batch, normalisation, model loss.
 
-    The weights are computed on the device from raw dB (SPEC 4): cheap there, free for the loaders.
+    The weights are computed on the device from raw dB: cheap there, free for the loaders.
     """
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
     std_t = torch.tensor(std, dtype=torch.float32, device=device)

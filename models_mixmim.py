@@ -4,7 +4,7 @@ The encoder is a hierarchical Swin with plain (non-shifted) window attention. Mi
 token-wise and, inside every window, lets a token attend only to tokens of its own source image, so the
 encoder sees two disjoint half-images per sample. The decoder unmixes and reconstructs both images.
 
-Parameter names, shapes and numerics follow the released SAR-W-MixMAE checkpoints (SPEC section 8), so
+Parameter names, shapes and numerics follow the released SAR-W-MixMAE checkpoints, so
 ``checkpoint_64.pth`` loads with ``strict=True``.
 """
 from __future__ import annotations

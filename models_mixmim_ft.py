@@ -5,7 +5,7 @@ only). Parameter names follow the released finetuned checkpoints (``shared/compa
 ``benv1_finetune_checkpoint_best.pth`` loads into ``build_mixmim_ft("mixmim_base", num_classes=19)`` with
 ``strict=True``.
 
-Layer-wise learning-rate decay needs a depth id per parameter (SPEC 7). Both finetune models expose it
+Layer-wise learning-rate decay needs a depth id per parameter. Both finetune models expose it
 through ``layer_id(name)`` and ``num_layers``, computed from the stage depths by ``swin_layer_id``, so the
 rule lives in one place and ``util.lr_decay.param_groups`` never guesses from names itself.
 """
@@ -21,7 +21,7 @@ ENCODER_KEYS = frozenset({"img_size", "patch_size", "in_chans", "window_size", "
 
 
 def swin_layer_id(name: str, depths: tuple[int, ...]) -> int:
-    """Depth id of a Swin parameter for layer-wise lr decay (SPEC 7).
+    """Depth id of a Swin parameter for layer-wise lr decay.
 
     Patch embedding and absolute position embedding get 0; block ``k`` (counted over all stages) gets
     ``k + 1``; a stage's downsampling takes the id of the next stage's first block; everything on top of

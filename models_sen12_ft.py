@@ -1,4 +1,4 @@
-"""Flood-change model for SEN12-FLOOD pairs (SPEC 7): shared Swin encoder over tiles, |f1 - f2|, head.
+"""Flood-change model for SEN12-FLOOD pairs: shared Swin encoder over tiles, |f1 - f2|, head.
 
 Each image of a pair (512x512 in the released setting) is cut into tiles of the encoder's input size
 (16 tiles of 128). All tiles of both dates go through the one encoder in a single batch; each tile gives

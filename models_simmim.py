@@ -1,4 +1,4 @@
-"""SimMIM pretraining (``--mode simmim``) over several backbones, SPEC section 3.
+"""SimMIM pretraining (``--mode simmim``) over several backbones.
 
 One wrapper, three backbone families:
 - the project's Swin (``mixmim_*``): ``SwinEncoder.embed`` + ``forward_tokens``, the code MixMIM uses;
@@ -261,7 +261,7 @@ def backbone(name: str) -> Backbone:
 
 
 def check_simmim_size(name: str, img_size: int, mask_patch_size: int = 32) -> None:
-    """Refuse an input size (or mask cell) that ``name`` cannot take, naming the valid sizes (seed 000)."""
+    """Refuse an input size (or mask cell) that ``name`` cannot take, naming the valid sizes."""
     bb = backbone(name)
     if mask_patch_size % bb.patch:
         raise ConfigError(f"--mask_patch_size {mask_patch_size} is not a multiple of the patch size "

@@ -1,14 +1,14 @@
-"""Plain ViT backbone for SimMIM pretraining (seed 002) and token-dropping finetuning (seed 003).
+"""Plain ViT backbone for SimMIM pretraining and token-dropping (Patch Sampling Schedule) finetuning.
 
 - Patch embedding: ``nn.Unfold`` (p x p patches, channel-major ``(c, i, j)`` per patch) followed by one
   ``Linear`` -- the seed's layout; it computes the same function as a stride-p convolution.
 - No CLS token: pretraining encodes the patch tokens only; a classifier pools by the token mean.
 - Position: a fixed 2-D sin-cos absolute embedding (``abs_pos``, default) and/or a learned relative-position
-  bias per block (``rel_pos``, BEiT style; seed 003 reports it helps token dropping, because a bias indexed
+  bias per block (``rel_pos``, BEiT style; the PSS work reports it helps token dropping, because a bias indexed
   by relative offsets stays meaningful for any subset of kept tokens).
 - ``forward_features(x, keep_idx)`` encodes only the tokens at ``keep_idx``; ``forward(x, rho=r)`` keeps the
   ``ceil(r * N)`` tokens of largest patch-embedding norm (``util.pss``; the Patch Sampling Schedule of
-  seed 003 sets ``r`` per iteration). ``rho=None`` or 1.0 is the plain ViT, bit for bit.
+  PSS sets ``r`` per iteration). ``rho=None`` or 1.0 is the plain ViT, bit for bit.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ EPOCH_LOG = "log.txt"
 STEP_LOG = "train_log.json"
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
-# The metric each task is usually reported with (SPEC 7); scripts take --metric to choose another.
+# The metric each task is usually reported with; scripts take --metric to choose another.
 DEFAULT_METRIC = {"ben": "mAP_macro", "sen12flood": "f1"}
 RESULT_KEYS = ("task", "finetune", "pretrain_epoch", "train_fraction", "val", "test")
 RANDOM_INIT = "random init"

@@ -1,4 +1,4 @@
-"""BigEarthNet-S1 v1.0 (SPEC 5.1): folder layout, official split and exclusion lists, Zarr container.
+"""BigEarthNet-S1 v1.0: folder layout, official split and exclusion lists, Zarr container.
 
 Folder layout: ``BigEarthNet-S1-v1.0/<s1 name>/<s1 name>_{VV,VH}.tif`` (one-band float32 dB GeoTIFFs)
 plus ``<s1 name>_labels_metadata.json``. The official split lists name **S2** patches (CRLF line
@@ -207,7 +207,7 @@ def resolve_split(available: Sequence[str], root: Path, split: str, split_file: 
 
 
 def exclusion_lists(include_snow_cloud: bool, label_set: int) -> tuple[str, ...]:
-    """Names of the exclusion lists that apply (SPEC 5.1)."""
+    """Names of the exclusion lists that apply."""
     lists = () if include_snow_cloud else (SNOW_LIST, CLOUD_LIST)
     return lists + ((NO_LABEL_LIST,) if label_set == 19 else ())
 
@@ -266,7 +266,7 @@ def _zarr_patch_names(group, path: Path) -> list[str]:
 
 
 class BenV1Zarr(PatchDataset):
-    """The Zarr container of SPEC 5.1 (zarr format 2 or 3): ``sentinel1/<s1 name>/{VH,VV}`` + ``labels``.
+    """The BigEarthNet v1 Zarr container (zarr format 2 or 3): ``sentinel1/<s1 name>/{VH,VV}`` + ``labels``.
 
     Args: as ``BenV1Folder``, with ``data_path`` the ``.zarr`` store. Split lists are searched beside it.
     """

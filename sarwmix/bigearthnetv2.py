@@ -1,4 +1,4 @@
-"""BigEarthNet v2 / reBEN Sentinel-1 (SPEC 5.2): metadata parquet (or its CSV export), folder layout, LMDB.
+"""BigEarthNet v2 / reBEN Sentinel-1: metadata parquet (or its CSV export), folder layout, LMDB.
 
 - ``metadata.parquet``: one row per patch, columns ``patch_id`` (S2 name), ``labels`` (array of 19-class
   names), ``split`` (``train | validation | test``), ``country``, ``s1_name``, ``s2v1_name``,

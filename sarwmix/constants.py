@@ -1,7 +1,7 @@
 """Facts shared by every part of the project: channel order, statistics, class lists.
 
 The channel order of every tensor in this project is ``CHANNELS = ("VH", "VV")``, the order of the
-released checkpoints. Statistics are in dB (see SPEC section 6).
+released checkpoints. Statistics are in dB.
 """
 from __future__ import annotations
 

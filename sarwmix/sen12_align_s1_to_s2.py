@@ -1,4 +1,4 @@
-"""Warp every SEN12-FLOOD S1 image onto the grid of an S2 band of the same sequence (SPEC section 5.3).
+"""Warp every SEN12-FLOOD S1 image onto the grid of an S2 band of the same sequence.
 
 S1 comes in EPSG:4326 at ~8.98e-5 deg with a size that varies per acquisition; S2 is UTM, 10 m, 512x512.
 Each S1 image listed in ``S1list.json`` is reprojected with ``rasterio.warp.reproject`` onto the CRS,
@@ -205,7 +205,7 @@ def align_dataset(root: Path, out: Path, s1_list: Path | None = None, resampling
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Warp SEN12-FLOOD S1 images onto an S2 band grid (SPEC 5.3).")
+    parser = argparse.ArgumentParser(description="Warp SEN12-FLOOD S1 images onto an S2 band grid.")
     parser.add_argument("root", type=Path, help="SEN12-FLOOD root with sequence folders and S1list.json")
     parser.add_argument("out", type=Path, help="output root for the aligned GeoTIFFs")
     parser.add_argument("--s1_list", type=Path, default=None, help="listing to follow (default ROOT/S1list.json)")

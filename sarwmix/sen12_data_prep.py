@@ -1,6 +1,6 @@
 """SEN12-FLOOD pairs: read ``S1list.json``, pair the aligned S1 images of each sequence, split by sequence.
 
-Pairing rule (SPEC section 5.3): in each sequence, every non-flood date is paired with every other date,
+Pairing rule (the released SEN12-FLOOD recipe): in each sequence, every non-flood date is paired with every other date,
 each unordered pair once, the non-flood image first; the label is ``FLOODING`` of the second image.
 Flood-flood pairs are not formed, and two non-flood dates are ordered chronologically. A sequence with
 dates d1 (no flood), d2 (no flood), d3 (flood), d4 (flood) gives (d1,d2)->0, (d1,d3)->1, (d1,d4)->1,
@@ -136,7 +136,7 @@ def sequence_entries(listing: dict, seq: str, source: str = "S1list.json",
 
 
 def make_pairs(entries: list[S1Entry]) -> list[tuple[S1Entry, S1Entry, int]]:
-    """Apply the SPEC 5.3 pairing rule to chronologically sorted entries.
+    """Apply the pairing rule of the module docstring to chronologically sorted entries.
 
     Returns:
         ``(first, second, label)`` with ``first`` non-flooded and ``label = int(second.flooding)``.
@@ -364,7 +364,7 @@ def resolve_test_sequences(sequences: list[str], list_file: Path | None, test_fr
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Build SEN12-FLOOD image pairs (SPEC 5.3) from aligned S1.")
+    parser = argparse.ArgumentParser(description="Build SEN12-FLOOD image pairs from aligned S1.")
     parser.add_argument("aligned_root", type=Path, help="output folder of sarwmix.sen12_align_s1_to_s2")
     parser.add_argument("s1_list", type=Path, help="S1list.json of the data set")
     parser.add_argument("out", type=Path, help="receives train/ and test/ pair files")

@@ -1,7 +1,7 @@
 """Drop SEN12-FLOOD pairs with partial coverage: any channel of either date with >= 25 % exact zeros.
 
 Exact zeros are the no-data of the S1 scenes (outside the swath, or outside the footprint after
-alignment); a pair whose image is largely empty says nothing about a flood (SPEC section 5.3).
+alignment); a pair whose image is largely empty says nothing about a flood.
 Pruned pairs are moved to ``OUT/_pruned/<split>/`` (or deleted with ``--delete``).
 
     python -m sarwmix.sen12_prune_partial_pairs OUT [--threshold 0.25] [--dry_run] [--delete]

@@ -4,7 +4,7 @@ Pair files are float32 ``(2 dates, 2 channels [VH, VV], 512, 512)`` in **linear*
 ``sen12_data_prep`` and cleaned by ``sen12_prune_partial_pairs``. The loader converts to dB with
 ``10 * log10(max(lin, LINEAR_FLOOR))``: the no-data zeros become -60 dB instead of ``-inf``. It does not
 normalise: the finetuning engine resizes, flips and normalises on the device with ``dataset.stats`` (the
-BENv1 statistics, SPEC section 6).
+BENv1 statistics).
 
 SEN12-FLOOD has only a train and a test split. ``split="val"`` reads ``OUT/val`` when it exists (make one
 by moving some training sequences there) and otherwise falls back to ``OUT/test`` with a logged warning:

@@ -1,4 +1,4 @@
-"""Seeded synthetic SEN12-FLOOD root in the real on-disk layout (SPEC section 5.3).
+"""Seeded synthetic SEN12-FLOOD root in the real on-disk layout.
 
 ``write_sen12flood(out_dir, n_sequences, seed)`` writes ``out_dir/SEN12FLOOD/`` with
 
@@ -25,7 +25,7 @@ i%4   FLOODING by date    particularities
 ====  ==================  ===================================================================
 
 Flooded dates replace the backscatter inside a sequence-wide flood mask (~40 % of the area) by open
-water (about -21 dB VV / -31 dB VH, SPEC section 6), so a change detector has a real signal to learn.
+water (about -21 dB VV / -31 dB VH), so a change detector has a real signal to learn.
 Pixels are multiplicative Gamma speckle (L = 4.4 looks) on a smooth dB texture.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Statistics of Sentinel-1 dB patches: normalisation mean/std and texture measures (SPEC section 6).
+"""Statistics of Sentinel-1 dB patches: normalisation mean/std and texture measures.
 
 Command line::
 
@@ -22,7 +22,7 @@ from sarwmix.errors import DataError, SarwmixError
 
 
 def patch_texture_stats(sar_db: np.ndarray, window: int = 7) -> dict[str, list[float]]:
-    """Per-patch measures used to compare synthetic with real patches (SPEC 6).
+    """Per-patch measures used to compare synthetic with real patches.
 
     Args:
         sar_db: float array (2, H, W) in dB, channel order [VH, VV].
@@ -55,7 +55,7 @@ def patch_texture_stats(sar_db: np.ndarray, window: int = 7) -> dict[str, list[f
 
 def dataset_stats(dataset: torch.utils.data.Dataset, max_samples: int | None = None,
                   num_workers: int = 0, batch_size: int = 64) -> dict:
-    """Per-channel mean / std in dB of a data set under both conventions of SPEC 6.
+    """Per-channel mean / std in dB of a data set under both std conventions.
 
     Args:
         dataset: yields (sar_db (C, H, W), target), e.g. from ``util.datasets.build_dataset``.

@@ -1,4 +1,4 @@
-"""Seeded synthetic Sentinel-1 patches that look like BigEarthNet-S1 (SPEC section 6).
+"""Seeded synthetic Sentinel-1 patches that look like BigEarthNet-S1.
 
 A patch is a Voronoi mosaic of land-cover "fields" with class-specific VV/VH backscatter, a shared
 fine texture, and spatially correlated Gamma speckle applied in linear power, returned in dB with the
@@ -60,7 +60,7 @@ _COVER: tuple[tuple[str, float, float, float, float, float], ...] = (
 )
 _COVER_WEIGHTS = np.array([row[5] for row in _COVER]) / sum(row[5] for row in _COVER)
 # Global scales of the table's field spread and texture, tuned so that the per-patch statistics land on
-# the real medians of SPEC 6 (checked by tests/test_synthetic.py).
+# the medians measured on real BigEarthNet-S1 patches (checked by tests/test_synthetic.py).
 _FIELD_SCALE = 0.8
 _TEXTURE_SCALE = 1.3
 
@@ -258,7 +258,7 @@ class SyntheticS1(PatchDataset):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Writers: synthetic patches in the real on-disk layouts (SPEC 5.1, 5.2).
+# Writers: synthetic patches in the real on-disk layouts (BigEarthNet v1 and v2).
 
 # (S2 tile, country, UTM EPSG, upper-left easting / northing of the tile) for plausible coordinates.
 _TILES = (
@@ -341,7 +341,7 @@ def write_v1_lists(out: Path, records: list[dict]) -> None:
 
 
 def v1_labels_json(record: dict, labels: list[str]) -> dict:
-    """The ``<patch>_labels_metadata.json`` content of a record (all keys of SPEC 5.1)."""
+    """The ``<patch>_labels_metadata.json`` content of a record (every key of the real files)."""
     from rasterio.crs import CRS
 
     ulx, uly = record["ulx"], record["uly"]
@@ -381,7 +381,7 @@ def write_benv1(out: Path, n: int, seed: int = 0, scene: str = "mosaic") -> Path
 
 
 def write_benv1_zarr(out: Path, n: int, seed: int = 0, zarr_format: int = 3, scene: str = "mosaic") -> Path:
-    """The Zarr container of SPEC 5.1 (``out/BigEarthNet-S1-v1.0.zarr``) + split and exclusion lists."""
+    """The BigEarthNet v1 Zarr container (``out/BigEarthNet-S1-v1.0.zarr``) + split and exclusion lists."""
     import zarr
 
     from sarwmix.bigearthnetv1 import V1_FOLDER, write_zarr_patch

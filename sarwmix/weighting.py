@@ -1,4 +1,4 @@
-"""Polarisation-aware reconstruction weights (SAR-W-MixMAE, SPEC section 4).
+"""Polarisation-aware reconstruction weights (SAR-W-MixMAE).
 
 The encoder sees dB; the weights come from **linear** backscatter ``lin = 10 ** (dB / 10)`` of the raw dB
 batch, before any normalisation. With ``x~`` the min-max normalised linear power of one image,

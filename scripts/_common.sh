@@ -83,7 +83,7 @@ read_settings() {
   ((${#listed[@]} > 0)) || die "EPOCH is empty: expected a checkpoint epoch such as 64"
   # One space between epochs (not tabs, newlines or a leading space): run_task takes the first as ${EPOCH%% *}.
   EPOCH=${listed[*]}
-  # SEN12-FLOOD finetuning starts from the BigEarthNet v1 pretraining (the released recipe, SPEC 7).
+  # SEN12-FLOOD finetuning starts from the BigEarthNet v1 pretraining (the released recipe).
   [[ -n ${DATASET:-} ]] || die "DATASET is empty: expected a data set name such as benv1 or synthetic"
   if [[ $DATASET == sen12flood ]]; then
     PRETRAIN_DATASET=${PRETRAIN_DATASET:-benv1}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare SEN12-FLOOD for finetuning (SPEC 5.3): unzip (if a .zip is given) -> align S1 onto the S2 grid
+# Prepare SEN12-FLOOD for finetuning: unzip (if a .zip is given) -> align S1 onto the S2 grid
 # -> build the image pairs -> drop partial-coverage pairs, then print the class counts per split.
 # Result: OUT/train/*.npy, OUT/test/*.npy, OUT/test_sequences.txt (read by sarwmix.sen12flood_loader).
 # Intermediates live in OUT/_work and are removed at the end unless --keep_intermediate is given.

@@ -1,6 +1,6 @@
 """Helpers of the finetuning tests: released-format checkpoints from the compat manifests, SEN12 pairs.
 
-A "released-format" checkpoint is what users hold (SPEC 8): ``{"model", "optimizer", "epoch", "scaler",
+A "released-format" checkpoint is what users hold: ``{"model", "optimizer", "epoch", "scaler",
 "args"}`` with ``args`` an ``argparse.Namespace``. The tensors here are random (seeded); only names,
 shapes and dtypes come from ``shared/compat``. ``relative_position_index`` entries get Swin's real index
 for their window, so a model that loads them still computes a valid forward pass.
@@ -49,7 +49,7 @@ def released_checkpoint(path: Path, state: dict[str, torch.Tensor], epoch: int, 
 
 
 def write_sen12_pairs(root: Path, pairs: dict[str, list[tuple[str, int]]], seed: int = 0) -> Path:
-    """Write SEN12-FLOOD pair files (SPEC 5.3) ``<root>/<split>/<seq>__<f1>__<f2>__<label>.npy``.
+    """Write SEN12-FLOOD pair files ``<root>/<split>/<seq>__<f1>__<f2>__<label>.npy``.
 
     Args:
         pairs: split -> list of (sequence, label). Each pair is float32 (2, 2, 512, 512) linear power

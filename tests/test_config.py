@@ -48,7 +48,7 @@ def test_finetune_configs_parse_and_validate(path):
         assert getattr(args, key) == value, key
     assert (args.blr, args.warmup_epochs, args.epochs) == (5e-4, 5, 50)
     assert (args.layer_decay, args.drop_path, args.weight_decay) == (0.7, 0.1, 0.05)
-    if args.task == "ben":  # SEN12-FLOOD counts pairs of 2 x 16 tiles: no released batch size (SPEC 7)
+    if args.task == "ben":  # SEN12-FLOOD counts pairs of 2 x 16 tiles: no released batch size
         assert (args.batch_size, args.label_set) == (128, 19)
 
 

@@ -13,7 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"
-# SPEC section 8: the released checkpoints and their SHA-256, as users hold them.
+# The released checkpoints and their SHA-256, as users hold them.
 RELEASED = {
     "benv1_pretrain_checkpoint_64.pth": "b4f385f96a1eef96c8b32768b57cee79060fe3d920c7273e2c70e43cc1c90700",
     "benv1_finetune_checkpoint_best.pth": "3778df30224903644d772d151a086d4a1bb006ab61c55ac6534ecb00fe3ae083",

@@ -1,4 +1,4 @@
-"""SEN12-FLOOD pairing (SPEC 5.3): hand-predicted pairs and labels, split, string booleans, bad input."""
+"""SEN12-FLOOD pairing: hand-predicted pairs and labels, split, string booleans, bad input."""
 from __future__ import annotations
 
 import datetime as dt

@@ -1,4 +1,4 @@
-"""The synthetic Sentinel-1 generator: determinism, labels, and realism against SPEC 6 measurements."""
+"""The synthetic Sentinel-1 generator: determinism, labels, and realism against measurements of real patches."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +11,7 @@ from sarwmix.errors import ConfigError
 from sarwmix.stats import patch_texture_stats
 from sarwmix.synthetic import SCENES, SyntheticS1, generate_patch
 
-# SPEC 6: p10..p90 of per-patch measures on 30 real BigEarthNet-S1 patches, (VH band, VV band).
+# p10..p90 of per-patch measures on 30 real BigEarthNet-S1 patches, (VH band, VV band).
 REAL_BANDS = {
     "std": ((2.7, 4.2), (2.6, 4.5)),
     "enl": ((4.0, 5.9), (4.0, 5.9)),

@@ -1,6 +1,6 @@
 """Checkpoints: atomic saving, safe loading (``weights_only=True``), hash verification, key checks.
 
-Layout (SPEC 8, the released one): ``{"model", "optimizer", "epoch", "scaler", "args"}``; this project adds
+Layout (the one of the released checkpoints): ``{"model", "optimizer", "epoch", "scaler", "args"}``; this project adds
 ``"stats"`` (normalisation statistics used), ``"schedule"`` (optional state of extra schedules) and
 ``"format_version"``. ``args`` is a plain dict here; released files hold an ``argparse.Namespace``, which
 is allow-listed for loading.

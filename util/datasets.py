@@ -36,7 +36,7 @@ def channel_indices(channels: tuple[str, ...]) -> tuple[int, ...]:
 
 
 def channel_stats(name: str, channels: tuple[str, ...]) -> dict:
-    """``{"name", "mean", "std"}`` of data set ``name`` (SPEC 6) restricted to ``channels``."""
+    """``{"name", "mean", "std"}`` of data set ``name`` restricted to ``channels``."""
     if name not in DATASET_STATS:
         raise ConfigError(f"statistics {name!r}: expected one of {sorted(DATASET_STATS)}")
     index = channel_indices(channels)
@@ -66,7 +66,7 @@ class PatchDataset(torch.utils.data.Dataset):
     Args:
         input_size: side of the returned tensors.
         channels: subset and order of ``CHANNELS`` to return.
-        stats_name: key of ``DATASET_STATS`` that normalises this data (SPEC 6).
+        stats_name: key of ``DATASET_STATS`` that normalises this data.
         label_set: 19 or 43 (length of the target).
         skip_bad: skip and count bad patches instead of raising.
     """

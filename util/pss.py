@@ -1,4 +1,4 @@
-"""Patch Sampling Schedule (PSS): keep a fraction ``rho`` of a ViT's patch tokens per iteration (seed 003).
+"""Patch Sampling Schedule (PSS): keep a fraction ``rho`` of a ViT's patch tokens per iteration.
 
 Tokens are ranked by **magnitude**: the L2 norm of each token's patch embedding (the output of the patch
 projection, before the position embedding is added). Why this score: it is free (the embedding is computed

@@ -90,7 +90,8 @@ def common_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Dotted keys of the SimMIM guide (seed 000) -> flags. A key whose flag an entry point lacks is refused there.
+# Dotted keys of SimMIM-style YAML configs (e.g. DATA.IMG_SIZE) -> flags.
+# A key whose flag an entry point lacks is refused there.
 DOTTED_KEYS: dict[str, str] = {
     "MODEL.BACKBONE": "model", "MODEL.IN_CHANS": "in_chans", "MODEL.MASK_RATIO": "mask_ratio",
     "MODEL.MASK_PATCH_SIZE": "mask_patch_size", "MODEL.DROP_PATH": "drop_path", "MODEL.MODE": "mode",
@@ -218,7 +219,7 @@ def validate_common(args: argparse.Namespace) -> None:
     from models_mixmim import ENCODER_CONFIGS, check_input_size
 
     mode = getattr(args, "mode", None)
-    if mode == "simmim":  # each backbone's own size rule (seed 000), naming its valid sizes
+    if mode == "simmim":  # each backbone's own size rule, naming its valid sizes
         from models_simmim import check_simmim_size
 
         check_simmim_size(args.model, args.input_size, args.mask_patch_size)
