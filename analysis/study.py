@@ -214,12 +214,12 @@ def pretrain_all(study: Study) -> dict[str, Path]:
         cmd = pretrain_command(study, arm, out_dir)
         if cmd is not None:
             todo.append((arm, cmd, out_dir))
-    # One pretraining at a time uses every core; parallel runs only help with more cores than threads.
-    for arm, cmd, out_dir in todo:
-        run_commands([(cmd, out_dir / "stdout.txt")], 1, study.threads)
+    # --jobs runs at a time (on a small CPU, single-threaded runs side by side beat one multi-threaded run).
+    run_commands([(cmd, out_dir / "stdout.txt") for _, cmd, out_dir in todo], study.jobs, study.threads)
+    for arm, _, out_dir in todo:
         (out_dir / "done").write_text("")
         done[arm] = out_dir / "checkpoint.pth"
-    return done
+    return {arm: done[arm] for arm in study.scale.arms if arm in done}
 
 
 def labelled_split(study: Study, split: str):
@@ -403,7 +403,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default=None, help="root of --dataset (not for synthetic)")
     parser.add_argument("--launcher", default=sys.executable,
                         help="command prefix of main_*.py, e.g. 'torchrun --standalone --nproc_per_node 4'")
-    parser.add_argument("--jobs", type=int, default=1, help="finetune runs at a time")
+    parser.add_argument("--jobs", type=int, default=1, help="pretraining / finetune runs at a time")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
