@@ -145,6 +145,29 @@ def draw_study(summary: pd.DataFrame, metric: str = "mAP_macro") -> Figure:
     return figure
 
 
+def draw_probe_curves(curves: pd.DataFrame, metric: str = "mAP_macro") -> Figure:
+    """Probe mAP of each pretraining arm's checkpoints against the epoch (k-NN left, linear right).
+
+    Args:
+        curves: columns ``arm, epoch, knn_<metric>, linear_<metric>`` (``analysis.study``'s
+            ``probe_curves.csv``); the ``random_init`` row is drawn as a dashed level.
+    """
+    figure = Figure(figsize=(9.5, 3.8), layout="constrained")
+    axes = figure.subplots(1, 2, sharey=True)
+    for ax, probe in zip(axes, ("knn", "linear"), strict=True):
+        column = f"{probe}_{metric}"
+        for index, (arm, rows) in enumerate(curves.groupby("arm", sort=False)):
+            if arm in STUDY_REFERENCES:
+                ax.axhline(rows[column].iloc[0], color=STUDY_REFERENCES[arm], linestyle="--", label=arm)
+            else:
+                ax.plot(rows["epoch"], rows[column], marker="o", markersize=3, color=f"C{index % 10}", label=arm)
+        ax.set(title=f"{STUDY_PROTOCOLS[probe]} during pretraining", xlabel="pretraining epoch")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(f"probe {metric}")
+    axes[1].legend(fontsize="small")
+    return figure
+
+
 def plot_label_efficiency(patterns: list[str], metric: str | None = None, split: str = "test",
                           task: str | None = None, pretrain_epoch: int | None = None
                           ) -> tuple[Figure, pd.DataFrame]:

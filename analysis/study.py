@@ -71,13 +71,17 @@ class Scale:
     n_test: int = 1024
     pretrain_epochs: int = 8
     pretrain_warmup: float = 1.0
-    pretrain_lr: float = 1.5e-3
+    pretrain_lr: float | None = 1.5e-3  # absolute; None: --pretrain_blr scaled by the global batch
+    pretrain_blr: float | None = None
     pretrain_batch: int = 64
     mask_ratio: float | None = None
-    norm_pix_loss: bool = True
-    finetune_epochs: int = 4  # at fraction 1.0; a fraction f trains for ceil(epochs * min(8, 1/f) ... )
-    finetune_lr: float = 1e-3
-    finetune_batch: int = 32
+    # Short runs: the standardised per-patch target drops each cell's level, which is half of what tells the
+    # covers apart; without it the probe of the encoder rose faster (README, Results).
+    norm_pix_loss: bool = False
+    finetune_epochs: int = 4  # at fraction 1.0; see finetune_epochs()
+    finetune_lr: float | None = 1e-3
+    finetune_blr: float | None = None
+    finetune_batch: int = 16
     finetune_fractions: tuple[float, ...] = (1.0, 0.125)
     probe_fractions: tuple[float, ...] = (1.0, 0.125, 0.01)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -92,8 +96,9 @@ SCALES: dict[str, Scale] = {
     "cpu": Scale(),
     # The paper's protocol: its model and data set are given with --model / --dataset / --data_path.
     "paper": Scale(model="mixmim_base", n_pretrain=0, n_train=0, n_val=0, n_test=0, pretrain_epochs=64,
-                   pretrain_warmup=10, pretrain_lr=1.5e-4 * 1024 / 256, pretrain_batch=128, finetune_epochs=50,
-                   finetune_lr=5e-4 * 256 / 256, finetune_batch=64, finetune_fractions=(1.0, 0.125, 0.01)),
+                   pretrain_warmup=10, pretrain_lr=None, pretrain_blr=1.5e-4, pretrain_batch=128,
+                   norm_pix_loss=True, finetune_epochs=50, finetune_lr=None, finetune_blr=5e-4, finetune_batch=64,
+                   finetune_fractions=(1.0, 0.125, 0.01)),
 }
 
 
@@ -147,6 +152,13 @@ def prepare_data(study: Study) -> dict[str, tuple[str, str | None]]:
     return {name: ("packed", str(path)) for name, path in paths.items()}
 
 
+def lr_flags(lr: float | None, blr: float | None) -> list[str]:
+    """``--lr`` (absolute) when given, else ``--blr`` (per 256 images of the global batch), else nothing."""
+    if lr is not None:
+        return ["--lr", str(lr)]
+    return ["--blr", str(blr)] if blr is not None else []
+
+
 def supported_flags(script: str) -> set[str]:
     """Option strings an entry point accepts (read from its parser, nothing is run)."""
     import importlib
@@ -165,8 +177,9 @@ def pretrain_command(study: Study, arm: str, out_dir: Path) -> list[str] | None:
         return None
     dataset, path = study.data["pretrain"]
     cmd = [*study.entry("main_pretrain.py"), *study.common_flags(), "--dataset", dataset,
-           "--epochs", str(s.pretrain_epochs), "--warmup_epochs", str(s.pretrain_warmup), "--lr", str(s.pretrain_lr),
-           "--batch_size", str(s.pretrain_batch), "--seed", str(study.pretrain_seed), "--output_dir", str(out_dir),
+           "--epochs", str(s.pretrain_epochs), "--warmup_epochs", str(s.pretrain_warmup),
+           *lr_flags(s.pretrain_lr, s.pretrain_blr), "--batch_size", str(s.pretrain_batch),
+           "--seed", str(study.pretrain_seed), "--output_dir", str(out_dir),
            "--vis_samples", "0", "--norm_pix_loss" if s.norm_pix_loss else "--no-norm_pix_loss", *arm_flags]
     if path:
         cmd += ["--data_path", path]
@@ -176,6 +189,8 @@ def pretrain_command(study: Study, arm: str, out_dir: Path) -> list[str] | None:
         probe_set, probe_path = study.data["labelled"]
         cmd += ["--probe_every", "1", "--probe_dataset", probe_set]
         cmd += ["--probe_data_path", probe_path] if probe_path else []
+    else:  # checkpoints of every epoch, probed afterwards with the same functions (probe_curves)
+        cmd += ["--save_freq", "1"]
     return cmd + list(study.extra_pretrain)
 
 
@@ -222,6 +237,36 @@ def pretrain_all(study: Study) -> dict[str, Path]:
     return {arm: done[arm] for arm in study.scale.arms if arm in done}
 
 
+def probe_curves(study: Study, ckpts: dict[str, Path], n_max: int = 512) -> pd.DataFrame:
+    """k-NN and linear-probe mAP of every epoch's checkpoint of every arm (``probe_curves.csv``).
+
+    On the first ``n_max`` labelled train and test patches, as the pretraining monitor measures them; the
+    random-init encoder of seed 0 is epoch 0 of the ``random_init`` row. Cached in ``probe_curves.csv``.
+    """
+    import torch
+
+    from util.probe import pooled_features, probe_metrics
+
+    cache = study.out / "probe_curves.csv"
+    if cache.is_file():
+        return pd.read_csv(cache)
+    data = {split: labelled_split(study, split) for split in ("train", "test")}
+    subsets = {k: torch.utils.data.Subset(v, range(min(n_max, len(v)))) for k, v in data.items()}
+    points = [(RANDOM_INIT, 0, None)]
+    for arm, ckpt in ckpts.items():
+        for path in sorted(ckpt.parent.glob("checkpoint_*.pth"), key=lambda p: int(p.stem.split("_")[1])):
+            points.append((arm, int(path.stem.split("_")[1]), path))
+    rows = []
+    for arm, epoch, path in points:
+        model = load_encoder(study, path, 0)
+        (tx, ty), (vx, vy) = (pooled_features(model, subsets[k], data[k].stats["mean"], data[k].stats["std"])
+                              for k in ("train", "test"))
+        rows.append({"arm": arm, "epoch": epoch, **probe_metrics(tx, ty, vx, vy, c=study.scale.probe_c)})
+    table = pd.DataFrame(rows)
+    table.to_csv(cache, index=False, float_format="%.4f")
+    return table
+
+
 def labelled_split(study: Study, split: str):
     """The labelled data set of the study, one split, at 128 px."""
     from util.datasets import build_dataset
@@ -256,12 +301,15 @@ def features(study: Study, name: str, ckpt: Path | None, seed: int) -> dict[str,
     from util.probe import pooled_features
 
     model = load_encoder(study, ckpt, seed)
+    device = "cuda" if study.device != "cpu" and torch.cuda.is_available() else "cpu"
+    model.to(device)
     out = {}
     for split in ("train", "test"):
         data = labelled_split(study, split)
-        amp = resolve_amp(study.amp, torch.device("cpu"))
+        amp = resolve_amp(study.amp, torch.device(device))
         out[f"{split}_x"], out[f"{split}_y"] = pooled_features(model, data, data.stats["mean"], data.stats["std"],
-                                                               num_workers=study.num_workers, amp_dtype=amp)
+                                                               device=device, num_workers=study.num_workers,
+                                                               amp_dtype=amp)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **out)
     return out
@@ -330,8 +378,9 @@ def finetune_command(study: Study, arm: str, ckpt: Path | None, fraction: float,
     s = study.scale
     dataset, path = study.data["labelled"]
     cmd = [*study.entry("main_finetune.py"), *study.common_flags(), "--dataset", dataset,
-           "--epochs", str(finetune_epochs(s, fraction)), "--warmup_epochs", "1", "--lr", str(s.finetune_lr),
-           "--batch_size", str(s.finetune_batch), "--train_fraction", str(fraction), "--seed", str(seed),
+           "--epochs", str(finetune_epochs(s, fraction)), "--warmup_epochs", "1",
+           *lr_flags(s.finetune_lr, s.finetune_blr), "--batch_size", str(s.finetune_batch),
+           "--train_fraction", str(fraction), "--seed", str(seed),
            "--output_dir", str(out_dir)]
     cmd += ["--data_path", path] if path else []
     cmd += ["--finetune", str(ckpt)] if ckpt is not None else []
@@ -375,10 +424,13 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
 def write_figures(study: Study, summary: pd.DataFrame, ckpts: dict[str, Path]) -> list[Path]:
     """``study.png`` (label efficiency per protocol) and the pretraining curves of the arms."""
     from analysis.logs import write_outputs
-    from analysis.plot_label_efficiency import draw_study
+    from analysis.plot_label_efficiency import draw_probe_curves, draw_study
     from analysis.plot_pretrain_loss import plot_pretrain_loss
 
     written = write_outputs(study.out, "study", draw_study(summary, "mAP_macro"), {}, dpi=110)
+    if (study.out / "probe_curves.csv").is_file():
+        curves = pd.read_csv(study.out / "probe_curves.csv")
+        written += write_outputs(study.out, "probe_curves", draw_probe_curves(curves), {}, dpi=110)
     runs = [study.out / "pretrain" / arm for arm in ckpts]
     if runs:
         figure, epochs, steps = plot_pretrain_loss(runs, labels=list(ckpts))
@@ -417,7 +469,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     for name in ("n_pretrain", "n_train", "n_val", "n_test", "pretrain_epochs", "pretrain_batch",
                  "finetune_epochs", "finetune_batch"):
         g.add_argument(f"--{name}", type=int)
-    for name in ("pretrain_warmup", "pretrain_lr", "mask_ratio", "finetune_lr", "probe_c"):
+    for name in ("pretrain_warmup", "pretrain_lr", "pretrain_blr", "mask_ratio", "finetune_lr", "finetune_blr",
+                 "probe_c"):
         g.add_argument(f"--{name}", type=float)
     g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--finetune_fractions", type=_floats, help="e.g. '1 0.125'")
@@ -459,6 +512,9 @@ def run_study(study: Study) -> pd.DataFrame:
     t = lap("data", t)
     ckpts = pretrain_all(study)
     t = lap("pretrain", t)
+    if "--probe_every" not in supported_flags("main_pretrain.py") and ckpts:
+        probe_curves(study, ckpts)
+        t = lap("probe_curves", t)
     rows = probe_all(study, ckpts)
     t = lap("probe", t)
     rows += finetune_all(study, ckpts)

@@ -27,6 +27,10 @@ def test_smoke_study_runs_end_to_end_and_writes_its_tables(tmp_path):
     assert len(runs) == 3 * 2 * 2 + 2  # probes: 3 arms x 2 fractions x 2 protocols; finetunes: 2 arms
     for name in ("study.png", "pretrain_loss.png", "timing.json"):
         assert (tmp_path / name).is_file()
+    if "--probe_every" not in study.supported_flags("main_pretrain.py"):  # probed afterwards, per epoch
+        curves = pd.read_csv(tmp_path / "probe_curves.csv")
+        assert list(curves["arm"]) == ["random_init", "mixmim_per_channel"]
+        assert (tmp_path / "probe_curves.png").is_file()
     # A second call finds every step done and writes the same table.
     assert study.main(["--out", str(tmp_path), *SMOKE]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "summary.csv"), summary)
