@@ -121,7 +121,7 @@ def gather_predictions(indices: Sequence[int], logits: torch.Tensor,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: str, mean: Sequence[float],
              std: Sequence[float], amp_dtype: torch.dtype | None = None, input_size: int | None = None,
-             gather: bool = True, rho: float | None = None) -> dict[str, float]:
+             gather: bool = True, rho: float | None = None) -> dict[str, float | int]:
     """Score a split: loss and the task metrics (``util.metrics``) over all ranks' predictions.
 
     Args:
@@ -130,7 +130,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: s
             scores the whole split itself.
         rho: ViT only: keep this fraction of the patch tokens (``util.pss``); None: the model as is.
     Returns:
-        ``{"loss": ..., **metrics, "n_samples": N}`` (the same on every rank).
+        ``{"loss": ..., **metrics, "n_samples": N}`` (the same on every rank; counts are ints).
     """
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
     std_t = torch.tensor(std, dtype=torch.float32, device=device)
@@ -150,7 +150,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: s
     if gather:
         logits, targets = gather_predictions(indices, logits, targets)
     loss = float(make_criterion(task)(logits, targets.long() if task == "sen12flood" else targets.float()))
-    return {"loss": loss, **task_metrics(task, logits, targets), "n_samples": float(len(targets))}
+    return {"loss": loss, **task_metrics(task, logits, targets), "n_samples": len(targets)}
 
 
 # --- data selection -------------------------------------------------------------------------------

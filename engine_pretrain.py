@@ -29,8 +29,11 @@ StepFn = Callable[[nn.Module, object, torch.Generator], tuple[torch.Tensor, dict
 
 def make_pretrain_step(device: torch.device, mean: list[float], std: list[float], weighting: str = "per_channel",
                        exp_scale: float = 1.0, granularity: str = "pixel", token_size: int = 32,
-                       zscore_compat: bool = False, flips: bool = True) -> StepFn:
+                       zscore_compat: bool = False, flips: bool = True, weight_norm: str = "minmax",
+                       weight_norm_low: float = 1.0, weight_norm_high: float = 99.0) -> StepFn:
     """Pretraining step: flips, weight map from the raw dB batch, normalisation, model loss.
+
+    ``weight_norm`` (``minmax | percentile``) and its percentiles go to ``sarwmix.weighting.weight_map``.
 
     The weights are computed on the device from raw dB: cheap there, free for the loaders.
     """
@@ -44,7 +47,8 @@ def make_pretrain_step(device: torch.device, mean: list[float], std: list[float]
             sar_db = random_flips(sar_db, gen)
         w = None
         if weighting != "none":
-            w = weight_map(sar_db, weighting, exp_scale, granularity, token_size, zscore_compat, mean_t, std_t)
+            w = weight_map(sar_db, weighting, exp_scale, granularity, token_size, zscore_compat, mean_t, std_t,
+                           weight_norm, weight_norm_low, weight_norm_high)
         loss, _, mask = model(normalize(sar_db, mean_t, std_t), weights=w, generator=gen)
         extras = {"weight_mean": float(w.mean()) if w is not None else 1.0,
                   "mask_ratio": float(mask.float().mean())}
@@ -150,20 +154,28 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 @torch.no_grad()
 def save_reconstructions(model: nn.Module, dataset, path, n: int = 4, weighting: str = "per_channel",
-                         exp_scale: float = 1.0, seed: int = 0) -> object:
-    """PNG of the first ``n`` samples: input, mixed/masked input, reconstruction, weight map (last channel)."""
-    from util.visualize import save_panels
+                         exp_scale: float = 1.0, seed: int = 0, granularity: str = "pixel", token_size: int = 32,
+                         zscore_compat: bool = False, weight_norm: str = "minmax", weight_norm_low: float = 1.0,
+                         weight_norm_high: float = 99.0) -> object:
+    """PNG of the first ``n`` samples of a MixMIM or SimMIM model, every channel in dB (``util.visualize``):
+    input, what the encoder saw, raw prediction, visible cells pasted back, weight map of the run."""
+    from util import visualize
 
     n = min(n, len(dataset))
     sar_db = torch.stack([dataset[i][0] for i in range(n)]).float()
-    device = next(model.parameters()).device
-    mean = torch.tensor(dataset.stats["mean"])
-    std = torch.tensor(dataset.stats["std"])
+    mean, std = dataset.stats["mean"], dataset.stats["std"]  # of the dataset's channels, in order
     was_training = model.training
     model.eval()
-    cols = model.reconstruct(normalize(sar_db, mean, std).to(device), generator=torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    cols = model.reconstruct(normalize(sar_db, torch.tensor(mean), torch.tensor(std)).to(device),
+                             generator=torch.Generator().manual_seed(seed))
     model.train(was_training)
-    cols = {k: v.float().cpu() for k, v in cols.items()}
-    cols["weight map"] = weight_map(sar_db, weighting if weighting != "none" else "none", exp_scale)
+    panels, mask, kind = visualize.reconstruction_panels({k: v.cpu() for k, v in cols.items()}, sar_db, mean, std)
+    weights = weight_map(sar_db, weighting, exp_scale, granularity, token_size, zscore_compat,
+                         torch.tensor(mean), torch.tensor(std), norm=weight_norm, low=weight_norm_low,
+                         high=weight_norm_high)
+    caption = visualize.reconstruction_caption(kind, weighting, exp_scale, getattr(model, "norm_pix_loss", False))
     names = tuple(getattr(dataset, "channels", CHANNELS[-sar_db.shape[1]:]))
-    return save_panels(path, cols, channel=sar_db.shape[1] - 1, channel_names=names)
+    return visualize.save_reconstruction_figure(path, panels, mask, weights, visualize.weight_range(exp_scale),
+                                                title=f"{kind} reconstructions (dB)", caption=caption,
+                                                channel_names=names)

@@ -156,15 +156,18 @@ def check_backbone(args: argparse.Namespace) -> None:
 
 
 def split_file_of(args: argparse.Namespace, split: str) -> str | None:
-    """BigEarthNet v1 needs one list per split: ``--split_file`` names the folder of train/val/test.csv
-    (default: ``splits/`` beside the data). v2's metadata file holds every split and is passed as is."""
+    """BigEarthNet v1 needs one list per split: ``--split_file`` names the folder of train/val/test.csv, or
+    of their ``.csv.gz`` (default: ``splits/`` beside the data, else the official lists in ``datasets/``).
+    v2's metadata file holds every split and is passed as is."""
     if args.dataset not in ("benv1", "benv1_zarr") or not args.split_file:
         return args.split_file
     folder = Path(args.split_file)
     if not folder.is_dir():
         raise ConfigError(f"--split_file {folder}: for BigEarthNet v1 finetuning give the folder holding "
                           f"train.csv, val.csv and test.csv (one list cannot define three splits)")
-    return str(folder / f"{split}.csv")
+    compressed = folder / f"{split}.csv.gz"  # the layout of the shipped datasets/
+    return str(compressed if compressed.is_file() and not (folder / f"{split}.csv").is_file()
+               else folder / f"{split}.csv")
 
 
 def build_split(args: argparse.Namespace, split: str):

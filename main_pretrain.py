@@ -14,15 +14,20 @@ import logging
 import torch
 
 from engine_pretrain import make_pretrain_step, save_reconstructions
-from sarwmix.weighting import GRANULARITIES, WEIGHTINGS
+from sarwmix.errors import ConfigError
+from sarwmix.weighting import GRANULARITIES, WEIGHT_NORMS, WEIGHTINGS, check_weight_norm
 from util import runner
 from util.config import parse_with_config, run_cli
+from util.datasets import DATASET_NAMES
 from util.export_backbone import BackboneExporter
+from util.probe import ProbeMonitor, build_probe_sets
 from util.trainer import Trainer
 
 log = logging.getLogger("sarwmix")
 PRETRAIN_MODES = ("mixmim", "simmim")
 DEFAULT_MASK_RATIO = {"mixmim": 0.5, "simmim": 0.6}
+# Flags that only one mode reads; config.yaml of a run leaves out those of the other mode.
+MODE_ONLY_FLAGS = {"mixmim": ("range_mask_ratio", "norm_pix_loss"), "simmim": ("mask_patch_size", "loss")}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,11 +46,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="polarisation-aware weights from linear backscatter")
     g.add_argument("--weight_exp_scale", type=float, default=1.0, help="s in w = exp(s * (1 - x~))")
     g.add_argument("--weight_granularity", default="pixel", choices=GRANULARITIES)
+    g.add_argument("--weight_norm", default="minmax", choices=WEIGHT_NORMS,
+                   help="x~ from the image's min and max (published), or its percentiles clipped to [0, 1]")
+    g.add_argument("--weight_norm_low", type=float, default=1.0, help="percentile norm: lower percentile")
+    g.add_argument("--weight_norm_high", type=float, default=99.0, help="percentile norm: upper percentile")
     g.add_argument("--weight_zscore_compat", action="store_true",
                    help="reproduce the released code's defect: weights from z-scores, not raw dB")
     g.add_argument("--stop_epoch", type=int, default=None,
                    help="stop after this many epochs of the --epochs schedule, saving checkpoint_<N>.pth")
     g.add_argument("--vis_samples", type=int, default=4, help="samples in reconstructions.png (0: none)")
+    g = parser.add_argument_group("representation probe (k-NN and linear probe of the frozen encoder)")
+    g.add_argument("--probe_every", type=int, default=0, help="probe every N epochs and at the last (0: off)")
+    g.add_argument("--probe_dataset", default=None, choices=DATASET_NAMES,
+                   help="labelled probe data (default: --dataset; synthetic: patches of another seed, "
+                        "others: their validation split)")
+    g.add_argument("--probe_data_path", default=None, help="root of the probe data (default: --data_path)")
+    g.add_argument("--probe_samples", type=int, default=1024, help="probe patches: 3/4 to fit, 1/4 held out")
+    g.add_argument("--probe_knn_k", type=int, default=20, help="neighbours of the cosine k-NN")
     parser.set_defaults(model="mixmim_tiny", epochs=4, warmup_epochs=1, batch_size=32, blr=1.5e-4,
                         weight_decay=0.05, num_samples=192)
     return runner.document_defaults(parser)
@@ -55,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_with_config(get_args_parser(), argv, extra=runner.override_values)
     if args.mask_ratio is None:  # each mode's own default unless the user chose one
         args.mask_ratio = DEFAULT_MASK_RATIO[args.mode]
+    try:
+        check_weight_norm(args.weight_norm, args.weight_norm_low, args.weight_norm_high)
+    except ValueError as e:
+        raise ConfigError(f"--weight_norm {args.weight_norm}: {e}") from None
+    for name, low in (("probe_every", 0), ("probe_samples", 8), ("probe_knn_k", 1)):
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name} {getattr(args, name)}: expected an integer >= {low}")
     return args
 
 
@@ -72,24 +96,48 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
                         norm_pix_loss=args.norm_pix_loss)
 
 
+def probe_monitor(args: argparse.Namespace, run: runner.Run, encoder: torch.nn.Module,
+                  stats: dict) -> ProbeMonitor | None:
+    """The ``--probe_every`` monitor; its labelled data are read once, on rank 0 only."""
+    if args.probe_every <= 0:
+        return None
+    sets = (None, None)
+    if run.info.is_main:
+        name = args.probe_dataset or args.dataset
+        path = args.probe_data_path or (args.data_path if name == args.dataset else None)
+        sets = build_probe_sets(name, data_path=path, input_size=args.input_size, channels=args.channels,
+                                samples=args.probe_samples, seed=args.seed, num_workers=args.num_workers)
+        log.info("probe: %s, %d + %d patches, every %d epochs", name, len(sets[0]), len(sets[1]),
+                 args.probe_every)
+    return ProbeMonitor(encoder, *sets, stats["mean"], stats["std"], every=args.probe_every, device=run.device,
+                        knn_k=args.probe_knn_k, batch_size=args.batch_size, amp_dtype=run.amp_dtype,
+                        seed=args.seed, is_main=run.info.is_main, distributed=run.info.distributed)
+
+
 def main(args: argparse.Namespace) -> dict:
-    run = runner.start(args, task="pretrain")
+    other_modes = [flag for mode, flags in MODE_ONLY_FLAGS.items() if mode != args.mode for flag in flags]
+    run = runner.start(args, task="pretrain", not_applicable=other_modes)
     dataset = runner.build_train_data(args, run)
     model = build_model(args).to(run.device)
     # --weight_granularity token: a SimMIM mask cell, or a MixMIM target patch (the encoder's 32 px stride)
     token = args.mask_patch_size if args.mode == "simmim" else model.encoder_stride
     step = make_pretrain_step(run.device, dataset.stats["mean"], dataset.stats["std"], args.weighting,
-                              args.weight_exp_scale, args.weight_granularity, token, args.weight_zscore_compat)
+                              args.weight_exp_scale, args.weight_granularity, token, args.weight_zscore_compat,
+                              weight_norm=args.weight_norm, weight_norm_low=args.weight_norm_low,
+                              weight_norm_high=args.weight_norm_high)
     # SimMIM: the encoder alone, for finetuning elsewhere (per --save_freq epoch and at the end).
     exporter = (BackboneExporter(args.output_dir, args.model, args.save_freq, run.info.is_main)
                 if args.mode == "simmim" else None)
-    trainer = Trainer(args, run, model, dataset, step, evaluate=exporter)
+    monitor = probe_monitor(args, run, model.encoder if args.mode == "simmim" else model, dataset.stats)
+    trainer = Trainer(args, run, model, dataset, step, evaluate=exporter, on_epoch_end=monitor)
     stats = trainer.fit()
     if exporter is not None:
         exporter.final(trainer.raw_model)
     if run.info.is_main and args.vis_samples > 0:
         path = save_reconstructions(trainer.raw_model, dataset, run.output_dir / "reconstructions.png",
-                                    args.vis_samples, args.weighting, args.weight_exp_scale, args.seed)
+                                    args.vis_samples, args.weighting, args.weight_exp_scale, args.seed,
+                                    args.weight_granularity, token, args.weight_zscore_compat, args.weight_norm,
+                                    args.weight_norm_low, args.weight_norm_high)
         log.info("reconstructions: %s", path)
     runner.finish(run)
     return stats

@@ -405,14 +405,16 @@ class MixMIM(SwinEncoder):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Images for inspection, all (B, C, S, S) in normalised dB: input, mixed input, reconstruction."""
+        """Images for inspection, (B, C, S, S) in normalised dB: ``input``, ``mixed input`` and ``prediction``
+        (the unmixed reconstruction of every cell; with ``norm_pix_loss`` de-normalised with each target
+        patch's own mean and std), and ``mask`` (1, 1, S, S), 1 on the cells taken from the partner image."""
         loss, rec, mask = self.forward(x, mask=mask, generator=generator)
         p, g = self.encoder_stride, self.img_size // self.encoder_stride
         if self.norm_pix_loss:
             rec = denorm_patches(rec, patchify(x, p))
         m_pix = pixel_mask(mask, g, self.img_size).to(x)
         return {"input": x, "mixed input": x * (1 - m_pix) + flip_batch(x) * m_pix,
-                "reconstruction": unpatchify(rec, p, self.in_chans)}
+                "prediction": unpatchify(rec, p, self.in_chans), "mask": m_pix}
 
 
 # Encoder configurations users type as --model. The paper's are base/large/huge at 128 px.

@@ -113,11 +113,12 @@ class SimMIM(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Images for inspection, (B, C, S, S) normalised dB: input, masked input (masked cells 0), and the
-        reconstruction (prediction in the masked cells, the input elsewhere)."""
+        """Images for inspection, (B, C, S, S) normalised dB: ``input``, ``masked input`` (masked cells 0),
+        ``prediction`` (the decoder's output on every cell), and ``mask`` (B, 1, S, S), 1 = masked."""
         _, rec, mask = self.forward(x, mask=mask, generator=generator)
         m_pix = pixel_mask(mask, self.mask_grid, self.img_size).to(x)
-        return {"input": x, "masked input": x * (1 - m_pix), "reconstruction": rec * m_pix + x * (1 - m_pix)}
+        return {"input": x, "masked input": x * (1 - m_pix), "prediction": rec.float().to(x.dtype),
+                "mask": m_pix}
 
     def no_weight_decay(self) -> set[str]:
         inner = getattr(self.encoder, "no_weight_decay", lambda: set())()

@@ -210,6 +210,7 @@ def _result_row(path: Path) -> dict[str, Any]:
     row = {"path": str(path), "task": result["task"], "model": result.get("model") or UNKNOWN_MODEL,
            "finetune": result["finetune"], "pretrain_epoch": epoch, "train_fraction": float(fraction),
            "best_epoch": result.get("best_epoch"), "selection_metric": result.get("selection_metric"),
+           "evaluated_checkpoint": result.get("evaluated_checkpoint"),
            "init": RANDOM_INIT if result["finetune"] is None else PRETRAINED}
     row.update(_metrics(result["val"], "val", path))
     row.update(_metrics(result["test"], "test", path))
@@ -225,7 +226,8 @@ def read_results(patterns: str | Iterable[str]) -> pd.DataFrame:
     Returns:
         One row per file, sorted by path: ``path, task, model`` (UNKNOWN_MODEL where the file has none),
         ``finetune, pretrain_epoch`` (nullable int),
-        ``train_fraction, best_epoch, selection_metric, init`` (``"pretrained"`` or ``"random init"``), and
+        ``train_fraction, best_epoch, selection_metric, evaluated_checkpoint`` (None where absent),
+        ``init`` (``"pretrained"`` or ``"random init"``), and
         ``val_<metric>``, ``test_<metric>`` for every metric found (NaN where a file lacks it).
     """
     if isinstance(patterns, (str, Path)):

@@ -6,13 +6,17 @@ Usage::
 
 Each finetune ``results.json`` gives one point at its ``pretrain_epoch`` (the completed epochs stored in the
 pretraining checkpoint it started from); runs repeated with other seeds are averaged (error bar: sample
-standard deviation). Runs from random initialisation (``finetune: null``) are drawn as a dashed horizontal
-reference. Writes ``epoch_sweep.png`` and ``epoch_sweep.csv`` (``metric, split, model, train_fraction, init,
+standard deviation). Only seeds are averaged: a ``results.json`` that re-scores a checkpoint already scored
+(an ``--eval`` run, same ``evaluated_checkpoint``) is counted once, and runs whose ``config.yaml`` (beside
+``results.json``) differ in a hyper-parameter are separate series, named by the differing values. Runs from
+random initialisation (``finetune: null``) are drawn as a dashed horizontal reference. Writes
+``epoch_sweep.png`` and ``epoch_sweep.csv`` (``metric, split, model, train_fraction, hparams, init,
 pretrain_epoch, mean, std, n``).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from analysis.logs import (
     RANDOM_INIT,
     metric_column,
     output_parser,
+    read_config,
     read_results,
     run_main,
     select_task,
@@ -36,7 +41,16 @@ from analysis.logs import (
 )
 from sarwmix.errors import DataError
 
-GROUP = ["model", "train_fraction", "init", "pretrain_epoch"]
+GROUP = ["model", "train_fraction", "hparams", "init", "pretrain_epoch"]
+SERIES = ["model", "train_fraction", "hparams"]
+# config.yaml keys that say where or how a run ran (or are grouped already), not what it learned: runs that
+# differ only in these are seeds of one point. The seed itself, the output folders, the pretraining
+# checkpoint (its epoch is the x axis), the data location, threads, devices, logging and resuming.
+NOT_HYPERPARAMETERS = frozenset({
+    "seed", "output_dir", "log_dir", "resume", "finetune", "checkpoint_sha256", "config", "override",
+    "data_path", "split_file", "device", "dist_url", "dist_on_itp", "dist_eval", "num_workers", "pin_mem",
+    "num_threads", "cpu_memory", "progress", "compile", "grad_ckpt", "save_freq", "start_epoch", "amp",
+    "model", "train_fraction", "task"})
 TASK_TITLES = {"ben": "BigEarthNet", "sen12flood": "SEN12-FLOOD"}
 
 
@@ -57,6 +71,43 @@ def drawable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[~bad].reset_index(drop=True)
 
 
+def checkpoint_identity(evaluated: str | None, results_path: str) -> str:
+    """The checkpoint a results.json scored: its real path where it exists, else the path as written (a
+    results.json that does not name one is its own identity)."""
+    if not evaluated:
+        return results_path
+    return os.path.realpath(evaluated) if Path(evaluated).exists() else os.path.normpath(evaluated)
+
+
+def drop_rescores(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per evaluated checkpoint: the run whose folder holds it, else the first by path.
+
+    An ``--eval`` re-score of a checkpoint is the same model scored again, not another seed.
+    """
+    keys = [checkpoint_identity(c, p) for c, p in zip(frame["evaluated_checkpoint"], frame["path"])]
+    owner = [Path(k).parent == Path(p).parent for k, p in zip(keys, frame["path"])]
+    ranked = frame.assign(_key=keys, _owner=owner).sort_values(["_owner", "path"], ascending=[False, True])
+    repeated = ranked["_key"].duplicated()
+    first = ranked[~repeated].set_index("_key")["path"]
+    for path, key in zip(ranked.loc[repeated, "path"], ranked.loc[repeated, "_key"]):
+        print(f"note: {path}: re-scores {key}, already scored by {first[key]}; counted once", file=sys.stderr)
+    return ranked[~repeated].drop(columns=["_key", "_owner"]).sort_values("path").reset_index(drop=True)
+
+
+def label_hyperparameters(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add ``hparams``: the config.yaml values (beside each results.json) of the keys that differ between
+    runs, e.g. ``"blr=0.001, epochs=50"``; empty when the runs differ only in seeds and locations."""
+    configs = [{k: v for k, v in read_config(Path(path).parent / "config.yaml").items()
+                if k not in NOT_HYPERPARAMETERS} for path in frame["path"]]
+    keys = sorted(set().union(*configs)) if configs else []
+    varying = [k for k in keys if len({repr(config.get(k)) for config in configs}) > 1]
+    if varying:
+        print(f"note: runs differ in {', '.join(varying)} (config.yaml): one series per setting",
+              file=sys.stderr)
+    labels = [", ".join(f"{k}={config.get(k)}" for k in varying) for config in configs]
+    return frame.assign(hparams=labels)
+
+
 def sweep_table(frame: pd.DataFrame, metrics: list[str | None], split: str) -> pd.DataFrame:
     """Mean/std/count of each metric per model, training fraction, initialisation and pretraining epoch."""
     parts = []
@@ -69,21 +120,24 @@ def sweep_table(frame: pd.DataFrame, metrics: list[str | None], split: str) -> p
     return pd.concat(parts, ignore_index=True)
 
 
-def _series_label(model: str, fraction: float, frame: pd.DataFrame) -> str:
+def _series_label(model: str, fraction: float, hparams: str, frame: pd.DataFrame) -> str:
     """Name a line only by what varies between lines."""
     parts = [str(model)] if frame["model"].nunique() > 1 else []
     if frame["train_fraction"].nunique() > 1:
         parts.append(f"{fraction * 100:g}% labels")
+    if hparams:
+        parts.append(hparams)
     return ", ".join(parts) or "pretrained"
 
 
 def _draw_metric(ax, table: pd.DataFrame, metric: str, split: str) -> None:
-    """One panel: a line per (model, fraction) over epochs, random init as a dashed level."""
-    series = table.drop_duplicates(["model", "train_fraction"])[["model", "train_fraction"]]
-    for index, (model, fraction) in enumerate(series.itertuples(index=False)):
+    """One panel: a line per (model, fraction, hyper-parameters) over epochs, random init as a dashed level."""
+    series = table.drop_duplicates(SERIES)[SERIES]
+    for index, (model, fraction, hparams) in enumerate(series.itertuples(index=False)):
         color = f"C{index % 10}"
-        rows = table[(table["model"] == model) & (table["train_fraction"] == fraction)]
-        label = _series_label(model, fraction, table)
+        rows = table[(table["model"] == model) & (table["train_fraction"] == fraction)
+                     & (table["hparams"] == hparams)]
+        label = _series_label(model, fraction, hparams, table)
         points = rows[rows["init"] == PRETRAINED].sort_values("pretrain_epoch")
         if not points.empty:
             ax.errorbar(points["pretrain_epoch"].astype(float), points["mean"], yerr=points["std"].fillna(0),
@@ -114,7 +168,7 @@ def draw(table: pd.DataFrame, task: str) -> Figure:
 def plot_epoch_sweep(patterns: list[str], metrics: list[str] | None = None, split: str = "test",
                      task: str | None = None) -> tuple[Figure, pd.DataFrame]:
     """Read the results, aggregate them per pretraining epoch and build the figure and the table."""
-    frame = drawable(select_task(read_results(patterns), task))
+    frame = label_hyperparameters(drop_rescores(drawable(select_task(read_results(patterns), task))))
     if not (frame["init"] == PRETRAINED).any():
         raise DataError(f"{' '.join(patterns)}: no results from a pretrained checkpoint with pretrain_epoch")
     table = sweep_table(frame, metrics or [None], split)

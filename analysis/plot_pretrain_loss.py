@@ -5,7 +5,9 @@ Usage::
     python analysis/plot_pretrain_loss.py output/pretrain_base output/pretrain_simmim --out figures/
 
 Writes ``pretrain_loss.png``, ``pretrain_loss_epoch.csv`` (``run, epoch, train_loss, train_lr, source``)
-and ``pretrain_loss_step.csv`` (``run, epoch, iter, loss, loss_smooth, lr``). Epochs are counted from 1
+and ``pretrain_loss_step.csv`` (``run, epoch, iter, loss, loss_smooth, lr``). Runs with the representation
+monitor (``--probe_every``) also get a third panel, the probe mAP macro per epoch (k-NN solid, linear
+dashed), and ``pretrain_loss_probe.csv`` (``run, epoch`` and the logged ``probe_*`` columns). Epochs are counted from 1
 (epoch k is the one that ends with ``checkpoint_k.pth``); the logs count from 0.
 """
 from __future__ import annotations
@@ -36,6 +38,8 @@ from analysis.logs import (
 
 # Lines with this few points also get markers, so a one-epoch run still shows up.
 MARKER_MAX_POINTS = 30
+PROBE_COLUMNS = ("probe_knn_mAP_macro", "probe_knn_mAP_micro", "probe_linear_mAP_macro",
+                 "probe_linear_mAP_micro", "probe_seconds")
 
 
 def epoch_table(run: RunLogs, label: str) -> pd.DataFrame:
@@ -54,6 +58,18 @@ def epoch_table(run: RunLogs, label: str) -> pd.DataFrame:
     table.insert(0, "run", label)
     table["source"] = f"{STEP_LOG} (mean over iterations)"
     return table
+
+
+def probe_table(run: RunLogs, label: str) -> pd.DataFrame:
+    """The epochs of one run that logged probe metrics (``--probe_every``): ``run, epoch`` (1-based), probe_*."""
+    present = [c for c in PROBE_COLUMNS if c in run.epochs]
+    if run.epochs.empty or not present:
+        return pd.DataFrame(columns=["run", "epoch", *PROBE_COLUMNS])
+    rows = run.epochs.dropna(subset=present[:1])
+    table = pd.DataFrame({"run": label, "epoch": rows["epoch"].astype(int) + 1})
+    for column in PROBE_COLUMNS:
+        table[column] = rows[column].astype(float) if column in rows else float("nan")
+    return table.reset_index(drop=True)
 
 
 def step_table(run: RunLogs, label: str, smooth: int = 0) -> pd.DataFrame:
@@ -79,10 +95,30 @@ def step_table(run: RunLogs, label: str, smooth: int = 0) -> pd.DataFrame:
                          "lr": run.steps["lr"] if "lr" in run.steps else float("nan")})[columns]
 
 
-def draw(epochs: pd.DataFrame, steps: pd.DataFrame, labels: list[str], logy: bool = False) -> Figure:
-    """Two panels: loss against epoch (left) and against iteration, raw and smoothed (right)."""
-    figure = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_epoch, ax_step = figure.subplots(1, 2)
+def draw_probe(ax, probes: pd.DataFrame, labels: list[str]) -> None:
+    """Probe mAP macro per epoch: k-NN solid, linear probe dashed, one colour per run."""
+    for index, label in enumerate(labels):
+        rows = probes[probes["run"] == label]
+        for column, style in (("probe_knn_mAP_macro", "-"), ("probe_linear_mAP_macro", "--")):
+            if rows[column].notna().any():
+                ax.plot(rows["epoch"], rows[column], style, color=f"C{index % 10}", marker="o",
+                        label=f"{label} {column.split('_')[1]}")
+    ax.set(xlabel="epoch", ylabel="probe mAP macro (held-out part)", title="Frozen-encoder probes")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    if ax.has_data():
+        ax.legend(fontsize="small")
+
+
+def draw(epochs: pd.DataFrame, steps: pd.DataFrame, labels: list[str], logy: bool = False,
+         probes: pd.DataFrame | None = None) -> Figure:
+    """Loss against epoch (left) and against iteration, raw and smoothed (middle); probe mAP when logged."""
+    with_probe = probes is not None and not probes.empty
+    figure = Figure(figsize=(16 if with_probe else 11, 4.2), layout="constrained")
+    axes = figure.subplots(1, 3 if with_probe else 2)
+    ax_epoch, ax_step = axes[0], axes[1]
+    if with_probe:
+        draw_probe(axes[2], probes, labels)
     for index, label in enumerate(labels):
         color = f"C{index % 10}"
         rows = epochs[epochs["run"] == label]
@@ -108,14 +144,19 @@ def draw(epochs: pd.DataFrame, steps: pd.DataFrame, labels: list[str], logy: boo
 
 def plot_pretrain_loss(run_dirs: list[Path], labels: list[str] | None = None, smooth: int = 0,
                        logy: bool = False) -> tuple[Figure, pd.DataFrame, pd.DataFrame]:
-    """Read the runs and build the figure and the per-epoch and per-step tables."""
+    """Read the runs and build the figure and the per-epoch and per-step tables (``figure.probes``: the
+    probe table, empty without ``--probe_every``)."""
     run_dirs = [Path(path) for path in run_dirs]
     labels = run_labels(run_dirs, labels)
     runs = [read_run(path) for path in run_dirs]
     epochs = pd.concat([epoch_table(run, label) for run, label in zip(runs, labels)], ignore_index=True)
     step_parts = [step_table(run, label, smooth) for run, label in zip(runs, labels)]
     steps = pd.concat([part for part in step_parts if not part.empty] or step_parts[:1], ignore_index=True)
-    return draw(epochs, steps, labels, logy), epochs, steps
+    probe_parts = [probe_table(run, label) for run, label in zip(runs, labels)]
+    probes = pd.concat([p for p in probe_parts if not p.empty] or probe_parts[:1], ignore_index=True)
+    figure = draw(epochs, steps, labels, logy, probes)
+    figure.probes = probes
+    return figure, epochs, steps
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -135,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         figure, epochs, steps = plot_pretrain_loss(args.runs, args.labels, args.smooth, args.logy)
         stem = args.name or "pretrain_loss"
         tables = {"_epoch": epochs, "_step": steps}
+        if not figure.probes.empty:
+            tables["_probe"] = figure.probes
         return write_outputs(args.out, stem, figure, tables, args.dpi, args.title)
 
     return run_main(job)

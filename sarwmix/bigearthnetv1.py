@@ -6,10 +6,13 @@ endings); the multimodal CSVs have two columns ``S2 name,S1 name``. S2 names are
 through the two-column CSV when given, otherwise through ``corresponding_s2_patch`` of every labels JSON
 (one pass over the data set; pass the two-column CSV or convert to ``packed`` to avoid it).
 
-Split lists are looked up as ``<split>.csv`` in ``splits/`` beside or inside the patch folder unless
-``split_file`` is given; without any list, ``train`` means every patch on disk. Exclusion lists
+Split lists, in order of precedence: ``split_file``; ``<split>.csv`` in ``splits/`` beside or inside the
+patch folder; the official lists shipped in the repository's ``datasets/`` (``<split>.csv.gz``, two
+columns ``S2 name,S1 name``, derived by ``scripts/derive_datasets.py``). The shipped lists are skipped
+when none of their patches is on disk (not BigEarthNet-S1 v1.0 names, e.g. synthetic data): then
+``train`` means every patch on disk and val/test need a list. Exclusion lists
 (``patches_with_seasonal_snow.csv``, ``patches_with_cloud_and_shadow.csv``, and for 19 classes
-``patches_without_19_class_labels.csv``) are looked up in the same places.
+``patches_without_19_class_labels.csv``) are looked up beside the data, then in ``datasets/``.
 
 Zarr container of the released code: ``sentinel1/<s1 name>/{VH,VV}`` 2-D arrays and the 43 label names
 in the group attribute ``labels``. Converter (resumable, zarr format 2 or 3)::
@@ -19,6 +22,7 @@ in the group attribute ``labels``. Converter (resumable, zarr format 2 or 3)::
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import os
@@ -42,6 +46,8 @@ LABELS_JSON_KEYS = ("labels", "coordinates", "projection", "corresponding_s2_pat
 SNOW_LIST = "patches_with_seasonal_snow.csv"
 CLOUD_LIST = "patches_with_cloud_and_shadow.csv"
 NO_LABEL_LIST = "patches_without_19_class_labels.csv"
+# The official split and exclusion lists, gzip-compressed, shipped with the repository.
+SHIPPED_LISTS = Path(__file__).resolve().parents[1] / "datasets"
 _INDEX_43 = {name: i for i, name in enumerate(BEN_43_CLASSES)}
 _INDEX_19 = {name: i for i, name in enumerate(BEN_19_CLASSES)}
 
@@ -75,7 +81,8 @@ def target_from_names(names: Iterable[str], label_set: int, where: str) -> np.nd
 def read_name_list(path: str | Path) -> tuple[list[str], list[str] | None]:
     """Read a split or exclusion list: one patch name per line, or two columns ``S2 name,S1 name``.
 
-    Handles CRLF endings, blank lines and a header row (a row whose cells are not patch names).
+    Handles CRLF endings, blank lines, a header row (a row whose cells are not patch names) and gzip
+    compression (a name ending in ``.gz``).
 
     Returns:
         (first column, second column or None). For two columns the S1 column comes second even when
@@ -83,8 +90,9 @@ def read_name_list(path: str | Path) -> tuple[list[str], list[str] | None]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot read the name list ({err})") from err
     rows = [[cell.strip() for cell in line.split(",")] for line in text.splitlines() if line.strip()]
     if rows and not all("_" in cell for cell in rows[0]):
@@ -139,6 +147,23 @@ def find_list(root: Path, filename: str) -> Path | None:
     return None
 
 
+def shipped_list(filename: str) -> Path | None:
+    """``datasets/<filename>.gz`` of the repository, if present (absent from a non-editable install)."""
+    path = SHIPPED_LISTS / f"{filename}.gz"
+    return path if path.is_file() else None
+
+
+def locate_list(root: Path, filename: str, explicit: str | None = None) -> tuple[Path | None, str]:
+    """The list to use and where it came from: ``explicit`` > beside the data > shipped in ``datasets/``."""
+    if explicit:
+        return Path(explicit), "--split_file"
+    beside = find_list(root, filename)
+    if beside is not None:
+        return beside, "beside the data"
+    shipped = shipped_list(filename)
+    return (shipped, "shipped official list") if shipped is not None else (None, "none")
+
+
 def _names_to_s1(names: list[str], s1_column: list[str] | None,
                  s2_to_s1: Callable[[], dict[str, str]]) -> list[str]:
     """S1 names of a list: the S1 column, the names themselves if S1, else mapped from S2."""
@@ -165,6 +190,21 @@ def _present(names: list[str], available: Sequence[str], list_path: Path, root: 
     return [name for name in names if name in present]
 
 
+def _listed_names(available: Sequence[str], root: Path, split: str, split_file: str | None,
+                  mapping: Callable[[], dict[str, str]]) -> list[str] | None:
+    """S1 names of the split list that applies and are present; None when no list applies."""
+    list_path, source = locate_list(root, f"{split}.csv", split_file)
+    if list_path is None:
+        return None
+    names = _names_to_s1(*read_name_list(list_path), mapping)
+    if source == "shipped official list" and set(names).isdisjoint(available):
+        logger.info("%s: none of its %d patches is in %s (not BigEarthNet-S1 v1.0 patch names); not using it",
+                    list_path, len(names), root)
+        return None
+    logger.info("BigEarthNet-S1 v1 %s split: %s (%s)", split, list_path, source)
+    return _present(names, available, list_path, root)
+
+
 def resolve_split(available: Sequence[str], root: Path, split: str, split_file: str | None,
                   exclusions: Sequence[str], s2_to_s1: Callable[[], dict[str, str]]) -> list[str]:
     """S1 names of a split that are present, after exclusions; missing ones are counted and logged.
@@ -173,8 +213,8 @@ def resolve_split(available: Sequence[str], root: Path, split: str, split_file: 
         available: S1 names present in the store.
         root: patch folder (or container) next to which lists are searched.
         split: ``train | val | test``.
-        split_file: explicit list; None searches ``<split>.csv``.
-        exclusions: file names of exclusion lists to apply when found.
+        split_file: explicit list; None searches ``<split>.csv`` beside the data, then the shipped lists.
+        exclusions: file names of exclusion lists to apply when found (beside the data, else shipped).
         s2_to_s1: builds the S2 -> S1 mapping (called at most once, only when a list has S2 names).
 
     Raises:
@@ -187,17 +227,16 @@ def resolve_split(available: Sequence[str], root: Path, split: str, split_file: 
             mapping_cache.update(s2_to_s1())
         return mapping_cache
 
-    list_path = Path(split_file) if split_file else find_list(root, f"{split}.csv")
-    if list_path is None and split != "train":
-        raise ConfigError(f"no split list {split}.csv found next to {root}; pass --split_file")
-    if list_path is None:
+    names = _listed_names(available, root, split, split_file, mapping)
+    if names is None and split != "train":
+        raise ConfigError(f"no split list {split}.csv found next to {root}, and no shipped official list "
+                          "names its patches; pass --split_file")
+    if names is None:
         logger.info("no train.csv found next to %s: using all %d patches on disk", root, len(available))
         names = list(available)
-    else:
-        names = _present(_names_to_s1(*read_name_list(list_path), mapping), available, list_path, root)
     excluded: set[str] = set()
     for filename in exclusions:
-        path = find_list(root, filename)
+        path, _ = locate_list(root, filename)
         if path is not None:
             excluded.update(_names_to_s1(*read_name_list(path), mapping))
     kept = [name for name in names if name not in excluded]

@@ -238,20 +238,33 @@ def decode_lmdb_value(value: bytes, where: str) -> np.ndarray:
                      for band in CHANNELS])
 
 
+def find_lmdb(data_path: Path) -> Path:
+    """The LMDB folder (one holding ``data.mdb``): ``data_path`` itself, else its one subfolder that is one."""
+    if (data_path / "data.mdb").is_file():
+        return data_path
+    subfolders = list_subdirs(data_path) if data_path.is_dir() else []
+    found = [data_path / name for name in subfolders if (data_path / name / "data.mdb").is_file()]
+    if len(found) > 1:
+        raise DataError(f"{data_path}: {len(found)} LMDB folders ({', '.join(d.name for d in found)}); "
+                        "pass the one to read as --data_path")
+    if not found:
+        raise DataError(f"{data_path}: no LMDB here or in a subfolder (a folder holding data.mdb)")
+    return found[0]
+
+
 class BenV2Lmdb(_BenV2Base):
     """BigEarthNet v2 S1 patches from the rico-hdl LMDB (safetensors values keyed by S1 name).
 
-    Args: as ``BenV2Folder``, with ``data_path`` the folder holding ``BigEarthNet_LMDB/`` (or the LMDB
-    folder itself); the metadata is looked up beside it.
+    Args: as ``BenV2Folder``, with ``data_path`` the folder holding the metadata and one LMDB folder of any
+    name (``BigEarthNet_LMDB/``, ``Encoded-BigEarthNet/``, ...), or the LMDB folder itself; the metadata is
+    looked up beside it.
     """
 
     def __init__(self, data_path: str | Path, split: str, *, metadata_file: str | None = None,
                  input_size: int = 128, channels: tuple[str, ...] = CHANNELS,
                  include_snow_cloud: bool = False, label_set: int = 19, skip_bad: bool = False) -> None:
         path = Path(data_path)
-        self.lmdb_path = path / LMDB_FOLDER if (path / LMDB_FOLDER).is_dir() else path
-        if not (self.lmdb_path / "data.mdb").is_file():
-            raise DataError(f"{self.lmdb_path}: no LMDB (data.mdb) found")
+        self.lmdb_path = find_lmdb(path)
         super().__init__(path, split, metadata_file=metadata_file, input_size=input_size, channels=channels,
                          include_snow_cloud=include_snow_cloud, label_set=label_set, skip_bad=skip_bad)
 

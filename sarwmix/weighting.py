@@ -10,6 +10,11 @@ batch, before any normalisation. With ``x~`` the min-max normalised linear power
   the linear values before the exponential.
 - ``none``: all ones.
 
+``norm`` sets how ``x~`` is normalised: ``minmax`` (the published method) takes the minimum and maximum of
+the image, so one bright speckle pixel sets the scale of the whole image and the other pixels all get
+weights near ``e^s``; ``percentile`` takes the ``low`` and ``high`` percentiles of the image (of each
+channel for ``per_channel``) instead and clips ``x~`` to [0, 1], so the weights stay in ``[1, e^s]``.
+
 The released code applied the weights after ``Normalize(mean, std)`` (z-scores), so its "linear" domain
 was ``lin ** (1/std)``. ``zscore_compat=True`` reproduces that for re-running the paper's recipe; it is
 never the default.
@@ -20,6 +25,7 @@ import torch
 
 WEIGHTINGS: tuple[str, ...] = ("none", "per_channel", "shared_avg")
 GRANULARITIES: tuple[str, ...] = ("pixel", "token")
+WEIGHT_NORMS: tuple[str, ...] = ("minmax", "percentile")
 _EPS = 1e-6
 
 
@@ -35,9 +41,38 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo + _EPS)
 
 
+def percentile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-th percentile (0-100, linear interpolation as numpy's default) over the last two axes.
+
+    Sorts on the device; unlike ``torch.quantile`` it has no limit on the number of elements.
+    Returns: (..., 1, 1).
+    """
+    flat = x.flatten(-2).sort(dim=-1).values
+    pos = (flat.shape[-1] - 1) * q / 100.0
+    i = int(pos)
+    j = min(i + 1, flat.shape[-1] - 1)
+    value = flat[..., i] + (flat[..., j] - flat[..., i]) * (pos - i)
+    return value[..., None, None]
+
+
+def _percentile_norm(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Normalise between the ``low`` and ``high`` percentiles over (H, W), clipped to [0, 1]."""
+    lo, hi = percentile(x, low), percentile(x, high)
+    return ((x - lo) / (hi - lo + _EPS)).clamp(0.0, 1.0)
+
+
+def check_weight_norm(norm: str, low: float, high: float) -> None:
+    """ValueError unless ``norm`` is known and ``0 <= low < high <= 100``."""
+    if norm not in WEIGHT_NORMS:
+        raise ValueError(f"weight norm must be one of {WEIGHT_NORMS}, got {norm!r}")
+    if not 0.0 <= low < high <= 100.0:
+        raise ValueError(f"weight norm percentiles low={low}, high={high}: expected 0 <= low < high <= 100")
+
+
 def weight_map(sar_db: torch.Tensor, mode: str = "per_channel", exp_scale: float = 1.0,
                granularity: str = "pixel", token_size: int = 32, zscore_compat: bool = False,
-               mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
+               mean: torch.Tensor | None = None, std: torch.Tensor | None = None, norm: str = "minmax",
+               low: float = 1.0, high: float = 99.0) -> torch.Tensor:
     """Per-pixel reconstruction weights from a raw dB batch.
 
     Args:
@@ -48,6 +83,8 @@ def weight_map(sar_db: torch.Tensor, mode: str = "per_channel", exp_scale: float
             ``token_size`` x ``token_size`` cell, broadcast back to its pixels.
         zscore_compat: reproduce the released code's defect (weights from z-scores); needs mean and std
             of shape (C,) in dB.
+        norm: ``minmax`` or ``percentile`` (between the ``low`` and ``high`` percentiles, 0-100, of the
+            linear power per image and channel, or per image for ``shared_avg``; clipped to [0, 1]).
     Returns:
         (B, C, H, W) float32 weights.
     """
@@ -55,6 +92,7 @@ def weight_map(sar_db: torch.Tensor, mode: str = "per_channel", exp_scale: float
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {mode!r}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"weight granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    check_weight_norm(norm, low, high)
     if mode == "none":
         return torch.ones_like(sar_db, dtype=torch.float32)
     x = sar_db.float()
@@ -65,7 +103,8 @@ def weight_map(sar_db: torch.Tensor, mode: str = "per_channel", exp_scale: float
     lin = db_to_linear(x)
     if mode == "shared_avg":
         lin = lin.mean(dim=1, keepdim=True)
-    w = torch.exp(exp_scale * (1.0 - _minmax(lin))).expand_as(x)
+    scaled = _minmax(lin) if norm == "minmax" else _percentile_norm(lin, low, high)
+    w = torch.exp(exp_scale * (1.0 - scaled)).expand_as(x)
     if granularity == "token":
         w = token_average(w, token_size)
     return w.contiguous()

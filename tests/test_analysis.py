@@ -187,6 +187,26 @@ def test_pretrain_loss_epoch_curve_from_steps_without_log_txt(tmp_path):
     assert len(steps) == 24 and figure.axes[0].get_xlabel() == "epoch"
 
 
+def test_pretrain_loss_draws_the_probe_metrics_when_logged(tmp_path):
+    write_pretrain_run(tmp_path / "probed", n_epochs=4, iters=4, seed=5)
+    write_pretrain_run(tmp_path / "plain", n_epochs=2, iters=4, seed=6)
+    log = tmp_path / "probed" / "log.txt"
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    for line in lines[1::2]:  # --probe_every 2: epochs 2 and 4 carry the probe keys
+        line.update(probe_knn_mAP_macro=0.3 + 0.05 * line["epoch"], probe_knn_mAP_micro=0.4,
+                    probe_linear_mAP_macro=0.35, probe_linear_mAP_micro=0.45, probe_seconds=1.5)
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    assert plot_pretrain_loss.main([str(tmp_path / "probed"), str(tmp_path / "plain"), "--out", str(out)]) == 0
+    probes = pd.read_csv(out / "pretrain_loss_probe.csv")
+    assert probes["epoch"].tolist() == [2, 4] and set(probes["run"]) == {"probed"}
+    assert probes["probe_knn_mAP_macro"].to_numpy() == pytest.approx([0.35, 0.45])
+    figure, _, _ = plot_pretrain_loss.plot_pretrain_loss([tmp_path / "probed"])
+    assert len(figure.axes) == 3 and len(figure.axes[2].lines) == 2
+    figure, _, _ = plot_pretrain_loss.plot_pretrain_loss([tmp_path / "plain"])
+    assert len(figure.axes) == 2 and figure.probes.empty
+
+
 def test_pretrain_loss_command_line(tmp_path):
     write_pretrain_run(tmp_path / "a", n_epochs=2, seed=4)
     result = run_script("plot_pretrain_loss", "a", "--out", "figs", "--logy", cwd=tmp_path)
@@ -387,3 +407,43 @@ def test_results_without_a_model_key_are_still_drawn(tmp_path):
     figure, table = plot_epoch_sweep.plot_epoch_sweep([str(tmp_path)])
     assert points(figure) == 3 and len(table) == 5  # epochs 16, 64 at 100% and 64 at 50%
     assert set(logs.read_results(str(tmp_path))["model"]) == {logs.UNKNOWN_MODEL}
+
+
+def write_finetune_run(path: Path, score: float, config: dict, evaluated: Path | None = None,
+                       pretrain_epoch: int = 16) -> Path:
+    """A finetune run folder: results.json (evaluated_checkpoint set) and config.yaml."""
+    write_result(path, "ben", pretrain_epoch, 1.0, score)
+    result = json.loads((path / "results.json").read_text())
+    result["evaluated_checkpoint"] = str(evaluated or path / "checkpoint_best.pth")
+    (path / "results.json").write_text(json.dumps(result))
+    (path / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(path), "model": "mixmim_base", **config}))
+    return path
+
+
+def test_epoch_sweep_counts_a_rescore_once_and_splits_other_hyperparameters(tmp_path, capsys):
+    """An --eval re-score of a run's checkpoint is not another seed; runs with another learning rate are
+    another series, not a seed of the same point."""
+    runs = tmp_path / "runs"
+    seed0 = write_finetune_run(runs / "blr1e-3_seed0", 0.70, {"blr": 1e-3, "seed": 0, "epochs": 50})
+    write_finetune_run(runs / "blr1e-3_seed1", 0.72, {"blr": 1e-3, "seed": 1, "epochs": 50})
+    write_finetune_run(runs / "eval_seed0", 0.99, {"eval": True, "resume": str(seed0 / "checkpoint_best.pth"),
+                                                   "blr": 1e-3, "epochs": 2},
+                       evaluated=seed0 / "checkpoint_best.pth")
+    write_finetune_run(runs / "blr5e-4_seed0", 0.40, {"blr": 5e-4, "seed": 0, "epochs": 50})
+    _, table = plot_epoch_sweep.plot_epoch_sweep([str(runs)])
+    points = table[table["pretrain_epoch"] == 16].set_index("hparams")
+    assert sorted(points.index) == ["blr=0.0005", "blr=0.001"]
+    assert points.loc["blr=0.001", "n"] == 2 and points.loc["blr=0.001", "mean"] == pytest.approx(0.71)
+    assert points.loc["blr=0.0005", "n"] == 1 and points.loc["blr=0.0005", "mean"] == pytest.approx(0.40)
+    err = capsys.readouterr().err
+    assert f"{runs / 'eval_seed0' / 'results.json'}: re-scores" in err and "counted once" in err
+    assert "differ in blr" in err
+
+
+def test_epoch_sweep_keeps_one_series_when_only_seeds_differ(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        write_finetune_run(runs / f"s{seed}", 0.6 + 0.01 * seed, {"blr": 1e-3, "seed": seed,
+                                                                  "output_dir": f"o{seed}"})
+    _, table = plot_epoch_sweep.plot_epoch_sweep([str(runs)])
+    assert table["hparams"].tolist() == [""] and table["n"].tolist() == [3]

@@ -218,3 +218,28 @@ def test_real_patch_folder_and_lmdb_are_identical(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a, b)
     assert -35 < a[0].mean() < a[1].mean() < -3, "real dB: VH darker than VV"
     assert np.flatnonzero(tifs.targets[0]).tolist() == [9, 10]
+
+
+@pytest.mark.parametrize("name", ["BigEarthNet-V2-LMDB", "Encoded-BigEarthNet"])
+def test_lmdb_folder_of_any_name_is_found(lmdb_root: Path, tmp_path: Path, name: str) -> None:
+    """rico-hdl users name the LMDB folder as they like: the one folder holding data.mdb beside the metadata."""
+    copy = copy_tree(lmdb_root, tmp_path / "c")
+    (copy / "BigEarthNet_LMDB").rename(copy / name)
+    store = BenV2Lmdb(copy, "train", input_size=120)
+    assert store.lmdb_path == copy / name
+    assert store.names == expected("train")
+
+
+def test_two_lmdb_folders_are_one_error_naming_both(lmdb_root: Path, tmp_path: Path) -> None:
+    copy = copy_tree(lmdb_root, tmp_path / "c")
+    shutil.copytree(copy / "BigEarthNet_LMDB", copy / "Encoded-BigEarthNet")
+    with pytest.raises(DataError, match="BigEarthNet_LMDB.*Encoded-BigEarthNet.*--data_path"):
+        BenV2Lmdb(copy, "train", input_size=120)
+
+
+def test_no_lmdb_folder_is_a_clear_error(lmdb_root: Path, tmp_path: Path) -> None:
+    copy = copy_tree(lmdb_root, tmp_path / "c")
+    shutil.rmtree(copy / "BigEarthNet_LMDB")
+    (copy / "notes").mkdir()
+    with pytest.raises(DataError, match="no LMDB.*data.mdb"):
+        BenV2Lmdb(copy, "train", input_size=120)

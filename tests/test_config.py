@@ -172,3 +172,26 @@ def test_help_states_the_defaults(capsys):
         text = module.get_args_parser().format_help()
         assert all(e in text for e in expected), (module.__name__, [e for e in expected if e not in text])
         assert "(default: None)" not in text and "(default: False)" not in text
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode, argv, absent, present", [
+    ("mixmim", ["--model", "mixmim_tiny", "--input_size", "64"], {"loss", "mask_patch_size"},
+     {"range_mask_ratio", "norm_pix_loss"}),
+    ("simmim", ["--model", "swinv2_tiny_w8", "--input_size", "128"], {"range_mask_ratio", "norm_pix_loss"},
+     {"loss", "mask_patch_size"}),
+])
+def test_config_yaml_holds_only_the_flags_of_the_run_mode(tmp_path, monkeypatch, mode, argv, absent, present):
+    """config.yaml of a MixMIM run does not say ``loss: l1`` (a SimMIM flag), nor SimMIM's the MixMIM ones."""
+    def stop(*_args, **_kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(runner, "build_train_data", stop)  # config.yaml is written before the data is built
+    args = main_pretrain.parse_args(["--mode", mode, *argv, "--output_dir", str(tmp_path)])
+    with pytest.raises(_Stop):
+        main_pretrain.main(args)
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert written["mode"] == mode and not absent & written.keys() and present <= written.keys()

@@ -3,6 +3,7 @@ released formats, data selection and distributed gathering of predictions."""
 import argparse
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,14 @@ def test_a_flood_less_sen12_validation_split_is_warned(tmp_path, caplog):
     args.select_metric = "accuracy"
     main_finetune.build_splits(args, world_size=1)
     assert not any("holds no flood pair" in r.getMessage() for r in caplog.records)
+
+
+def test_results_counts_are_integers(tmp_path):
+    """results.json writes counts as integers ("n_samples": 7, not 7.0)."""
+    scores = E.evaluate(toy_model(), E.eval_loader(toy_dataset(7), 2, 0), torch.device("cpu"), "ben",
+                        [0.0, 0.0], [1.0, 1.0])
+    E.write_results(tmp_path / "results.json", {"val": scores, "test": scores})
+    text = (tmp_path / "results.json").read_text()
+    assert re.search(r'"n_samples": 7\n', text) and re.search(r'"n_classes_present": \d+,\n', text)
+    written = json.loads(text)["test"]
+    assert type(written["n_samples"]) is int and type(written["n_classes_present"]) is int

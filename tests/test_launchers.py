@@ -239,7 +239,7 @@ def test_missing_inputs_fail_clearly(tmp_path):
     assert proc.returncode == 2 and "needs DATA_PATH" in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @needs_mpirun
 def test_run_local_pretrain_finetune_test(tmp_path):
     common = {"USE_CPU": "1", "NPROC": "2", "MODEL": "tiny", "EPOCH": "1", "OUTPUT_DIR": str(tmp_path)}
@@ -260,7 +260,7 @@ def test_run_local_pretrain_finetune_test(tmp_path):
     assert tested["evaluated_checkpoint"].endswith("finetune_synthetic_tiny_ep1/checkpoint_best.pth")
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @needs_mpirun
 def test_qsub_run_under_fake_pbs(tmp_path):
     nodefile = tmp_path / "nodefile"
@@ -274,3 +274,17 @@ def test_qsub_run_under_fake_pbs(tmp_path):
     assert "MASTER_ADDR=localhost" in exported(argv)
     assert "parameters identical on 2 ranks" in proc.stdout
     assert (tmp_path / "out" / "pretrain_synthetic_tiny" / "checkpoint_1.pth").is_file()
+
+
+def test_launchers_are_executable():
+    """Every tracked file that starts with a shebang is executable in git (mode 100755) and on disk, so that
+    ``./scripts/run_local.sh`` runs as the README writes it."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    listing = subprocess.run(["git", "ls-files", "-s", "-z"], cwd=REPO, check=True, capture_output=True,
+                             text=True).stdout
+    modes = {entry.split("\t", 1)[1]: entry.split()[0] for entry in listing.split("\0") if entry}
+    scripts = [name for name in modes if (REPO / name).is_file() and (REPO / name).read_bytes()[:2] == b"#!"]
+    assert {"scripts/run_local.sh", "scripts/qsub_run.sh"} <= set(scripts)
+    not_executable = [name for name in scripts if modes[name] != "100755" or not os.access(REPO / name, os.X_OK)]
+    assert not not_executable, f"shebang scripts not executable (git mode 100755 and on disk): {not_executable}"

@@ -1,9 +1,6 @@
 """End-to-end pretraining runs through the real entry point (tiny model, 64 px, synthetic data)."""
 import json
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -20,10 +17,16 @@ def _run(tmp_path, *extra):
 
 
 def test_run_writes_all_outputs(tmp_path):
-    record = _run(tmp_path)
-    for name in ("checkpoint.pth", "checkpoint_2.pth", "log.txt", "train_log.json", "config.yaml",
-                 "reconstructions.png"):
+    record = _run(tmp_path, "--save_freq", "1")
+    for name in ("checkpoint.pth", "checkpoint_1.pth", "checkpoint_2.pth", "log.txt", "train_log.json",
+                 "config.yaml", "reconstructions.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    # The last epoch's bytes are written once: checkpoint_2.pth is a hard link of checkpoint.pth (released
+    # format, optimizer state included); epoch 2's write replaced checkpoint.pth and left checkpoint_1.pth.
+    assert (tmp_path / "checkpoint.pth").samefile(tmp_path / "checkpoint_2.pth")
+    first = load_checkpoint(tmp_path / "checkpoint_1.pth")
+    assert first["epoch"] == 0 and first["optimizer"]["state"]
+    assert load_checkpoint(tmp_path / "checkpoint_2.pth")["optimizer"]["state"]
     assert list(tmp_path.glob("events.out.tfevents.*"))
     epochs = [json.loads(x) for x in (tmp_path / "log.txt").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1] and record["epoch"] == 1
@@ -47,22 +50,35 @@ def _weights(path):
     return load_checkpoint(path)["model"]
 
 
+# A run that SIGKILLs itself at the start of its training step number KILL_AT (1-based): deterministic on any
+# machine, however fast or loaded (no polling of the log against a clock).
+KILL_SELF = """
+import os, signal, sys
+import main_pretrain
+real = main_pretrain.make_pretrain_step
+def make(*args, **kwargs):
+    step, calls = real(*args, **kwargs), [0]
+    def wrapped(model, batch, gen):
+        calls[0] += 1
+        if calls[0] == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(model, batch, gen)
+    return wrapped
+main_pretrain.make_pretrain_step = make
+main_pretrain.main(main_pretrain.parse_args(sys.argv[1:]))
+"""
+
+
 def test_resume_after_sigkill_is_exact(tmp_path):
     """A run killed mid-epoch and resumed ends with the same weights as an uninterrupted run."""
     common = [*TINY_PRETRAIN, "--epochs", "3", "--num_samples", "24", "--vis_samples", "0"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     run_py(["main_pretrain.py", *common, "--output_dir", str(full)])
-    proc = subprocess.Popen([sys.executable, "main_pretrain.py", *common, "--output_dir", str(killed)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    steps = killed / "train_log.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # wait for an iteration of epoch 1
-        if steps.exists() and any(json.loads(x)["epoch"] == 1 for x in steps.read_text().splitlines() if x):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # 24 samples / batch 4 = 6 steps per epoch: step 9 is the third of epoch 1.
+    proc = run_py(["-c", KILL_SELF, *common, "--output_dir", str(killed)], env={"KILL_AT": "9"}, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    steps = [json.loads(x) for x in (killed / "train_log.json").read_text().splitlines() if x]
+    assert steps[-1]["epoch"] == 1, "killed outside epoch 1"
     assert load_checkpoint(killed / "checkpoint.pth")["epoch"] == 0  # the last good checkpoint survived
     run_py(["main_pretrain.py", *common, "--output_dir", str(killed), "--resume", "auto"])
     a, b = _weights(full / "checkpoint.pth"), _weights(killed / "checkpoint.pth")
@@ -221,7 +237,8 @@ def test_unknown_config_key_names_nearest(tmp_path):
     assert args.batch_size == 4 and args.epochs == 5  # explicit flag wins over the file
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.timeout(900)  # the run's own limit below, above the suite's 600 s per test
 def test_quickstart_command_runs(tmp_path):
     """`python main_pretrain.py` with no flags, from a fresh working directory."""
     proc = run_py([str(REPO / "main_pretrain.py")], cwd=tmp_path, timeout=900)
@@ -236,7 +253,7 @@ def test_token_granularity_uses_the_target_patch_of_the_mode(tmp_path, monkeypat
     """MixMIM's target patch is the encoder stride (32 px) whatever --mask_patch_size (a SimMIM flag) says."""
     seen = {}
 
-    def capture(*args):
+    def capture(*args, **kwargs):
         seen["token"] = args[6]
         raise KeyboardInterrupt  # stop before training
 

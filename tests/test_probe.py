@@ -135,3 +135,19 @@ def test_handcrafted_features_layout() -> None:
     np.testing.assert_allclose(per[1, 1, 0], np.mean(x[1, 1]), rtol=1e-6)
     with pytest.raises(ValueError, match="expected"):
         handcrafted_features(x[0])
+
+
+def test_torch_solver_finds_the_same_classifier_as_scikit_learn() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 8))
+    y = np.stack([x[:, 0] + 0.5 * rng.normal(size=300) > 0, x[:, 1] - x[:, 2] + rng.normal(size=300) > 0.5,
+                  np.ones(300, bool)], 1).astype(float)
+    a = linear_probe_scores(x[:200], y[:200], x[200:], c=0.5)
+    b = linear_probe_scores(x[:200], y[:200], x[200:], c=0.5, solver="torch")
+    np.testing.assert_allclose(a, b, atol=2e-3)
+    assert (b[:, 2] == 1).all()
+    m = probe_metrics(x[:200], y[:200], x[200:], y[200:], k=10, solver="torch")
+    assert m["linear_mAP_macro"] == pytest.approx(probe_metrics(x[:200], y[:200], x[200:], y[200:], k=10)
+                                                  ["linear_mAP_macro"], abs=1e-3)
+    with pytest.raises(ValueError, match="solver"):
+        linear_probe_scores(x[:200], y[:200], x[200:], solver="newton")

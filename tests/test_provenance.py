@@ -179,4 +179,35 @@ def test_third_party_lists_every_dependency_with_a_licence():
         if name == own:
             continue
         assert f"| {name} |" in text or f"| {name} (" in text, f"optional dependency {name} missing"
-    assert "redistributes no third-party code, no data and no model weights" in text
+    assert "redistributes no third-party code, no imagery and no model weights" in text
+
+
+def test_third_party_lists_every_datasets_file_with_its_sha256():
+    rows = dict(re.findall(r"^\| `(datasets/[^`]+)` \|.*\| `([0-9a-f]{64})` \|$",
+                           (REPO / "THIRD_PARTY.md").read_text(), re.M))
+    files = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "datasets").iterdir() if p.is_file())
+    assert files and sorted(rows) == files
+    for name in files:
+        assert hashlib.sha256((REPO / name).read_bytes()).hexdigest() == rows[name], f"{name}: SHA-256 differs"
+
+
+# The authors' public links of the released files, in CHECKSUMS.txt order.
+RELEASED_LINKS = {
+    "benv1_pretrain_checkpoint_64.pth": "https://drive.google.com/file/d/1wGrfp-NVqW_RD2HwzSL1WgpLi-Hwfwj8/view",
+    "benv1_finetune_checkpoint_best.pth": "https://drive.google.com/file/d/1upoYLnUod6-whUE1xSrrRaIVvvLlTq-A/view",
+    "benv2_pretrain_checkpoint_64.pth": "https://drive.google.com/file/d/1zJdnCKmWJOjUFvOS6kOczFkR1x99KIbH/view",
+    "benv2_finetune_checkpoint_best.pth": "https://drive.google.com/file/d/19jHfitDjVQ2ogHCHetyRXqLt0XfqIBDx/view",
+    "sen12_finetune_checkpoint_best.pth": "https://drive.google.com/file/d/1wIKk7sY7eZldyE8RggrynJj3u4tetETT/view",
+}
+
+
+def test_readme_lists_each_released_file_with_its_link_and_hash():
+    section = (REPO / "README.md").read_text().split("### Released checkpoints", 1)[1].split("\n### ", 1)[0]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in section.splitlines()
+            if line.startswith("| `") and ".pth`" in line}
+    assert list(rows) == list(RELEASED_LINKS)
+    for name, digest in read_checksums(REPO / "CHECKSUMS.txt").items():
+        cells = [cell.strip() for cell in rows[name].split("|")[1:-1]]
+        assert f"({RELEASED_LINKS[name]})" in cells[2] and cells[4] == f"`{digest}`", name
+        assert cells[3], f"{name}: no paper figure (or 'not reported')"
+    assert "https://bigearth.net" in section and "10.21227/w6xz-s898" in section

@@ -119,10 +119,13 @@ def test_loss_is_simmims_normalisation(vit64):
 def test_reconstruct_columns(vit64):
     x = torch.randn(2, 2, 64, 64)
     cols = vit64.reconstruct(x, generator=torch.Generator().manual_seed(0))
-    assert list(cols) == ["input", "masked input", "reconstruction"]
-    visible = cols["masked input"] != 0
-    assert torch.equal(cols["reconstruction"][visible], x[visible])
-    assert all(v.shape == x.shape for v in cols.values())
+    assert list(cols) == ["input", "masked input", "prediction", "mask"]
+    assert cols["mask"].shape == (2, 1, 64, 64) and 0 < cols["mask"].mean() < 1
+    hidden = cols["mask"].bool().expand_as(x)
+    assert torch.equal(cols["masked input"][~hidden], x[~hidden]) and not cols["masked input"][hidden].any()
+    _, rec, _ = vit64(x, mask=cols["mask"][:, 0, ::16, ::16].flatten(1))
+    assert torch.equal(cols["prediction"], rec)  # the raw decoder output on every cell, not a composite
+    assert all(cols[k].shape == x.shape for k in ("input", "masked input", "prediction"))
 
 
 def small_model(name: str, in_chans: int) -> tuple[SimMIM, int]:

@@ -1,9 +1,10 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from sarwmix.weighting import db_to_linear, token_average, weight_map
+from sarwmix.weighting import db_to_linear, percentile, token_average, weight_map
 
 
 def _batch(seed=0):
@@ -89,3 +90,57 @@ def test_token_granularity_is_patch_mean():
 def test_bad_mode_rejected():
     with pytest.raises(ValueError, match="weighting must be one of"):
         weight_map(_batch(), "per_pixel")
+
+
+@pytest.mark.parametrize("mode", ["per_channel", "shared_avg"])
+def test_minmax_norm_is_the_published_map(mode):
+    x = _batch(4)
+    lin = db_to_linear(x)
+    if mode == "shared_avg":
+        lin = lin.mean(1, keepdim=True)
+    lo, hi = lin.amin((-2, -1), keepdim=True), lin.amax((-2, -1), keepdim=True)
+    expected = torch.exp(1 - (lin - lo) / (hi - lo + 1e-6)).expand_as(x)
+    assert torch.equal(weight_map(x, mode), expected)
+    assert torch.equal(weight_map(x, mode, norm="minmax", low=5.0, high=95.0), expected)
+
+
+def test_percentile_matches_numpy():
+    x = torch.randn(3, 2, 16, 16, dtype=torch.float64)
+    for q in (0.0, 1.0, 37.5, 99.0, 100.0):
+        got = percentile(x, q)[..., 0, 0].numpy()
+        assert got == pytest.approx(np.percentile(x.flatten(-2).numpy(), q, axis=-1), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["per_channel", "shared_avg"])
+@pytest.mark.parametrize("s", [0.5, 2.0])
+def test_percentile_weights_in_range_decreasing_and_not_minmax(mode, s):
+    x = _batch(5)
+    w = weight_map(x, mode, s, norm="percentile", low=1.0, high=99.0)
+    assert w.min() >= 1.0 - 1e-6 and w.max() <= math.exp(s) + 1e-5
+    assert not torch.allclose(w, weight_map(x, mode, s))
+    ramp = torch.linspace(-30, 0, 64).repeat(64, 1)[None, None].repeat(1, 2, 1, 1)
+    row = weight_map(ramp, mode, s, norm="percentile", low=5.0, high=95.0)[0, 0, 0]
+    assert (row[1:] <= row[:-1]).all() and row[0] > row[-1]
+    assert row[0] == pytest.approx(math.exp(s)) and row[-1] == pytest.approx(1.0)  # clipped at the ends
+
+
+def test_percentile_norm_is_robust_to_one_bright_speckle_pixel():
+    x = -20 + 10 * torch.rand(3, 2, 64, 64, generator=torch.Generator().manual_seed(6))  # -20..-10 dB
+    bright = x.clone()
+    bright[:, :, 10, 20] = 25.0  # one pixel 40 dB above the image
+    for norm in ("minmax", "percentile"):
+        a, b = weight_map(x, norm=norm), weight_map(bright, norm=norm)
+        keep = torch.ones_like(a, dtype=torch.bool)
+        keep[:, :, 10, 20] = False
+        change = (a - b).abs()[keep].mean()
+        if norm == "minmax":
+            assert change > 0.3  # the whole image's weights move towards e
+        else:
+            assert change < 0.01
+
+
+def test_bad_weight_norm_is_refused():
+    with pytest.raises(ValueError, match="percentiles"):
+        weight_map(_batch(), norm="percentile", low=99.0, high=1.0)
+    with pytest.raises(ValueError, match="weight norm"):
+        weight_map(_batch(), norm="zscore")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sarwmix.errors import CheckpointError
-from util.misc import replace_atomic
+from util.misc import link_or_copy_atomic, replace_atomic
 
 FORMAT_VERSION = 1
 CHECKSUMS_FILE = Path(__file__).resolve().parents[1] / "CHECKSUMS.txt"
@@ -29,6 +29,15 @@ def save_atomic(obj: dict, path: str | Path) -> Path:
     A crash or kill at any moment leaves either the previous file or the new one, never a partial file.
     """
     return replace_atomic(path, lambda fh: torch.save(obj, fh))
+
+
+def save_linked(obj: dict, path: str | Path, *aliases: str | Path) -> Path:
+    """``save_atomic`` to ``path``, then the same file under each of ``aliases`` (hard links where the file
+    system allows, copies elsewhere): the bytes are written once."""
+    save_atomic(obj, path)
+    for alias in aliases:
+        link_or_copy_atomic(path, alias)
+    return Path(path)
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import yaml
@@ -134,10 +134,12 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set
     return found
 
 
-def write_config(args: argparse.Namespace, path: Path) -> None:
-    """Write the resolved configuration as YAML (plain types only)."""
+def write_config(args: argparse.Namespace, path: Path, omit: Collection[str] = ()) -> None:
+    """Write the resolved configuration as YAML (plain types only), without the keys in ``omit`` (flags
+    that do not apply to this run, e.g. the other pretraining mode's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, yaml.safe_dump(plain_dict(args), sort_keys=True))
+    config = {k: v for k, v in plain_dict(args).items() if k not in omit}
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=True))
 
 
 def plain_dict(args: argparse.Namespace | dict) -> dict:

@@ -31,7 +31,7 @@ def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def multilabel_metrics(logits: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray,
-                       threshold: float = THRESHOLD) -> dict[str, float]:
+                       threshold: float = THRESHOLD) -> dict[str, float | int]:
     """BigEarthNet metrics (see the module docstring for the rule on absent classes).
 
     Args:
@@ -40,7 +40,7 @@ def multilabel_metrics(logits: torch.Tensor | np.ndarray, targets: torch.Tensor 
         threshold: probability above which a class is predicted.
     Returns:
         ``BEN_METRICS`` as floats (NaN for macro averages when no class is present) plus
-        ``n_classes_present``.
+        ``n_classes_present`` (an int).
     """
     scores = 1.0 / (1.0 + np.exp(-_numpy(logits).astype(np.float64)))
     y_true = (_numpy(targets) > 0.5).astype(np.int64)
@@ -48,7 +48,7 @@ def multilabel_metrics(logits: torch.Tensor | np.ndarray, targets: torch.Tensor 
         raise ValueError(f"logits {scores.shape} and targets {y_true.shape} must both be (N, K)")
     y_pred = (scores > threshold).astype(np.int64)
     present = np.flatnonzero(y_true.sum(axis=0) > 0)
-    out = {"n_classes_present": float(len(present))}
+    out = {"n_classes_present": len(present)}
     if len(present):
         out["mAP_macro"] = float(np.mean([average_precision_score(y_true[:, k], scores[:, k]) for k in present]))
         out["f1_macro"] = float(f1_score(y_true[:, present], y_pred[:, present], average="macro",
@@ -84,7 +84,7 @@ def binary_metrics(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.
             "f1": float(f1_score(y_true, y_pred, **kw))}
 
 
-def task_metrics(task: str, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+def task_metrics(task: str, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float | int]:
     """Dispatch on the task name: ``ben`` -> ``multilabel_metrics``, ``sen12flood`` -> ``binary_metrics``."""
     if task == "ben":
         return multilabel_metrics(logits, targets)

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -286,6 +287,31 @@ def replace_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Pat
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def link_or_copy_atomic(src: str | Path, dst: str | Path) -> Path:
+    """Give the file ``src`` a second name ``dst``: a hard link where the file system allows, else a copy.
+
+    The link (or copy) is made under a temporary name and renamed over ``dst``, so ``dst`` is always whole.
+    Writers replace files (``replace_atomic``), never write into them, so a later write of ``src`` leaves
+    ``dst`` with the bytes it had.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except FileNotFoundError:
+        raise
+    except OSError:  # no hard links here (FAT, some network and object-store mounts, cross-device)
+        with open(src, "rb") as fh:
+            return replace_atomic(dst, lambda out: shutil.copyfileobj(fh, out, 1 << 20))
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

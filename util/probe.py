@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from util.augment import normalize
 from util.metrics import multilabel_metrics
@@ -141,35 +142,79 @@ def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: 
 
 
 def linear_probe_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *, c: float = 1.0,
-                        seed: int = 0, max_iter: int = 1000) -> np.ndarray:
+                        seed: int = 0, max_iter: int = 1000, solver: str = "sklearn",
+                        device: torch.device | str = "cpu") -> np.ndarray:
     """Logistic-regression probe, one binary classifier per class, on standardised features.
 
     The scaler is fit on the training part. A class with a single value in ``train_y`` predicts its
     constant prevalence (0 or 1). A solver that stops at ``max_iter`` before converging is logged.
 
+    Args:
+        solver: ``sklearn`` (one ``LogisticRegression`` per class) or ``torch``: the same L2-regularised
+            problem (``C * sum of log-losses + |w|^2 / 2``, intercept not penalised), whose minimiser is
+            unique, solved for all classes at once by full-batch L-BFGS in float64 on ``device``: one
+            solve instead of one per class, and on a GPU a fraction of a second.
     Returns:
         (M, K) float64 probabilities.
     """
     train_x, train_y, test_x = _check_xy(train_x, train_y, test_x)
+    if solver not in ("sklearn", "torch"):
+        raise ValueError(f"linear probe solver {solver!r}: expected 'sklearn' or 'torch'")
     scaler = StandardScaler().fit(train_x)
     xs, xt = scaler.transform(train_x), scaler.transform(test_x)
-    out = np.empty((xt.shape[0], train_y.shape[1]))
+    y = (train_y > 0.5).astype(np.float64)
+    out = np.repeat(y[:1], xt.shape[0], axis=0)  # constant classes: their single value
+    fit = np.flatnonzero(y.min(axis=0) != y.max(axis=0))
+    if len(fit) and solver == "torch":
+        out[:, fit] = _torch_logistic(xs, y[:, fit], xt, c, max_iter, torch.device(device))
+    elif len(fit):
+        out[:, fit] = _sklearn_logistic(xs, y[:, fit], xt, c, seed, max_iter)
+    return out
+
+
+def _sklearn_logistic(xs: np.ndarray, y: np.ndarray, xt: np.ndarray, c: float, seed: int,
+                      max_iter: int) -> np.ndarray:
+    """One scikit-learn ``LogisticRegression`` per column of ``y`` (N, K) -> probabilities (M, K)."""
+    out = np.empty((xt.shape[0], y.shape[1]))
     not_converged = []
-    for j in range(train_y.shape[1]):
-        y = (train_y[:, j] > 0.5).astype(np.int64)
-        if y.min() == y.max():
-            out[:, j] = float(y[0])
-            continue
+    for j in range(y.shape[1]):
         clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            clf.fit(xs, y)
+            clf.fit(xs, y[:, j].astype(np.int64))
         if any(issubclass(w.category, ConvergenceWarning) for w in caught):
             not_converged.append(j)
         out[:, j] = clf.predict_proba(xt)[:, 1]
     if not_converged:
         log.warning("linear probe: classes %s did not converge in %d iterations", not_converged, max_iter)
     return out
+
+
+def _torch_logistic(xs: np.ndarray, y: np.ndarray, xt: np.ndarray, c: float, max_iter: int,
+                    device: torch.device) -> np.ndarray:
+    """All columns of ``y`` (N, K) at once: L-BFGS on the mean log-loss + |W|^2 / (2 C N) -> (M, K)."""
+    x = torch.as_tensor(xs, dtype=torch.float64, device=device)
+    t = torch.as_tensor(y, dtype=torch.float64, device=device)
+    w = torch.zeros(x.shape[1], t.shape[1], dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.zeros(t.shape[1], dtype=torch.float64, device=device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=0.0,
+                            history_size=20, line_search_fn="strong_wolfe")
+    n = x.shape[0]
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, t, reduction="sum") / n
+        loss = loss + (w * w).sum() / (2 * c * n)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    if opt.state[w]["n_iter"] >= max_iter:
+        log.warning("linear probe (torch): L-BFGS stopped at %d iterations before converging", max_iter)
+    with torch.no_grad():
+        xt_t = torch.as_tensor(xt, dtype=torch.float64, device=device)
+        return torch.sigmoid(xt_t @ w + b).cpu().numpy()
 
 
 def _average_precision(scores: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
@@ -183,14 +228,18 @@ def _average_precision(scores: np.ndarray, targets: np.ndarray) -> tuple[float, 
 
 
 def probe_metrics(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
-                  k: int = 20, c: float = 1.0, seed: int = 0) -> dict[str, float]:
+                  k: int = 20, c: float = 1.0, seed: int = 0, solver: str = "sklearn",
+                  device: torch.device | str = "cpu") -> dict[str, float]:
     """k-NN and linear-probe mAP (macro over the classes present in ``test_y``, and micro).
+
+    ``solver``/``device``: see ``linear_probe_scores``.
 
     Returns:
         ``{"knn_mAP_macro", "knn_mAP_micro", "linear_mAP_macro", "linear_mAP_micro"}`` as floats.
     """
     knn = _average_precision(knn_scores(train_x, train_y, test_x, k=k), test_y)
-    lin = _average_precision(linear_probe_scores(train_x, train_y, test_x, c=c, seed=seed), test_y)
+    lin = _average_precision(linear_probe_scores(train_x, train_y, test_x, c=c, seed=seed, solver=solver,
+                                                 device=device), test_y)
     return dict(zip(PROBE_METRICS, (*knn, *lin)))
 
 
@@ -217,3 +266,97 @@ def handcrafted_features(sar_db: np.ndarray, bins: int = 16, lo: float = -35.0, 
     for b in range(bins):
         hist[..., b] = (edges == b).mean(-1)
     return np.concatenate([*stats, hist], axis=-1).reshape(x.shape[0], -1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The labelled probe set and the monitor of a pretraining run.
+
+# Synthetic probe sets use the data-set seed ``seed + PROBE_SEED_OFFSET``: patches that no split of the
+# run's own seed generates.
+PROBE_SEED_OFFSET = 1000
+TRAIN_FRACTION = 0.75
+
+
+def _cached(dataset, indices: Sequence[int], num_workers: int) -> TensorDataset:
+    """Read the items once into memory: (raw dB inputs, targets), so later probes only run the encoder."""
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=64, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
+    xs, ys = zip(*[(x.float(), y.float()) for x, y in loader])
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+def build_probe_sets(name: str, *, data_path: str | None, input_size: int, channels: Sequence[str],
+                     samples: int = 1024, seed: int = 0, num_workers: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """The labelled probe data: a training part (3/4) and a held-out part (1/4), read once into memory.
+
+    Synthetic data sets are generated from their own seed (``seed + PROBE_SEED_OFFSET``), so no patch of
+    the pretraining data is probed. Other data sets take a seeded random subset of their validation split.
+
+    Returns:
+        (train, test) ``TensorDataset`` of (raw dB (C, S, S), target (K,)), each with the data set's
+        ``stats``.
+    """
+    from util.datasets import build_dataset
+
+    if samples < 8:
+        raise ValueError(f"probe samples {samples}: expected at least 8 (a training and a held-out part)")
+    synthetic = name.startswith("synthetic")
+    ds = build_dataset(name, data_path=data_path, split="train" if synthetic else "val", input_size=input_size,
+                       channels=tuple(channels), num_samples=samples if synthetic else None,
+                       seed=seed + PROBE_SEED_OFFSET if synthetic else 0)
+    if len(ds) < 8:
+        raise ValueError(f"probe data set {name!r} ({data_path}) has {len(ds)} items; expected at least 8")
+    order = np.random.default_rng(seed).permutation(len(ds))[:samples]
+    n_train = int(round(len(order) * TRAIN_FRACTION))
+    train, test = _cached(ds, order[:n_train], num_workers), _cached(ds, order[n_train:], num_workers)
+    train.stats = test.stats = dict(ds.stats)  # the data set's own normalisation, as finetuning uses
+    return train, test
+
+
+class ProbeMonitor:
+    """Epoch-end callback of pretraining: probe mAP of the frozen encoder every ``every`` epochs and at the last.
+
+    Rank 0 computes; the other ranks wait at a barrier. Sharding the forward pass would save little: the
+    forward of a few thousand patches takes seconds on one GPU, and the scikit-learn fits (the larger part)
+    run on the CPU of one process anyway.
+
+    Args:
+        encoder: the module whose ``forward_features`` is probed; the training model's own (shared) module,
+            so every call sees the current weights.
+        train_set, test_set: ``build_probe_sets``'s output (only needed on rank 0).
+        mean, std: per-channel dB statistics the pretraining normalises with.
+        every: probe after every ``every``-th epoch and the last (0: never).
+        solver: of the linear probe (``linear_probe_scores``); ``torch`` fits every class in one L-BFGS
+            solve on the run's device.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, train_set, test_set, mean: Sequence[float],
+                 std: Sequence[float], *, every: int, device: torch.device | str = "cpu", knn_k: int = 20,
+                 batch_size: int = 64, amp_dtype: torch.dtype | None = None, seed: int = 0,
+                 is_main: bool = True, distributed: bool = False, solver: str = "torch") -> None:
+        self.encoder, self.train_set, self.test_set = encoder, train_set, test_set
+        self.mean, self.std, self.every, self.device = list(mean), list(std), every, device
+        self.knn_k, self.batch_size, self.amp_dtype, self.seed = knn_k, batch_size, amp_dtype, seed
+        self.is_main, self.distributed, self.solver = is_main, distributed, solver
+
+    def due(self, epoch: int, last: bool) -> bool:
+        """Probe at the end of every ``every``-th epoch (counted from 1) and of the last one."""
+        return self.every > 0 and ((epoch + 1) % self.every == 0 or last)
+
+    def __call__(self, epoch: int, last: bool) -> dict[str, float]:
+        """``{"probe_knn_mAP_macro", ..., "probe_seconds"}`` on rank 0 when due, else ``{}``."""
+        if not self.due(epoch, last):
+            return {}
+        out: dict[str, float] = {}
+        if self.is_main:
+            t0 = time.perf_counter()
+            kw = {"device": self.device, "batch_size": self.batch_size, "amp_dtype": self.amp_dtype}
+            train_x, train_y = pooled_features(self.encoder, self.train_set, self.mean, self.std, **kw)
+            test_x, test_y = pooled_features(self.encoder, self.test_set, self.mean, self.std, **kw)
+            metrics = probe_metrics(train_x, train_y, test_x, test_y, k=self.knn_k, seed=self.seed,
+                                    solver=self.solver, device=self.device)
+            out = {f"probe_{k}": v for k, v in metrics.items()}
+            out["probe_seconds"] = time.perf_counter() - t0
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,8 +192,11 @@ def derive(args: argparse.Namespace, world_size: int) -> None:
              args.batch_size, args.accum_iter, world_size, args.lr)
 
 
-def start(args: argparse.Namespace, task: str) -> Run:
-    """Distributed setup, logging, seeding, output folder, resolved config; validates cheap flags first."""
+def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] = ()) -> Run:
+    """Distributed setup, logging, seeding, output folder, resolved config; validates cheap flags first.
+
+    ``not_applicable``: flags left out of ``config.yaml`` because this run does not use them.
+    """
     validate_common(args)
     info, device = init_distributed(args.device, args.dist_url)
     if args.num_threads:
@@ -205,7 +209,7 @@ def start(args: argparse.Namespace, task: str) -> Run:
     run = Run(info, device, out, resolve_amp(args.amp, device))
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_config(args, out / "config.yaml")
+        write_config(args, out / "config.yaml", omit=not_applicable)
         from torch.utils.tensorboard import SummaryWriter
 
         run.tb = SummaryWriter(log_dir=str(args.log_dir or out))

@@ -10,6 +10,7 @@ Checkpoints (rank 0 only, each written atomically): ``checkpoint.pth`` after eve
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ log = logging.getLogger("sarwmix")
 
 # evaluate(raw_model, epoch) -> metrics (plain floats), e.g. {"mAP_macro": 0.61, ...}
 EvalFn = Callable[[nn.Module, int], dict]
+# on_epoch_end(epoch, is_last_epoch) -> scalars logged as they are named (e.g. {"probe_knn_mAP_macro": 0.4})
+EpochEndFn = Callable[[int, bool], dict]
 
 
 class Trainer:
@@ -44,16 +47,20 @@ class Trainer:
         evaluate / select_metric: optional per-epoch evaluation and the metric (higher is better) that
             selects ``checkpoint_best.pth``.
         on_iteration: passed to the engine (e.g. a token-keep schedule stepped per update).
+        on_epoch_end: called on every rank after each epoch's evaluation (e.g. the representation probe);
+            its scalars go into the epoch's ``log.txt`` record under their own names and into TensorBoard
+            as ``<prefix>/<rest>`` (``probe_knn_mAP_macro`` -> ``probe/knn_mAP_macro``).
         extra_state: objects with ``state_dict``/``load_state_dict`` stored under ``"extra"``.
     """
 
     def __init__(self, args: argparse.Namespace, run: Run, model: nn.Module, dataset, step: StepFn, *,
                  groups: list[dict] | None = None, betas: tuple[float, float] = (0.9, 0.95),
                  evaluate: EvalFn | None = None, select_metric: str | None = None,
-                 on_iteration: Callable[[int], dict] | None = None,
+                 on_iteration: Callable[[int], dict] | None = None, on_epoch_end: EpochEndFn | None = None,
                  extra_state: dict[str, object] | None = None) -> None:
         self.args, self.run, self.dataset, self.step = args, run, dataset, step
         self.evaluate, self.select_metric, self.on_iteration = evaluate, select_metric, on_iteration
+        self.on_epoch_end = on_epoch_end
         self.extra_state = extra_state or {}
         self.raw_model = model
         if args.grad_ckpt and hasattr(model, "set_grad_checkpointing"):
@@ -107,6 +114,7 @@ class Trainer:
             record.update({f"val_{k}": v for k, v in metrics.items()})
             if metrics:
                 self.val_log.write({"epoch": epoch, **metrics})
+            record.update(self._epoch_end(epoch))
             # Log first: a kill between the two leaves a record that resume drops and redoes, whereas a
             # checkpoint without its record would be resumed past, losing that epoch's line for good.
             run.epoch_log.write(record)
@@ -116,6 +124,16 @@ class Trainer:
         self.val_log.close()
         check_replicas(self.raw_model, run.device)
         return record
+
+    def _epoch_end(self, epoch: int) -> dict:
+        """The ``on_epoch_end`` scalars of this epoch, also written to TensorBoard (rank 0)."""
+        if self.on_epoch_end is None:
+            return {}
+        scalars = self.on_epoch_end(epoch, epoch + 1 == self.end_epoch)
+        if self.run.tb is not None:
+            for key, value in scalars.items():
+                self.run.tb.add_scalar(key.replace("_", "/", 1), value, epoch)
+        return scalars
 
     def _open_logs(self) -> None:
         run = self.run
@@ -142,13 +160,17 @@ class Trainer:
         out, n = self.run.output_dir, epoch + 1
         state = self.state(epoch)
         improved = self.select_metric is not None and metrics.get(self.select_metric, float("-inf")) > self.best
+        # One write; the other names are hard links (copies where links fail). checkpoint.pth is replaced by
+        # the next epoch's file, never written in place, so a link keeps this epoch's bytes. The best one
+        # comes first: a kill before checkpoint.pth names this epoch makes the resumed run redo the epoch.
+        names = [out / "checkpoint.pth"]
         if improved:
             self.best = state["best"] = float(metrics[self.select_metric])
-            ckpt_io.save_atomic(state, out / "checkpoint_best.pth")
-        ckpt_io.save_atomic(state, out / "checkpoint.pth")
+            names.insert(0, out / "checkpoint_best.pth")
         freq = self.args.save_freq
         if (freq and n % freq == 0) or n == self.end_epoch:
-            ckpt_io.save_atomic(state, out / f"checkpoint_{n}.pth")
+            names.append(out / f"checkpoint_{n}.pth")
+        ckpt_io.save_linked(state, *names)
 
     def _resume(self) -> None:
         path = Path(self.run.output_dir / "checkpoint.pth" if self.args.resume == "auto" else self.args.resume)
@@ -200,10 +222,19 @@ def _wrap(model: nn.Module, args: argparse.Namespace, run: Run) -> nn.Module:
             log.warning("torch.compile unavailable (%s); running eager", str(e).splitlines()[0][:120])
     if run.info.distributed:
         ids = [run.device.index] if run.device.type == "cuda" else None
-        # Every buffer is a constant (relative-position indices; no BatchNorm): nothing to re-broadcast from
-        # rank 0 before each forward. Rank 0's initial buffers still reach every rank at construction.
-        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids, broadcast_buffers=False)
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids, **_no_forward_buffer_sync())
     return wrapped
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that turns off the re-broadcast of buffers from rank 0 before each forward.
+
+    Every buffer is a constant (relative-position indices; no BatchNorm), so there is nothing to re-broadcast;
+    rank 0's initial buffers still reach every rank at construction. torch 2.14 renamed the flag
+    ``broadcast_buffers`` to ``forward_sync_buffers`` and warns (FutureWarning) on the old name.
+    """
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def _loader(dataset, sampler, args: argparse.Namespace, run: Run) -> DataLoader:

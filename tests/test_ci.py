@@ -1,0 +1,18 @@
+"""The default test run leaves out the heavy end-to-end cases, and CI runs them in a second call."""
+import re
+
+from conftest import REPO
+
+
+def test_default_run_excludes_heavy_and_ci_runs_them():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r"""^addopts = ".*-m 'not heavy'.*"$""", pyproject, flags=re.MULTILINE)
+    assert re.search(r'^    "heavy: ', pyproject, flags=re.MULTILINE)
+    ci = (REPO / ".ci" / "run").read_text()
+    heavy = re.search(r"^pytest .*-m heavy.*$", ci, flags=re.MULTILINE)
+    assert heavy and "[ $? -eq 5 ]" in heavy.group(0)  # exit code 5: nothing selected, not a failure
+
+
+def test_readme_states_both_commands():
+    tests = (REPO / "README.md").read_text().split("## Tests and project layout", 1)[1].split("\n## ", 1)[0]
+    assert "pytest -m heavy" in tests and "minutes" in tests
