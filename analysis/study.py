@@ -86,6 +86,7 @@ class Scale:
     probe_fractions: tuple[float, ...] = (1.0, 0.125, 0.01)
     seeds: tuple[int, ...] = (0, 1, 2)
     probe_c: float = 0.1
+    probe_samples: int = 512  # patches of the pretraining monitor (labelled validation split)
 
 
 SCALES: dict[str, Scale] = {
@@ -187,7 +188,7 @@ def pretrain_command(study: Study, arm: str, out_dir: Path) -> list[str] | None:
         cmd += ["--mask_ratio", str(s.mask_ratio)]
     if "--probe_every" in flags:  # the representation monitor, on the labelled data of the study
         probe_set, probe_path = study.data["labelled"]
-        cmd += ["--probe_every", "1", "--probe_dataset", probe_set]
+        cmd += ["--probe_every", "1", "--probe_dataset", probe_set, "--probe_samples", str(s.probe_samples)]
         cmd += ["--probe_data_path", probe_path] if probe_path else []
     else:  # checkpoints of every epoch, probed afterwards with the same functions (probe_curves)
         cmd += ["--save_freq", "1"]
@@ -434,7 +435,11 @@ def write_figures(study: Study, summary: pd.DataFrame, ckpts: dict[str, Path]) -
     runs = [study.out / "pretrain" / arm for arm in ckpts]
     if runs:
         figure, epochs, steps = plot_pretrain_loss(runs, labels=list(ckpts))
-        written += write_outputs(study.out, "pretrain_loss", figure, {"_epoch": epochs, "_step": steps}, dpi=110)
+        tables = {"_epoch": epochs, "_step": steps}
+        probes = getattr(figure, "probes", None)  # the monitor's probe metrics per epoch, when it ran
+        if probes is not None and not probes.empty:
+            tables["_probe"] = probes
+        written += write_outputs(study.out, "pretrain_loss", figure, tables, dpi=110)
     return written
 
 
@@ -467,7 +472,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--model")
     g.add_argument("--arms", type=lambda t: tuple(t.replace(",", " ").split()), help=f"subset of {ALL_ARMS}")
     for name in ("n_pretrain", "n_train", "n_val", "n_test", "pretrain_epochs", "pretrain_batch",
-                 "finetune_epochs", "finetune_batch"):
+                 "finetune_epochs", "finetune_batch", "probe_samples"):
         g.add_argument(f"--{name}", type=int)
     for name in ("pretrain_warmup", "pretrain_lr", "pretrain_blr", "mask_ratio", "finetune_lr", "finetune_blr",
                  "probe_c"):
