@@ -128,7 +128,8 @@ def draw_study(summary: pd.DataFrame, metric: str = "mAP_macro") -> Figure:
             if line.empty:
                 continue
             reference = STUDY_REFERENCES.get(arm)
-            ax.errorbar(line["fraction"] * 100, line["mean"], yerr=line["std"].fillna(0), capsize=3, marker="o",
+            dodge = 2.0 ** (0.05 * (index - (len(arms) - 1) / 2))  # side by side, so error bars stay readable
+            ax.errorbar(line["fraction"] * 100 * dodge, line["mean"], yerr=line["std"].fillna(0), capsize=3, marker="o",
                         markersize=4, linestyle="--" if reference else "-", color=reference or f"C{index % 10}",
                         label=arm)
         percents = sorted(set((part["fraction"] * 100).round(6)))
