@@ -175,7 +175,8 @@ def build_split(args: argparse.Namespace, split: str):
     n = args.num_samples if split == "train" else args.num_eval_samples
     return build_dataset(args.dataset, data_path=args.data_path, split=split, input_size=args.input_size,
                          channels=tuple(args.channels), split_file=split_file_of(args, split),
-                         skip_bad=args.skip_bad, num_samples=n, seed=args.seed, label_set=args.label_set)
+                         skip_bad=args.skip_bad, num_samples=n, seed=args.seed, label_set=args.label_set,
+                         scene=args.synthetic_scene)
 
 
 def carves_validation(args: argparse.Namespace) -> bool:

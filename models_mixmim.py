@@ -424,6 +424,13 @@ ENCODER_CONFIGS: dict[str, dict] = {
     "mixmim_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
     "mixmim_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
     "mixmim_huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88)),
+    # A narrow, shallow encoder for CPU-scale studies (analysis.study): same patch, windows and 4x4 final
+    # grid at 128 px as the paper's models, ~1/60 of mixmim_base's compute.
+    "mixmim_study": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
+}
+# MixMIM decoder per model name; names not listed get MixMIM's decoder (512 wide, 8 blocks, 16 heads).
+DECODER_CONFIGS: dict[str, dict] = {
+    "mixmim_study": dict(decoder_dim=128, decoder_depth=2, decoder_num_heads=4),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(ENCODER_CONFIGS)
 
@@ -440,7 +447,8 @@ def build_mixmim(name: str, **kwargs) -> MixMIM:
     """Build a MixMIM pretraining model by name, e.g. ``build_mixmim("mixmim_base", img_size=128)``."""
     enc_keys = {"img_size", "patch_size", "in_chans", "window_size", "drop_path_rate", "mlp_ratio"}
     enc = encoder_kwargs(name, **{k: v for k, v in kwargs.items() if k in enc_keys})
-    return MixMIM(**enc, **{k: v for k, v in kwargs.items() if k not in enc_keys})
+    rest = {**DECODER_CONFIGS.get(name, {}), **{k: v for k, v in kwargs.items() if k not in enc_keys}}
+    return MixMIM(**enc, **rest)
 
 
 mixmim_tiny = partial(build_mixmim, "mixmim_tiny")
@@ -448,3 +456,4 @@ mixmim_small = partial(build_mixmim, "mixmim_small")
 mixmim_base = partial(build_mixmim, "mixmim_base")
 mixmim_large = partial(build_mixmim, "mixmim_large")
 mixmim_huge = partial(build_mixmim, "mixmim_huge")
+mixmim_study = partial(build_mixmim, "mixmim_study")

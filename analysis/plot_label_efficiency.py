@@ -101,6 +101,74 @@ def draw(table: pd.DataFrame, task: str) -> Figure:
     return figure
 
 
+# Study arms that are references, not pretraining methods: drawn dashed, in fixed colours.
+STUDY_REFERENCES = {"random_init": "black", "handcrafted": "grey"}
+STUDY_PROTOCOLS = {"linear": "linear probe (frozen encoder)", "knn": "k-NN (frozen encoder)",
+                   "finetune": "full finetuning"}
+
+
+def draw_study(summary: pd.DataFrame, metric: str = "mAP_macro") -> Figure:
+    """One panel per protocol of a study's ``summary.csv``: ``metric`` (mean +- std over seeds) against the
+    labelled fraction, one line per arm; the references (random init, hand-crafted floor) dashed.
+
+    Args:
+        summary: columns ``arm, fraction, protocol, metric, mean, std, n`` (``analysis.study``).
+    """
+    rows = summary[summary["metric"] == metric]
+    if rows.empty:
+        raise ConfigError(f"summary has no rows of metric {metric!r}; found {sorted(summary['metric'].unique())}")
+    protocols = [p for p in STUDY_PROTOCOLS if p in set(rows["protocol"])]
+    figure = Figure(figsize=(3.6 * len(protocols) + 1.8, 3.8), layout="constrained")
+    axes = figure.subplots(1, len(protocols), sharey=True, squeeze=False)[0]
+    arms = list(dict.fromkeys(rows["arm"]))
+    for ax, protocol in zip(axes, protocols, strict=True):
+        part = rows[rows["protocol"] == protocol]
+        for index, arm in enumerate(arms):
+            line = part[part["arm"] == arm].sort_values("fraction")
+            if line.empty:
+                continue
+            reference = STUDY_REFERENCES.get(arm)
+            dodge = 2.0 ** (0.05 * (index - (len(arms) - 1) / 2))  # side by side, so error bars stay readable
+            ax.errorbar(line["fraction"] * 100 * dodge, line["mean"], yerr=line["std"].fillna(0), capsize=3, marker="o",
+                        markersize=4, linestyle="--" if reference else "-", color=reference or f"C{index % 10}",
+                        label=arm)
+        percents = sorted(set((part["fraction"] * 100).round(6)))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(percents, [f"{p:g}%" for p in percents])
+        ax.set(title=STUDY_PROTOCOLS[protocol], xlabel="labelled training data (log2 scale)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(f"test {metric}")
+    handles = {}
+    for ax in axes:  # one legend for every panel: the floor has no finetuning line
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    figure.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize="small")
+    return figure
+
+
+def draw_probe_curves(curves: pd.DataFrame, metric: str = "mAP_macro") -> Figure:
+    """Probe mAP of each pretraining arm's checkpoints against the epoch (k-NN left, linear right).
+
+    Args:
+        curves: columns ``arm, epoch, knn_<metric>, linear_<metric>`` (``analysis.study``'s
+            ``probe_curves.csv``); the ``random_init`` row is drawn as a dashed level.
+    """
+    figure = Figure(figsize=(9.5, 3.8), layout="constrained")
+    axes = figure.subplots(1, 2, sharey=True)
+    for ax, probe in zip(axes, ("knn", "linear"), strict=True):
+        column = f"{probe}_{metric}"
+        for index, (arm, rows) in enumerate(curves.groupby("arm", sort=False)):
+            if arm in STUDY_REFERENCES:
+                ax.axhline(rows[column].iloc[0], color=STUDY_REFERENCES[arm], linestyle="--", label=arm)
+            else:
+                ax.plot(rows["epoch"], rows[column], marker="o", markersize=3, color=f"C{index % 10}", label=arm)
+        ax.set(title=f"{STUDY_PROTOCOLS[probe]} during pretraining", xlabel="pretraining epoch")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(f"probe {metric}")
+    axes[1].legend(fontsize="small")
+    return figure
+
+
 def plot_label_efficiency(patterns: list[str], metric: str | None = None, split: str = "test",
                           task: str | None = None, pretrain_epoch: int | None = None
                           ) -> tuple[Figure, pd.DataFrame]:

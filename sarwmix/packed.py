@@ -253,9 +253,10 @@ def convert(source: str, src: str | Path, out: str | Path, *, splits: tuple[str,
 
 
 def convert_synthetic(out: str | Path, n: int, seed: int = 0, dtype: str = "float32",
-                      shard_size: int = 4096) -> Path:
+                      shard_size: int = 4096, scene: str = "mosaic") -> Path:
     """Pack ``n`` synthetic patches with the names, splits and flags of ``sarwmix.synthetic.patch_records``
-    (snow/cloud-flagged ones left out, as in the v1 lists), 43-class labels, BENv1 statistics."""
+    (snow/cloud-flagged ones left out, as in the v1 lists), 43-class labels, BENv1 statistics; ``scene``
+    as in ``sarwmix.synthetic.generate_patch``."""
     from sarwmix.bigearthnetv1 import target_from_names
     from sarwmix.synthetic import generate_patch, patch_records
 
@@ -263,9 +264,10 @@ def convert_synthetic(out: str | Path, n: int, seed: int = 0, dtype: str = "floa
     for record in patch_records(n, seed):
         if record["snow"] or record["cloud"]:
             continue
-        sar_db, _, labels = generate_patch(record["seed"])
+        sar_db, _, labels = generate_patch(record["seed"], scene=scene)
         writer.add(record["s1_name"], record["split"], sar_db, target_from_names(labels, 43, "synthetic"))
-    return writer.close(stats="benv1", source=f"synthetic:n={n},seed={seed}")
+    source = f"synthetic:n={n},seed={seed}" + (f",scene={scene}" if scene != "mosaic" else "")
+    return writer.close(stats="benv1", source=source)
 
 
 def main(argv: list[str] | None = None) -> int:

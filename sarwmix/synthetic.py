@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sarwmix import synthetic_structured as S
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, CHANNELS
 from sarwmix.errors import ConfigError, SarwmixError
 from sarwmix.geotiff import utm_transform, write_band
@@ -102,61 +103,124 @@ def _voronoi_cells(rng: np.random.Generator, size: int, n_cells: int) -> np.ndar
     return dist.argmin(axis=0)
 
 
-def _correlated_speckle(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Unit-mean multiplicative speckle, marginal ~Gamma(L=_LOOKS), correlated over ~2 pixels.
+def _correlated_speckle(rng: np.random.Generator, size: int, looks: float = _LOOKS) -> np.ndarray:
+    """Unit-mean multiplicative speckle, marginal ~Gamma(L=looks), correlated over ~2 pixels.
 
     Returns:
         float32 array (2, size, size), independent between channels.
     """
-    shape = _LOOKS * _SUM_W2
+    shape = looks * _SUM_W2
     raw = rng.standard_gamma(shape, (2, size + 2, size + 2), dtype=np.float32) / np.float32(shape)
     k = _KERNEL_1D.astype(np.float32)
     rows = k[0] * raw[:, :-2] + k[1] * raw[:, 1:-1] + k[2] * raw[:, 2:]
     return k[0] * rows[:, :, :-2] + k[1] * rows[:, :, 1:-1] + k[2] * rows[:, :, 2:]
 
 
-def generate_patch(seed: int, size: int = 120) -> tuple[np.ndarray, np.ndarray, list[str]]:
+SCENES: tuple[str, ...] = ("mosaic", "structured")
+
+
+def generate_patch(seed: int, size: int = 120, scene: str = "mosaic") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One synthetic Sentinel-1 patch, deterministic in ``seed``.
 
     Args:
         seed: any non-negative integer; the same seed always gives the same patch.
         size: side length in pixels (BigEarthNet patches are 120).
+        scene: ``mosaic`` (fields that differ in backscatter level and fine texture) or ``structured``
+            (the same levels plus the spatial structure of each cover: street grids, parcels with rows,
+            canopy, rivers and lakes; ``sarwmix.synthetic_structured``).
 
     Returns:
         sar_db: float32 (2, size, size), channel order [VH, VV], dB (roughly -35 .. +5).
         target: float32 (19,) multi-hot in ``BEN_19_CLASSES`` order.
         labels: the 43-class names present, in ``BEN_43_CLASSES`` order.
     """
+    if scene not in SCENES:
+        raise ConfigError(f"synthetic scene {scene!r}: expected one of {SCENES}")
     rng = np.random.default_rng(seed)
-    n_classes = int(rng.choice([1, 2, 3, 4], p=[0.15, 0.35, 0.3, 0.2]))
-    classes = rng.choice(len(_COVER), size=n_classes, replace=False, p=_COVER_WEIGHTS)
-    n_cells = int(rng.integers(max(3, n_classes), 14))
-    cell_class = np.concatenate([classes, rng.choice(classes, n_cells - n_classes)])
-    cell_class = cell_class[rng.permutation(n_cells)]
-    cells = _voronoi_cells(rng, size, n_cells)
-
-    table = np.array([row[1:5] for row in _COVER])[cell_class]  # (n_cells, 4): vv, vh, spread, texture
-    field = rng.standard_normal(n_cells) * table[:, 2] * _FIELD_SCALE  # one offset per field, both channels
-    # Per-patch offsets: incidence angle / moisture (both channels) and a small gap change.
-    offset = rng.normal(-1.2, 2.5)
-    gap_jitter = rng.normal(0.3, 0.6)
-    # VV reacts more to soil moisture and roughness than VH, hence the larger field contrast.
-    vv = (table[:, 0] + 1.3 * field)[cells] + offset
-    vh = (table[:, 1] + field + rng.normal(0, 0.5, n_cells))[cells] + offset + gap_jitter
-
-    # Fine texture (crowns, furrows, buildings), mostly shared between channels.
-    tex = _smooth_noise(rng, 3, size, size // 3) * (_TEXTURE_SCALE * table[:, 3])[cells]
-    vv = vv + tex[0] + 0.5 * tex[1]
-    vh = vh + tex[0] + 0.5 * tex[2]
-
-    power = 10.0 ** (np.stack([vh, vv]) / 10.0) * _correlated_speckle(rng, size)
+    if scene == "structured":
+        vh, vv, present = _structured_levels(rng, size)
+    else:
+        vh, vv, present = _mosaic_levels(rng, size)
+    looks = S.STRUCTURED_LOOKS if scene == "structured" else _LOOKS
+    power = 10.0 ** (np.stack([vh, vv]) / 10.0) * _correlated_speckle(rng, size, looks)
     sar_db = (10.0 * np.log10(np.maximum(power, 1e-5))).astype(np.float32)
-
-    present = sorted({_COVER[i][0] for i in classes}, key=BEN_43_CLASSES.index)
+    present = sorted(present, key=BEN_43_CLASSES.index)
     target = np.zeros(len(BEN_19_CLASSES), np.float32)
     for name in present:
         target[BEN_43_TO_19[BEN_43_CLASSES.index(name)]] = 1.0
     return sar_db, target, present
+
+
+def _draw_classes(rng: np.random.Generator) -> np.ndarray:
+    """1-4 distinct cover indices of one patch, drawn with the class table's sampling weights."""
+    n_classes = int(rng.choice([1, 2, 3, 4], p=[0.15, 0.35, 0.3, 0.2]))
+    return rng.choice(len(_COVER), size=n_classes, replace=False, p=_COVER_WEIGHTS)
+
+
+def _field_levels(rng: np.random.Generator, field_cover: np.ndarray, field_id: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Noise-free VH and VV dB maps of fields with covers ``field_cover`` (n_fields,) laid out as
+    ``field_id`` (size, size), and the class-table rows of the fields (n_fields, 4)."""
+    table = np.array([row[1:5] for row in _COVER])[field_cover]  # vv, vh, spread, texture
+    n_fields = len(field_cover)
+    field = rng.standard_normal(n_fields) * table[:, 2] * _FIELD_SCALE  # one offset per field, both channels
+    # Per-patch offsets: incidence angle / moisture (both channels) and a small gap change.
+    offset = rng.normal(-1.2, 2.5)
+    gap_jitter = rng.normal(0.3, 0.6)
+    # VV reacts more to soil moisture and roughness than VH, hence the larger field contrast.
+    vv = (table[:, 0] + 1.3 * field)[field_id] + offset
+    vh = (table[:, 1] + field + rng.normal(0, 0.5, n_fields))[field_id] + offset + gap_jitter
+    return vh, vv, table
+
+
+def _mosaic_levels(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, set[str]]:
+    """VH and VV dB (size, size) of a Voronoi mosaic of fields before speckle, and the covers present."""
+    classes = _draw_classes(rng)
+    n_classes = len(classes)
+    n_cells = int(rng.integers(max(3, n_classes), 14))
+    cell_class = np.concatenate([classes, rng.choice(classes, n_cells - n_classes)])
+    cell_class = cell_class[rng.permutation(n_cells)]
+    cells = _voronoi_cells(rng, size, n_cells)
+    vh, vv, table = _field_levels(rng, cell_class, cells)
+    # Fine texture (crowns, furrows, buildings), mostly shared between channels.
+    tex = _smooth_noise(rng, 3, size, size // 3) * (_TEXTURE_SCALE * table[:, 3])[cells]
+    return vh + tex[0] + 0.5 * tex[2], vv + tex[0] + 0.5 * tex[1], {_COVER[i][0] for i in classes}
+
+
+def _structured_levels(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, set[str]]:
+    """VH and VV dB (size, size) of a structured scene before speckle, and the covers present.
+
+    Fields of a Voronoi mosaic (fewer and larger than in the mosaic scene, so structure has room), rivers
+    and lakes drawn over them, each cover's structure map added inside its area.
+    """
+    classes = [int(i) for i in _draw_classes(rng)]
+    overlay = [i for i in classes if _COVER[i][0] in (S.RIVER, S.LAKE)]
+    base = [i for i in classes if i not in overlay] or classes
+    overlay = [i for i in overlay if i not in base]
+    n_cells = int(rng.integers(max(2, len(base)), 9))
+    cell_class = np.array(base + list(rng.choice(base, n_cells - len(base))))[rng.permutation(n_cells)]
+    field_id = _voronoi_cells(rng, size, n_cells)
+    cover = cell_class[field_id]
+    for k, i in enumerate(overlay):
+        mask = (S.river_mask if _COVER[i][0] == S.RIVER else S.lake_mask)(rng, size)
+        cover[mask], field_id[mask] = i, n_cells + k
+    vh, vv, table = _field_levels(rng, np.concatenate([cell_class, overlay]).astype(int), field_id)
+    tex = _smooth_noise(rng, 3, size, size // 3) * (_TEXTURE_SCALE * S.STRUCTURED_TEXTURE_SCALE
+                                                     * table[:, 3])[field_id]
+    vh = vh + tex[0] + 0.5 * tex[2] + S.LEVEL_SHIFT_DB
+    vv = vv + tex[0] + 0.5 * tex[1] + S.LEVEL_SHIFT_DB
+    present = set()
+    for i in np.unique(cover):
+        name = _COVER[int(i)][0]
+        kind, params, gain_vv, gain_vh = S.STRUCTURE[name]
+        where = cover == i
+        structure = S.RENDERERS[kind](rng, size, np.array(params, dtype=np.float32))
+        structure = structure[where] - structure.mean()  # keeps the class's mean level
+        vv[where] += gain_vv * structure
+        vh[where] += S.VH_GAIN * gain_vh * structure
+        if where.mean() >= S.MIN_COVER_FRACTION:
+            present.add(name)
+    return vh, vv, present
 
 
 class SyntheticS1(PatchDataset):
@@ -171,13 +235,16 @@ class SyntheticS1(PatchDataset):
         seed: data-set seed (use different seeds for train / val / test).
         patch_size: side of the generated patch (120 like BigEarthNet).
         channels: subset and order of ``CHANNELS`` to return, e.g. ``("VV",)``.
+        scene: ``mosaic`` or ``structured`` (see ``generate_patch``).
     """
 
     def __init__(self, n: int = 512, input_size: int = 128, seed: int = 0, patch_size: int = 120,
-                 channels: tuple[str, ...] = CHANNELS) -> None:
+                 channels: tuple[str, ...] = CHANNELS, scene: str = "mosaic") -> None:
+        if scene not in SCENES:
+            raise ConfigError(f"synthetic scene {scene!r}: expected one of {SCENES}")
         super().__init__(input_size=input_size, channels=channels, stats_name="benv1", label_set=19,
                          skip_bad=False)
-        self.n, self.seed, self.patch_size = n, seed, patch_size
+        self.n, self.seed, self.patch_size, self.scene = n, seed, patch_size, scene
         self.names = [f"synthetic_{seed}_{i}" for i in range(n)]
 
     def patch_seed(self, i: int) -> int:
@@ -186,7 +253,7 @@ class SyntheticS1(PatchDataset):
 
     def read_patch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Full-size patch ``i``: (sar_db float32 (2, patch_size, patch_size), target float32 (19,))."""
-        sar_db, target, _ = generate_patch(self.patch_seed(i), self.patch_size)
+        sar_db, target, _ = generate_patch(self.patch_seed(i), self.patch_size, self.scene)
         return sar_db, target
 
 
@@ -285,14 +352,14 @@ def v1_labels_json(record: dict, labels: list[str]) -> dict:
             "acquisition_time": record["acquisition_time"]}
 
 
-def _patches(records: list[dict]):
+def _patches(records: list[dict], scene: str = "mosaic"):
     """Yield (record, sar_db, 43-class label names) for each record."""
     for record in records:
-        sar_db, _, labels = generate_patch(record["seed"])
+        sar_db, _, labels = generate_patch(record["seed"], scene=scene)
         yield record, sar_db, labels
 
 
-def write_benv1(out: Path, n: int, seed: int = 0) -> Path:
+def write_benv1(out: Path, n: int, seed: int = 0, scene: str = "mosaic") -> Path:
     """BigEarthNet-S1 v1.0 folder layout + labels JSON + split and exclusion lists under ``out``.
 
     Returns:
@@ -302,7 +369,7 @@ def write_benv1(out: Path, n: int, seed: int = 0) -> Path:
 
     root = Path(out) / V1_FOLDER
     records = patch_records(n, seed)
-    for record, sar_db, labels in _patches(records):
+    for record, sar_db, labels in _patches(records, scene):
         folder = root / record["s1_name"]
         transform = utm_transform(record["ulx"], record["uly"])
         for band, pixels in zip(CHANNELS, sar_db, strict=True):
@@ -313,7 +380,7 @@ def write_benv1(out: Path, n: int, seed: int = 0) -> Path:
     return root
 
 
-def write_benv1_zarr(out: Path, n: int, seed: int = 0, zarr_format: int = 3) -> Path:
+def write_benv1_zarr(out: Path, n: int, seed: int = 0, zarr_format: int = 3, scene: str = "mosaic") -> Path:
     """The BigEarthNet v1 Zarr container (``out/BigEarthNet-S1-v1.0.zarr``) + split and exclusion lists."""
     import zarr
 
@@ -322,7 +389,7 @@ def write_benv1_zarr(out: Path, n: int, seed: int = 0, zarr_format: int = 3) -> 
     path = Path(out) / f"{V1_FOLDER}.zarr"
     patches = zarr.open_group(str(path), mode="w", zarr_format=zarr_format).require_group("sentinel1")
     records = patch_records(n, seed)
-    for record, sar_db, labels in _patches(records):
+    for record, sar_db, labels in _patches(records, scene):
         write_zarr_patch(patches, record["s1_name"], sar_db, v1_labels_json(record, labels))
     write_v1_lists(Path(out), records)
     return path
@@ -354,12 +421,12 @@ def _v2_labels(labels43: list[str]) -> list[str]:
     return [BEN_19_CLASSES[j] for j in sorted(merged)]
 
 
-def write_benv2(out: Path, n: int, seed: int = 0) -> Path:
+def write_benv2(out: Path, n: int, seed: int = 0, scene: str = "mosaic") -> Path:
     """BigEarthNet v2 S1 folder layout (``out/BigEarthNet-S1/<product>/<patch>/``) + metadata parquet files."""
     from sarwmix.bigearthnetv2 import S1_FOLDER, BenV2Folder
 
     records, labels19 = patch_records(n, seed), []
-    for record, sar_db, labels in _patches(records):
+    for record, sar_db, labels in _patches(records, scene):
         folder = Path(out) / S1_FOLDER / BenV2Folder.product_folder(record["s1_name"]) / record["s1_name"]
         transform = utm_transform(record["ulx"], record["uly"])
         for band, pixels in zip(CHANNELS, sar_db, strict=True):
@@ -369,7 +436,7 @@ def write_benv2(out: Path, n: int, seed: int = 0) -> Path:
     return Path(out)
 
 
-def write_benv2_lmdb(out: Path, n: int, seed: int = 0) -> Path:
+def write_benv2_lmdb(out: Path, n: int, seed: int = 0, scene: str = "mosaic") -> Path:
     """The rico-hdl LMDB (``out/BigEarthNet_LMDB``, safetensors values keyed by S1 name) + metadata."""
     import lmdb
 
@@ -379,7 +446,7 @@ def write_benv2_lmdb(out: Path, n: int, seed: int = 0) -> Path:
     Path(out).mkdir(parents=True, exist_ok=True)
     env = lmdb.open(str(Path(out) / LMDB_FOLDER), map_size=max(n, 1) * 200_000 + 2**24)
     with env.begin(write=True) as txn:
-        for record, sar_db, labels in _patches(records):
+        for record, sar_db, labels in _patches(records, scene):
             txn.put(record["s1_name"].encode(), encode_lmdb_value(sar_db))
             labels19.append(_v2_labels(labels))
     env.close()
@@ -387,8 +454,9 @@ def write_benv2_lmdb(out: Path, n: int, seed: int = 0) -> Path:
     return Path(out)
 
 
-def write_format(fmt: str, out: Path, n: int, seed: int = 0) -> Path:
-    """Write ``n`` seeded synthetic patches (or SEN12-FLOOD sequences) in format ``fmt`` under ``out``."""
+def write_format(fmt: str, out: Path, n: int, seed: int = 0, scene: str = "mosaic") -> Path:
+    """Write ``n`` seeded synthetic patches (or SEN12-FLOOD sequences) in format ``fmt`` under ``out``
+    (``scene``: see ``generate_patch``; SEN12-FLOOD sequences have their own generator)."""
     if fmt not in WRITE_FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {WRITE_FORMATS}")
     if n < 1:
@@ -401,10 +469,10 @@ def write_format(fmt: str, out: Path, n: int, seed: int = 0) -> Path:
     if fmt == "packed":
         from sarwmix.packed import convert_synthetic
 
-        return convert_synthetic(Path(out), n, seed)
+        return convert_synthetic(Path(out), n, seed, scene=scene)
     writer = {"benv1": write_benv1, "benv1_zarr": write_benv1_zarr, "benv2": write_benv2,
               "benv2_lmdb": write_benv2_lmdb}[fmt]
-    return writer(Path(out), n, seed)
+    return writer(Path(out), n, seed, scene=scene)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,10 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     write.add_argument("--format", required=True, choices=WRITE_FORMATS)
     write.add_argument("--n", type=int, default=64)
     write.add_argument("--seed", type=int, default=0)
+    write.add_argument("--scene", default="mosaic", choices=SCENES,
+                       help="mosaic (levels and fine texture) or structured (plus each cover's spatial structure)")
     write.add_argument("out")
     args = parser.parse_args(argv)
     try:
-        path = write_format(args.format, Path(args.out), args.n, args.seed)
+        path = write_format(args.format, Path(args.out), args.n, args.seed, args.scene)
     except SarwmixError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

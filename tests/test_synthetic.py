@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from sarwmix import synthetic_structured as S
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, DATASET_STATS
+from sarwmix.errors import ConfigError
 from sarwmix.stats import patch_texture_stats
-from sarwmix.synthetic import SyntheticS1, generate_patch
+from sarwmix.synthetic import SCENES, SyntheticS1, generate_patch
 
 # p10..p90 of per-patch measures on 30 real BigEarthNet-S1 patches, (VH band, VV band).
 REAL_BANDS = {
@@ -18,9 +20,9 @@ REAL_BANDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def measured() -> dict[str, np.ndarray]:
-    rows = [patch_texture_stats(generate_patch(seed)[0]) for seed in range(30)]
+@pytest.fixture(scope="module", params=SCENES)
+def measured(request) -> dict[str, np.ndarray]:
+    rows = [patch_texture_stats(generate_patch(seed, scene=request.param)[0]) for seed in range(30)]
     return {key: np.array([row[key] for row in rows]) for key in rows[0]}
 
 
@@ -42,9 +44,10 @@ def test_same_seed_same_patch_other_seed_other_patch() -> None:
     assert not np.array_equal(a, generate_patch(124)[0])
 
 
-def test_labels_follow_the_43_to_19_mapping() -> None:
+@pytest.mark.parametrize("scene", SCENES)
+def test_labels_follow_the_43_to_19_mapping(scene: str) -> None:
     for seed in range(40):
-        _, target, labels = generate_patch(seed)
+        _, target, labels = generate_patch(seed, scene=scene)
         assert labels, "every patch carries at least one label"
         assert labels == sorted(labels, key=BEN_43_CLASSES.index)
         expected = np.zeros(len(BEN_19_CLASSES), np.float32)
@@ -93,3 +96,44 @@ def test_dataset_items_are_deterministic_resized_and_selectable() -> None:
     assert full.num_classes == 19 and len(full) == 4
     with pytest.raises(IndexError):
         full[4]
+
+
+def test_structured_scene_is_deterministic_and_differs_from_the_mosaic() -> None:
+    a, ta, la = generate_patch(11, scene="structured")
+    b, tb, lb = generate_patch(11, scene="structured")
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ta, tb)
+    assert la == lb and a.shape == (2, 120, 120) and np.isfinite(a).all()
+    assert not np.array_equal(a, generate_patch(11)[0])
+    np.testing.assert_array_equal(generate_patch(11)[0], generate_patch(11, scene="mosaic")[0])
+    x, _ = SyntheticS1(n=2, input_size=120, seed=3, scene="structured")[1]
+    np.testing.assert_array_equal(x.numpy(), generate_patch(3 * 1_000_003 + 1, scene="structured")[0])
+
+
+def test_unknown_scene_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="synthetic scene 'city'"):
+        generate_patch(0, scene="city")
+    with pytest.raises(ConfigError, match="synthetic scene 'city'"):
+        SyntheticS1(n=2, scene="city")
+
+
+def test_street_grid_and_rows_are_periodic_and_water_is_smooth() -> None:
+    rng = np.random.default_rng(0)
+    # Row texture: a parcel's stripes repeat with the drawn period; urban streets are the darkest pixels.
+    rows = S.render_parcels(rng, 96, np.array([200, 1.0, 6, 6, 2.0, 0.0, 0], np.float32))
+    spectrum = np.abs(np.fft.fft2(rows - rows.mean()))
+    freq = np.hypot(*np.meshgrid(np.fft.fftfreq(96), np.fft.fftfreq(96), indexing="ij"))
+    assert abs(1 / freq.ravel()[spectrum.argmax()] - 6) < 0.5
+    urban = S.render_urban(rng, 96, np.array([10, 2, -6, 0.02, 9, 0.0], np.float32))
+    assert 0.2 < (urban == -6).mean() < 0.6 and urban.max() >= 9
+    # Water interiors are smooth: far less fine-scale variance than a coniferous canopy.
+    water = S.render_smooth(rng, 96, np.array(S.STRUCTURE["Water bodies"][1], np.float32))
+    conifer = S.render_canopy(rng, 96, np.array(S.STRUCTURE["Coniferous forest"][1], np.float32))
+    assert np.diff(water, axis=1).std() < 0.2 * np.diff(conifer, axis=1).std()
+
+
+def test_lakes_and_rivers_have_sharp_edges_inside_the_patch() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        river, lake = S.river_mask(rng, 120), S.lake_mask(rng, 120)
+        assert 0.02 < river.mean() < 0.3 and 0.02 < lake.mean() < 0.6

@@ -124,7 +124,8 @@ def _normalise_split(name: str, split: str) -> str:
 def build_dataset(name: str, *, data_path: str | None, split: str, input_size: int,
                   channels: tuple[str, ...] = CHANNELS, split_file: str | None = None,
                   skip_bad: bool = False, num_samples: int | None = None, seed: int = 0,
-                  include_snow_cloud: bool = False, label_set: int = 19) -> torch.utils.data.Dataset:
+                  include_snow_cloud: bool = False, label_set: int = 19,
+                  scene: str = "mosaic") -> torch.utils.data.Dataset:
     """Build any data set of the project by name.
 
     Args:
@@ -140,6 +141,7 @@ def build_dataset(name: str, *, data_path: str | None, split: str, input_size: i
         seed: ``synthetic`` only: base seed; each split uses a different one.
         include_snow_cloud: keep patches flagged with seasonal snow or cloud/shadow.
         label_set: 19 or 43 classes (43 only for v1-style sources).
+        scene: ``synthetic`` only: ``mosaic`` or ``structured`` (``sarwmix.synthetic.generate_patch``).
 
     Returns:
         a ``torch.utils.data.Dataset`` with ``.stats`` and ``.num_classes``.
@@ -152,7 +154,8 @@ def build_dataset(name: str, *, data_path: str | None, split: str, input_size: i
 
         n = num_samples or (512 if split == "train" else 128)
         split_seed = {"train": 0, "val": 1, "test": 2}[split]
-        return SyntheticS1(n=n, input_size=input_size, seed=3 * seed + split_seed, channels=channels)
+        return SyntheticS1(n=n, input_size=input_size, seed=3 * seed + split_seed, channels=channels,
+                           scene=scene)
     if not data_path:
         raise ConfigError(f"dataset {name!r} needs --data_path")
     if name == "sen12flood":

@@ -55,6 +55,9 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", default=None, help="root of the data set (not needed for synthetic)")
     g.add_argument("--split_file", default=None, help="official split list / CSV to select patches")
     g.add_argument("--num_samples", type=int, default=None, help="synthetic: number of training samples")
+    g.add_argument("--synthetic_scene", default="mosaic", choices=("mosaic", "structured"),
+                   help="synthetic: fields differing in level and fine texture, or with each cover's spatial "
+                        "structure (street grids, parcels with rows, canopy, rivers, lakes)")
     g.add_argument("--skip_bad", action="store_true", help="skip (and count) unreadable patches")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=64, help="per process")
@@ -251,7 +254,8 @@ def build_train_data(args: argparse.Namespace, run: Run, split: str = "train"):
 
     return build_dataset(args.dataset, data_path=args.data_path, split=split, input_size=args.input_size,
                          channels=tuple(args.channels), split_file=args.split_file, skip_bad=args.skip_bad,
-                         num_samples=args.num_samples if split == "train" else None, seed=args.seed)
+                         num_samples=args.num_samples if split == "train" else None, seed=args.seed,
+                         scene=args.synthetic_scene)
 
 
 def finish(run: Run) -> None:

@@ -1,0 +1,71 @@
+"""The pretraining study driver: its smallest setting end to end, its tables and its checks."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import study
+from analysis.study_data import write_packed
+from sarwmix.packed import PackedDataset
+from sarwmix.synthetic import generate_patch
+
+SMOKE = ["--scale", "smoke", "--threads", "1", "--n_test", "16", "--amp", "off"]
+
+
+def test_smoke_study_runs_end_to_end_and_writes_its_tables(tmp_path):
+    assert study.main(["--out", str(tmp_path), *SMOKE]) == 0
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert list(summary.columns) == ["arm", "fraction", "protocol", "metric", "mean", "std", "n"]
+    arms = {"random_init", "mixmim_per_channel", "handcrafted"}
+    assert set(summary["arm"]) == arms and set(summary["metric"]) == {"mAP_macro", "mAP_micro"}
+    assert set(summary["protocol"]) == {"linear", "knn", "finetune"}
+    # The floor has no encoder to finetune; every learned arm has every protocol.
+    assert set(summary.loc[summary["protocol"] == "finetune", "arm"]) == arms - {"handcrafted"}
+    assert summary["mean"].between(0, 1).all() and (summary["n"] == 1).all()
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert len(runs) == 3 * 2 * 2 + 2  # probes: 3 arms x 2 fractions x 2 protocols; finetunes: 2 arms
+    for name in ("study.png", "pretrain_loss.png", "timing.json"):
+        assert (tmp_path / name).is_file()
+    if "--probe_every" not in study.supported_flags("main_pretrain.py"):  # probed afterwards, per epoch
+        curves = pd.read_csv(tmp_path / "probe_curves.csv")
+        assert list(curves["arm"]) == ["random_init", "mixmim_per_channel"]
+        assert (tmp_path / "probe_curves.png").is_file()
+    # A second call finds every step done and writes the same table.
+    assert study.main(["--out", str(tmp_path), *SMOKE]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "summary.csv"), summary)
+
+
+def test_summary_table_is_mean_std_and_count_per_arm_fraction_protocol():
+    runs = pd.DataFrame({"arm": ["a", "a", "a", "b"], "protocol": ["linear"] * 4, "fraction": [1.0] * 4,
+                         "seed": [0, 1, 2, 0], "mAP_macro": [0.1, 0.2, 0.3, 0.5], "mAP_micro": [0.4] * 4})
+    table = study.summary_table(runs)
+    row = table[(table["arm"] == "a") & (table["metric"] == "mAP_macro")].iloc[0]
+    assert row["mean"] == pytest.approx(0.2) and row["std"] == pytest.approx(0.1) and row["n"] == 3
+    assert np.isnan(table[(table["arm"] == "b") & (table["metric"] == "mAP_macro")]["std"].iloc[0])
+
+
+def test_packed_study_data_holds_the_seeded_structured_patches(tmp_path):
+    path = write_packed(tmp_path / "set", {"train": 3, "test": 2}, base_seed=5, scene="structured")
+    test = PackedDataset(path, "test", input_size=120)
+    sar_db, target = test.read_patch(1)
+    expected, expected_target, _ = generate_patch(5 * 1_000_003 + 4, scene="structured")
+    np.testing.assert_array_equal(sar_db, expected)
+    np.testing.assert_array_equal(target, expected_target)
+    assert len(PackedDataset(path, "train")) == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arms", "random_init mae"], "--arms mae"),
+    (["--seeds", ""], "--seeds must not be empty"),
+    (["--finetune_fractions", "0"], "every fraction must lie in"),
+    (["--dataset", "benv1"], "--dataset benv1 needs --data_path"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, capsys, argv, message):
+    assert study.main(["--out", str(tmp_path), "--scale", "smoke", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_finetune_epochs_grow_for_small_fractions_up_to_four_times():
+    scale = study.Scale(finetune_epochs=4)
+    assert [study.finetune_epochs(scale, f) for f in (1.0, 0.5, 0.125, 0.01)] == [4, 8, 16, 16]
