@@ -282,7 +282,7 @@ GPU_CHECK_SECTIONS = ["install", "env", "bench_base", "bench_large", "bench_huge
                       "pretrain", "finetune", "eval", "bench_compile"]
 
 
-@pytest.mark.heavy
+@pytest.mark.manual
 def test_gpu_check_tiny_cpu_run_passes_every_section(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--tiny", str(out)],

@@ -6,7 +6,7 @@ from conftest import REPO
 
 def test_default_run_excludes_heavy_and_ci_runs_them():
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert re.search(r"""^addopts = ".*-m 'not heavy'.*"$""", pyproject, flags=re.MULTILINE)
+    assert re.search(r"""^addopts = ".*-m 'not heavy and not manual'.*"$""", pyproject, flags=re.MULTILINE)
     assert re.search(r'^    "heavy: ', pyproject, flags=re.MULTILINE)
     ci = (REPO / ".ci" / "run").read_text()
     heavy = re.search(r"^pytest .*-m heavy.*$", ci, flags=re.MULTILINE)
