@@ -304,10 +304,10 @@ def features(study: Study, name: str, ckpt: Path | None, seed: int) -> dict[str,
     model = load_encoder(study, ckpt, seed)
     device = "cuda" if study.device != "cpu" and torch.cuda.is_available() else "cpu"
     model.to(device)
+    amp = resolve_amp(study.amp, torch.device(device))
     out = {}
     for split in ("train", "test"):
         data = labelled_split(study, split)
-        amp = resolve_amp(study.amp, torch.device(device))
         out[f"{split}_x"], out[f"{split}_y"] = pooled_features(model, data, data.stats["mean"], data.stats["std"],
                                                                device=device, num_workers=study.num_workers,
                                                                amp_dtype=amp)
