@@ -1,7 +1,9 @@
-"""Finetuning: the step for the shared training loop, distributed evaluation, data selection, results.
+"""Finetuning: the step for the shared training loop, distributed evaluation, results.
 
 Training runs in ``engine_pretrain.train_one_epoch`` (through ``util.trainer.Trainer``); this file only
-says how a batch becomes a loss (``make_finetune_step``) and how a split is scored (``evaluate``).
+says how a batch becomes a loss (``make_finetune_step``) and how a split is scored (``evaluate``). What
+differs between tasks (loss, target dtype, metrics) is asked of the task object (``tasks``), given as
+the object or by name.
 
 Evaluation is sharded with ``StridedEvalSampler`` (rank r takes samples r, r + W, ...; no padding), and
 the predictions of all ranks are gathered with their sample indices and put back in data-set order, so
@@ -10,7 +12,6 @@ every sample counts exactly once whatever the number of processes.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,22 +22,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from engine_pretrain import StepFn
-from sarwmix.errors import DataError
+from tasks import Task, get_task
 from util.augment import check_finite, normalize, random_flips
-from util.metrics import task_metrics
 from util.misc import json_safe, write_text_atomic
 from util.pss import keep_count
 from util.sampler import StridedEvalSampler
-
-log = logging.getLogger("sarwmix")
-
-TASKS: tuple[str, ...] = ("ben", "sen12flood")
-
-
-def make_criterion(task: str) -> nn.Module:
-    """BigEarthNet: MultiLabelSoftMarginLoss (= BCE-with-logits averaged over classes and samples).
-    SEN12-FLOOD: CrossEntropyLoss over (no flood, flood)."""
-    return nn.MultiLabelSoftMarginLoss() if task == "ben" else nn.CrossEntropyLoss()
 
 
 def prepare_input(x: torch.Tensor, device: torch.device, mean: torch.Tensor, std: torch.Tensor,
@@ -59,14 +49,14 @@ def prepare_input(x: torch.Tensor, device: torch.device, mean: torch.Tensor, std
     return normalize(x, mean, std)
 
 
-def make_finetune_step(device: torch.device, mean: Sequence[float], std: Sequence[float], task: str,
+def make_finetune_step(device: torch.device, mean: Sequence[float], std: Sequence[float], task: Task | str,
                        input_size: int | None = None, flips: bool = True,
                        rho_fn: Callable[[], float] | None = None, n_tokens: int = 0) -> StepFn:
     """Step for ``train_one_epoch``: flips, normalisation, forward, task loss.
 
     Args:
         mean, std: per-channel dB statistics of the data set (``dataset.stats``).
-        task: ``ben`` (multi-hot float targets) or ``sen12flood`` (int64 labels).
+        task: the task (or its name), whose criterion takes the loader's targets as they come.
         input_size: SEN12-FLOOD only: side the pair images are resized to (None: as stored).
         rho_fn: ViT with a Patch Sampling Schedule: the kept-token fraction of this update (read each
             micro-batch; the schedule moves only between updates). The model is called as
@@ -74,7 +64,7 @@ def make_finetune_step(device: torch.device, mean: Sequence[float], std: Sequenc
     """
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
     std_t = torch.tensor(std, dtype=torch.float32, device=device)
-    criterion = make_criterion(task)
+    criterion = get_task(task).criterion()
 
     def step(model: nn.Module, batch, gen: torch.Generator) -> tuple[torch.Tensor, dict, int]:
         x = prepare_input(batch[0], device, mean_t, std_t, input_size, gen if flips else None)
@@ -119,12 +109,13 @@ def gather_predictions(indices: Sequence[int], logits: torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: str, mean: Sequence[float],
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: Task | str, mean: Sequence[float],
              std: Sequence[float], amp_dtype: torch.dtype | None = None, input_size: int | None = None,
              gather: bool = True, rho: float | None = None) -> dict[str, float | int]:
-    """Score a split: loss and the task metrics (``util.metrics``) over all ranks' predictions.
+    """Score a split: loss and the task's metrics over all ranks' predictions.
 
     Args:
+        task: the task (or its name): its loss and ``scores``.
         loader: from ``eval_loader`` (this rank's share of the split).
         gather: collect the predictions of every rank (sharded evaluation); False when each process
             scores the whole split itself.
@@ -143,63 +134,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: s
             outs.append((model(x) if rho is None else model(x, rho=rho)).float().cpu())
         tgts.append(y)
     model.train(was_training)
-    empty = torch.zeros((0, 2 if task == "sen12flood" else 1))
-    logits = torch.cat(outs) if outs else empty
-    targets = torch.cat(tgts) if tgts else torch.zeros((0,) if task == "sen12flood" else (0, 1))
+    task = get_task(task)
+    empty_logits, empty_targets = task.empty_predictions()
+    logits = torch.cat(outs) if outs else empty_logits
+    targets = torch.cat(tgts) if tgts else empty_targets
     indices = getattr(loader.sampler, "indices", range(len(logits)))
     if gather:
         logits, targets = gather_predictions(indices, logits, targets)
-    loss = float(make_criterion(task)(logits, targets.long() if task == "sen12flood" else targets.float()))
-    return {"loss": loss, **task_metrics(task, logits, targets), "n_samples": len(targets)}
-
-
-# --- data selection -------------------------------------------------------------------------------
-
-class SubsetView(Dataset):
-    """Some items of a data set, keeping the attributes the run needs (``stats``, ``num_classes``)."""
-
-    def __init__(self, base: Dataset, indices: Sequence[int]) -> None:
-        self.base, self.indices = base, list(indices)
-        self.stats, self.num_classes = base.stats, base.num_classes
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.base[self.indices[i]]
-
-
-def fraction_indices(n: int, fraction: float, seed: int) -> list[int]:
-    """A seeded subset of ``round(fraction * n)`` indices (at least 1), sorted.
-
-    The subset is a prefix of one seeded permutation of ``range(n)``, so for one seed the subsets of
-    smaller fractions are contained in those of larger ones (1.0 > 0.5 > 0.25 > 0.125: nested).
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction {fraction}: expected 0 < fraction <= 1")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7_919)).tolist()
-    return sorted(order[: max(1, round(fraction * n))])
-
-
-def pair_sequence(path: Path) -> str:
-    """The sequence of a SEN12-FLOOD pair file ``<seq>__<file1>__<file2>__<label>.npy``."""
-    return Path(path).name.split("__")[0]
-
-
-def holdout_by_sequence(files: Sequence[Path], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Split training pairs into (train, validation) indices by whole sequences, seeded.
-
-    ``max(1, round(fraction * n_sequences))`` sequences go to validation, so no scene is in both parts.
-    """
-    seqs = sorted({pair_sequence(f) for f in files})
-    if len(seqs) < 2:
-        raise DataError(f"SEN12-FLOOD training split has {len(seqs)} sequence(s): at least 2 are needed to "
-                        f"hold some out for validation (or provide a val/ folder)")
-    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed + 104_729)).tolist()
-    n_val = min(len(seqs) - 1, max(1, round(fraction * len(seqs))))
-    held = {seqs[i] for i in order[:n_val]}
-    train = [i for i, f in enumerate(files) if pair_sequence(f) not in held]
-    return train, [i for i, f in enumerate(files) if pair_sequence(f) in held]
+    return {"loss": task.loss(logits, targets), **task.scores(logits, targets), "n_samples": len(targets)}
 
 
 # --- results --------------------------------------------------------------------------------------

@@ -26,31 +26,31 @@ import torch
 import torch.distributed as dist
 
 import engine_finetune as E
-from models_mixmim import ENCODER_CONFIGS, check_input_size, encoder_kwargs, valid_input_sizes
-from models_mixmim_ft import build_mixmim_ft
-from models_sen12_ft import PATCH_OPS, build_sen12_ft
+from models_mixmim import ENCODER_CONFIGS, check_input_size
+from models_sen12_ft import PATCH_OPS
 from models_vit import VIT_CONFIGS, build_vit
 from sarwmix.errors import ConfigError
+from tasks import TASKS, get_task, task_for_dataset
+from tasks.base import SWIN_WINDOWS
 from util import runner
-from util.checkpoint import args_dict, model_state
-from util.config import parse_with_config, run_cli
+from util.checkpoint import checkpoint_args, model_state
+from util.config import RunConfig, parse_with_config, run_cli
 from util.datasets import build_dataset
 from util.lr_decay import param_groups
-from util.metrics import BEN_METRICS, SEN12_METRICS
 from util.pretrained import checkpoint_epoch, load_pretrained, load_pretrained_file, read_pretrained
 from util.pss import PSS_KINDS, PatchSchedule, keep_count
-from util.trainer import Trainer
+from util.subsets import SubsetView, fraction_indices
+from util.trainer import Trainer, TrainSettings
 
 log = logging.getLogger("sarwmix")
-DEFAULT_METRIC = {"ben": "mAP_macro", "sen12flood": "f1"}
-SWIN_WINDOWS: tuple[int, ...] = tuple(encoder_kwargs("mixmim_base")["window_size"])  # every mixmim_* size
+Config = argparse.Namespace | RunConfig  # parsed flags while they settle, the frozen configuration after
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("SAR-W-MixMAE finetuning", parents=[runner.common_parser()],
                                      allow_abbrev=False)
     g = parser.add_argument_group("finetuning")
-    g.add_argument("--task", default=None, choices=E.TASKS, help="default: from --dataset")
+    g.add_argument("--task", default=None, choices=tuple(TASKS), help="default: from --dataset")
     g.add_argument("--finetune", default="", help="pretraining checkpoint to start from (ours or released)")
     g.add_argument("--checkpoint_sha256", default=None, help="expected SHA-256 of the checkpoint loaded")
     g.add_argument("--eval", action="store_true", help="only evaluate the finetuned checkpoint --resume PATH")
@@ -90,23 +90,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_task(args: argparse.Namespace) -> None:
-    """Derive task, input size and selection metric; refuse inconsistent flags (ConfigError)."""
-    task = "sen12flood" if args.dataset == "sen12flood" else "ben"
-    if args.task not in (None, task):
-        raise ConfigError(f"--task {args.task} does not fit --dataset {args.dataset} (expected {task})")
-    args.task = task
-    if args.input_size is None:  # SEN12-FLOOD: side of the pair images (512, released); BEN: patch side
-        args.input_size = 512 if task == "sen12flood" else 128
-    if task == "sen12flood":
-        if args.tile_size not in valid_input_sizes(SWIN_WINDOWS, max(args.tile_size, 32)):
-            raise ConfigError(f"--tile_size {args.tile_size} does not fit the Swin windows {list(SWIN_WINDOWS)}; "
-                              f"valid tile sizes: {valid_input_sizes(SWIN_WINDOWS, 512)}")
-        if args.input_size % args.tile_size:
-            raise ConfigError(f"--input_size {args.input_size} is not a multiple of --tile_size {args.tile_size}")
-    valid = BEN_METRICS if task == "ben" else SEN12_METRICS
-    args.select_metric = args.select_metric or DEFAULT_METRIC[task]
-    if args.select_metric not in valid:
-        raise ConfigError(f"--select_metric {args.select_metric!r}: expected one of {list(valid)} for {task}")
+    """Settle task, input size and selection metric on the parsed flags (the task of ``--dataset`` gives
+    the defaults); refuse inconsistent flags (ConfigError). Runs before the configuration is frozen."""
+    task = task_for_dataset(args.dataset)
+    if args.task not in (None, task.name):
+        raise ConfigError(f"--task {args.task} does not fit --dataset {args.dataset} (expected {task.name})")
+    args.task = task.name
+    if args.input_size is None:
+        args.input_size = task.default_input_size
+    task.check(args)
+    args.select_metric = args.select_metric or task.default_metric
+    if args.select_metric not in task.metrics:
+        raise ConfigError(f"--select_metric {args.select_metric!r}: expected one of {list(task.metrics)} "
+                          f"for {task.name}")
     if not 0.0 < args.train_fraction <= 1.0:
         raise ConfigError(f"--train_fraction {args.train_fraction}: expected 0 < fraction <= 1")
     if args.eval and args.resume in ("", None):
@@ -128,19 +124,19 @@ def is_vit(name: str) -> bool:
 
 def check_backbone(args: argparse.Namespace) -> None:
     """The model name, and the flags only a ViT takes (--pss, --eval_rho), fit the task."""
-    vits = ", ".join(VIT_CONFIGS)
+    vits, task = ", ".join(VIT_CONFIGS), get_task(args.task)
     if args.model not in ENCODER_CONFIGS and not is_vit(args.model):
         raise ConfigError(f"unknown model {args.model!r}; choices: {', '.join(ENCODER_CONFIGS)}, {vits}")
-    if is_vit(args.model) and args.task != "ben":
+    if is_vit(args.model) and not task.takes_vit:
+        vit_tasks = ", ".join(t.title for t in TASKS.values() if t.takes_vit)
         raise ConfigError(f"--model {args.model}: {args.task} finetuning takes the Swin backbones "
-                          f"({', '.join(ENCODER_CONFIGS)}); the ViT backbones are for BigEarthNet")
+                          f"({', '.join(ENCODER_CONFIGS)}); the ViT backbones are for {vit_tasks}")
     if not is_vit(args.model):
         if args.pss != "none" or args.eval_rho != 1.0:
             flag = f"--pss {args.pss}" if args.pss != "none" else f"--eval_rho {args.eval_rho}"
             raise ConfigError(f"{flag} drops patch tokens, which needs a ViT backbone: --model one of {vits} "
                               f"(got {args.model}, a Swin)")
-        if args.task == "ben":  # before the data set is indexed (SEN12-FLOOD: the tile size, checked above)
-            check_input_size(args.input_size, SWIN_WINDOWS)
+        check_input_size(task.encoder_input_size(args), SWIN_WINDOWS)  # before the data set is indexed
         return
     if args.input_size % 16:
         raise ConfigError(f"--input_size {args.input_size} is not a multiple of the ViT patch size 16")
@@ -155,7 +151,7 @@ def check_backbone(args: argparse.Namespace) -> None:
                           "torch.compile; train PSS runs without --compile")
 
 
-def split_file_of(args: argparse.Namespace, split: str) -> str | None:
+def split_file_of(args: Config, split: str) -> str | None:
     """BigEarthNet v1 needs one list per split: ``--split_file`` names the folder of train/val/test.csv, or
     of their ``.csv.gz`` (default: ``splits/`` beside the data, else the official lists in ``datasets/``).
     v2's metadata file holds every split and is passed as is."""
@@ -170,7 +166,7 @@ def split_file_of(args: argparse.Namespace, split: str) -> str | None:
                else folder / f"{split}.csv")
 
 
-def build_split(args: argparse.Namespace, split: str):
+def build_split(args: Config, split: str):
     """One split of the data set of ``args`` (``train``, ``val`` or ``test``)."""
     n = args.num_samples if split == "train" else args.num_eval_samples
     return build_dataset(args.dataset, data_path=args.data_path, split=split, input_size=args.input_size,
@@ -179,54 +175,44 @@ def build_split(args: argparse.Namespace, split: str):
                          scene=args.synthetic_scene)
 
 
-def carves_validation(args: argparse.Namespace) -> bool:
-    """SEN12-FLOOD without a ``val/`` folder: validation is held out of the training sequences."""
-    return args.task == "sen12flood" and not (Path(args.data_path) / "val").is_dir()
+def carves_validation(args: Config) -> bool:
+    """The task holds validation out of the training split (SEN12-FLOOD without a ``val/`` folder)."""
+    return get_task(args.task).holds_out_validation(args.data_path)
 
 
-def build_splits(args: argparse.Namespace, world_size: int) -> dict:
+def build_splits(args: Config, world_size: int) -> dict:
     """train (``--train_fraction`` of it), val and test data sets of the run."""
+    task = get_task(args.task)
     train = build_split(args, "train")
     if carves_validation(args):
-        keep, held = E.holdout_by_sequence(train.files, args.val_fraction, args.seed)
-        val, train = E.SubsetView(train, held), E.SubsetView(train, keep)
-        log.info("SEN12-FLOOD validation: %d pairs of held-out training sequences (seed %d)", len(val), args.seed)
+        keep, held = task.hold_out(train, args.val_fraction, args.seed)
+        val, train = SubsetView(train, held), SubsetView(train, keep)
+        log.info("%s validation: %d samples held out of the training split (seed %d)", task.title, len(val),
+                 args.seed)
     else:
         val = build_split(args, "val")
     if args.train_fraction < 1.0:
-        train = E.SubsetView(train, E.fraction_indices(len(train), args.train_fraction, args.seed))
+        train = SubsetView(train, fraction_indices(len(train), args.train_fraction, args.seed))
     per_update = args.batch_size * args.accum_iter * world_size
     if not args.eval and len(train) < per_update:
         raise ConfigError(f"training split has {len(train)} samples, fewer than one global batch of "
                           f"{per_update}; lower --batch_size or raise --train_fraction/--num_samples")
     log.info("samples: train %d, val %d", len(train), len(val))
-    if args.task == "sen12flood" and args.select_metric != "accuracy" and not any(pair_labels(val)):
-        log.warning("the SEN12-FLOOD validation split holds no flood pair: its %s is 0 in every epoch, so the "
-                    "first epoch would be kept; use another --seed / --val_fraction, a val/ folder, or "
-                    "--select_metric accuracy", args.select_metric)
+    task.check_validation(val, args.select_metric)
     return {"train": train, "val": val, "test": build_split(args, "test")}
 
 
-def pair_labels(dataset) -> list[int]:
-    """The 0/1 labels of a SEN12-FLOOD data set or of a view of one (from the file names, nothing read)."""
-    if isinstance(dataset, E.SubsetView):
-        base = pair_labels(dataset.base)
-        return [base[i] for i in dataset.indices]
-    return list(dataset.labels)
-
-
-def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+def build_model(args: Config, num_classes: int) -> torch.nn.Module:
+    """A ViT with its own head, or the task's finetuning model of a Swin backbone."""
     if args.nb_classes is not None and args.nb_classes != num_classes:
         raise ConfigError(f"--nb_classes {args.nb_classes} but the data set has {num_classes} classes")
     common = {"in_chans": len(args.channels), "drop_path_rate": args.drop_path}
     if is_vit(args.model):
         return build_vit(args.model, img_size=args.input_size, num_classes=num_classes, **common)
-    if args.task == "sen12flood":
-        return build_sen12_ft(args.model, num_classes, args.patch_op, img_size=args.tile_size, **common)
-    return build_mixmim_ft(args.model, num_classes, img_size=args.input_size, **common)
+    return get_task(args.task).finetune_model(args, num_classes, **common)
 
 
-def optimizer_groups(args: argparse.Namespace, model) -> list[dict]:
+def optimizer_groups(args: Config, model) -> list[dict]:
     """AdamW groups with layer-wise lr decay; the encoder is frozen first for linear probing."""
     if args.freeze_encoder:
         for name, p in model.named_parameters():
@@ -234,7 +220,7 @@ def optimizer_groups(args: argparse.Namespace, model) -> list[dict]:
     return param_groups(model, args.weight_decay, model.layer_id, model.num_layers, args.layer_decay)
 
 
-def provenance(args: argparse.Namespace, init: dict | None, evaluated: dict) -> dict:
+def provenance(args: Config, init: dict | None, evaluated: dict) -> dict:
     """``finetune``, ``pretrain_epoch`` and ``train_fraction`` behind the reported model.
 
     After training they come from this run (the epoch from the --finetune file). With --eval they come
@@ -243,13 +229,14 @@ def provenance(args: argparse.Namespace, init: dict | None, evaluated: dict) -> 
     if init is not None:
         return {"finetune": args.finetune, "pretrain_epoch": checkpoint_epoch(args.finetune, init),
                 "train_fraction": args.train_fraction}
-    stored = args_dict(evaluated.get("args")) if args.eval else {}
-    source = args.finetune or stored.get("finetune") or None
+    stored = checkpoint_args(evaluated if args.eval else {})
+    source = args.finetune or stored.finetune
     epoch = checkpoint_epoch(source, {}) if source else None
-    if not args.finetune and stored.get("pretrain_epoch") is not None:  # recorded by the training run
-        epoch = int(stored["pretrain_epoch"])
+    if not args.finetune and stored.pretrain_epoch is not None:  # recorded by the training run
+        epoch = stored.pretrain_epoch
+    fraction = stored.train_fraction
     return {"finetune": source, "pretrain_epoch": epoch,
-            "train_fraction": float(stored.get("train_fraction", args.train_fraction))}
+            "train_fraction": float(args.train_fraction if fraction is None else fraction)}
 
 
 def adopt_holdout(args: argparse.Namespace, evaluated: dict) -> None:
@@ -260,19 +247,43 @@ def adopt_holdout(args: argparse.Namespace, evaluated: dict) -> None:
     """
     if not carves_validation(args):
         return
-    stored = args_dict(evaluated.get("args"))
+    stored = checkpoint_args(evaluated)
     for name in ("seed", "val_fraction"):
-        if name in stored and stored[name] != getattr(args, name):
+        value = getattr(stored, name)
+        if value is not None and value != getattr(args, name):
             log.warning("--eval: --%s %s from the checkpoint instead of %s, so that val holds the sequences its "
-                        "training held out", name, stored[name], getattr(args, name))
-            setattr(args, name, type(getattr(args, name))(stored[name]))
+                        "training held out", name, value, getattr(args, name))
+            setattr(args, name, value)
 
 
-def _pair_size(args: argparse.Namespace) -> int | None:
-    return args.input_size if args.task == "sen12flood" else None
+def read_checkpoints(args: argparse.Namespace, run: runner.Run) -> tuple[Path | None, dict | None, dict | None]:
+    """Read the checkpoint whose recorded values settle the configuration, before it is frozen.
+
+    --eval: the evaluated checkpoint (its hold-out is adopted, ``adopt_holdout``); training from
+    ``--finetune``: the pretraining checkpoint (its epoch is recorded as ``pretrain_epoch``, stored with the
+    args of every checkpoint of this run, for an --eval of a ``checkpoint.pth``-named source).
+
+    Returns:
+        (evaluated path, evaluated checkpoint, pretraining checkpoint), None where not applicable.
+    """
+    channels = tuple(args.channels)
+    if args.eval:
+        chosen = run.output_dir / "checkpoint_best.pth" if args.resume == "auto" else Path(args.resume)
+        ckpt = read_pretrained(chosen, args.checkpoint_sha256, channels)
+        adopt_holdout(args, ckpt)
+        return chosen, ckpt, None
+    if not args.finetune:
+        return None, None, None
+    init = read_pretrained(args.finetune, args.checkpoint_sha256, channels)
+    args.pretrain_epoch = checkpoint_epoch(args.finetune, init)
+    return None, None, init
 
 
-def evaluator(args: argparse.Namespace, run: runner.Run, dataset):
+def _pair_size(args: Config) -> int | None:
+    return get_task(args.task).device_input_size(args)
+
+
+def evaluator(args: Config, run: runner.Run, dataset):
     """``score(model) -> metrics`` of one split (a ViT at ``--eval_rho``); sharded with --dist_eval."""
     shard = args.dist_eval and run.info.distributed
     world, rank = (run.info.world_size, run.info.rank) if shard else (1, 0)
@@ -287,7 +298,7 @@ def evaluator(args: argparse.Namespace, run: runner.Run, dataset):
     return score
 
 
-def build_schedule(args: argparse.Namespace, n_train: int) -> PatchSchedule | None:
+def build_schedule(args: Config, n_train: int) -> PatchSchedule | None:
     """The run's patch schedule (ViT only), one step per optimizer update; None for a Swin."""
     if not is_vit(args.model):
         return None
@@ -298,7 +309,7 @@ def build_schedule(args: argparse.Namespace, n_train: int) -> PatchSchedule | No
     return schedule
 
 
-def train(args, run, model, splits: dict) -> Path:
+def train(args: RunConfig, run: runner.Run, model, splits: dict) -> Path:
     """Finetune with the shared loop; return the checkpoint to report (best on validation)."""
     stats = splits["train"].stats
     schedule = build_schedule(args, len(splits["train"]))
@@ -317,7 +328,7 @@ def train(args, run, model, splits: dict) -> Path:
         schedule.step()
         return {}
 
-    trainer = Trainer(args, run, model, splits["train"], step, groups=optimizer_groups(args, model),
+    trainer = Trainer(TrainSettings.of(args), run, model, splits["train"], step, groups=optimizer_groups(args, model),
                       betas=(0.9, 0.999), evaluate=validate, select_metric=args.select_metric,
                       on_iteration=on_update if schedule else None,
                       extra_state={"pss": schedule} if schedule else None)
@@ -334,12 +345,8 @@ def train(args, run, model, splits: dict) -> Path:
 def main(args: argparse.Namespace) -> dict:
     resolve_task(args)
     run = runner.start(args, task=f"finetune ({args.task})", record=False)
-    channels, init = tuple(args.channels), None
-    if args.eval:  # read first: its stored args can decide the validation split
-        chosen = run.output_dir / "checkpoint_best.pth" if args.resume == "auto" else Path(args.resume)
-        ckpt = read_pretrained(chosen, args.checkpoint_sha256, channels)
-        adopt_holdout(args, ckpt)
-        runner.record_config(run, args)  # with the hold-out the evaluated run used
+    chosen, ckpt, init = read_checkpoints(args, run)
+    args = runner.record_config(run, args)  # settled (config.yaml written): read-only from here on
     splits = build_splits(args, run.info.world_size)
     model = build_model(args, splits["train"].num_classes).to(run.device)
     if args.eval:
@@ -348,13 +355,10 @@ def main(args: argparse.Namespace) -> dict:
             log.warning("--eval: %s was trained at another input size or window; resized to this run's: %s",
                         chosen, ", ".join(resized[:4]) + (" ..." if len(resized) > 4 else ""))
     else:
-        if args.finetune:
-            init, _ = load_pretrained_file(model, args.finetune, args.checkpoint_sha256, channels=channels)
-            # Stored with the args of every checkpoint of this run, for --eval of a checkpoint.pth-named source.
-            args.pretrain_epoch = checkpoint_epoch(args.finetune, init)
-        runner.record_config(run, args)
+        if init is not None:
+            load_pretrained(model, model_state(init, args.finetune), args.finetune)
         chosen = train(args, run, model, splits)
-        ckpt, _ = load_pretrained_file(model, chosen, keep_head=True, channels=channels)
+        ckpt, _ = load_pretrained_file(model, chosen, keep_head=True, channels=tuple(args.channels))
     vit = {"pss": args.pss, "eval_rho": args.eval_rho} if is_vit(args.model) else {}
     results = {"task": args.task, "model": args.model, "dataset": args.dataset, **vit,
                **provenance(args, init, ckpt),

@@ -21,7 +21,7 @@ from util.config import parse_with_config, run_cli
 from util.datasets import DATASET_NAMES
 from util.export_backbone import BackboneExporter
 from util.probe import ProbeMonitor, build_probe_sets
-from util.trainer import Trainer
+from util.trainer import Trainer, TrainSettings
 
 log = logging.getLogger("sarwmix")
 PRETRAIN_MODES = ("mixmim", "simmim")
@@ -117,6 +117,7 @@ def probe_monitor(args: argparse.Namespace, run: runner.Run, encoder: torch.nn.M
 def main(args: argparse.Namespace) -> dict:
     other_modes = [flag for mode, flags in MODE_ONLY_FLAGS.items() if mode != args.mode for flag in flags]
     run = runner.start(args, task="pretrain", not_applicable=other_modes)
+    args = run.config  # settled and read-only from here on
     dataset = runner.build_train_data(args, run)
     model = build_model(args).to(run.device)
     # --weight_granularity token: a SimMIM mask cell, or a MixMIM target patch (the encoder's 32 px stride)
@@ -129,7 +130,7 @@ def main(args: argparse.Namespace) -> dict:
     exporter = (BackboneExporter(args.output_dir, args.model, args.save_freq, run.info.is_main)
                 if args.mode == "simmim" else None)
     monitor = probe_monitor(args, run, model.encoder if args.mode == "simmim" else model, dataset.stats)
-    trainer = Trainer(args, run, model, dataset, step, evaluate=exporter, on_epoch_end=monitor)
+    trainer = Trainer(TrainSettings.of(args), run, model, dataset, step, evaluate=exporter, on_epoch_end=monitor)
     stats = trainer.fit()
     if exporter is not None:
         exporter.final(trainer.raw_model)

@@ -17,7 +17,7 @@ import engine_finetune as E
 import main_finetune
 from sarwmix.errors import ConfigError
 from util import runner
-from util.checkpoint import args_dict, load_checkpoint, model_state
+from util.checkpoint import checkpoint_args, load_checkpoint, model_state
 from util.config import parse_with_config
 from util.misc import resolve_amp, wants_cuda
 from util.pretrained import load_pretrained
@@ -76,8 +76,7 @@ def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None) -
     """
     first = parser.parse_args(argv)
     ckpt = load_checkpoint(first.checkpoint)
-    stored = args_dict(ckpt.get("args"))
-    parser.set_defaults(**{k: stored[k] for k in INHERITED if k in stored})
+    parser.set_defaults(**checkpoint_args(ckpt).pick(INHERITED))
     args = parse_with_config(parser, argv, extra=runner.override_values)
     main_finetune.resolve_task(args)
     if not main_finetune.is_vit(args.model):

@@ -30,13 +30,12 @@ import yaml
 from matplotlib.figure import Figure
 
 from sarwmix.errors import ConfigError, DataError, SarwmixError
+from tasks import TASKS
 
 EPOCH_LOG = "log.txt"
 STEP_LOG = "train_log.json"
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
-# The metric each task is usually reported with; scripts take --metric to choose another.
-DEFAULT_METRIC = {"ben": "mAP_macro", "sen12flood": "f1"}
 RESULT_KEYS = ("task", "finetune", "pretrain_epoch", "train_fraction", "val", "test")
 RANDOM_INIT = "random init"
 PRETRAINED = "pretrained"
@@ -237,11 +236,16 @@ def read_results(patterns: str | Iterable[str]) -> pd.DataFrame:
     return frame
 
 
+def task_title(name: str) -> str:
+    """The title of a task in figures (the name itself for a task this code does not know)."""
+    return TASKS[name].title if name in TASKS else name
+
+
 def metric_column(frame: pd.DataFrame, metric: str | None, split: str) -> str:
-    """The column of ``metric`` on ``split``; ``None`` picks the task's usual metric (DEFAULT_METRIC)."""
+    """The column of ``metric`` on ``split``; ``None`` picks the task's selection metric (``default_metric``)."""
     if metric is None:
         tasks = frame["task"].unique()
-        metric = DEFAULT_METRIC.get(tasks[0]) if len(tasks) == 1 else None
+        metric = TASKS[tasks[0]].default_metric if len(tasks) == 1 and tasks[0] in TASKS else None
         if metric is None:
             raise ConfigError(f"no default metric for task(s) {', '.join(map(str, tasks))}; pass --metric")
     column = f"{split}_{metric}"

@@ -37,6 +37,7 @@ from analysis.logs import (
     run_main,
     select_task,
     summarise,
+    task_title,
     write_outputs,
 )
 from sarwmix.errors import DataError
@@ -51,7 +52,6 @@ NOT_HYPERPARAMETERS = frozenset({
     "data_path", "split_file", "device", "dist_url", "dist_on_itp", "dist_eval", "num_workers", "pin_mem",
     "num_threads", "cpu_memory", "progress", "compile", "grad_ckpt", "save_freq", "start_epoch", "amp",
     "model", "train_fraction", "task"})
-TASK_TITLES = {"ben": "BigEarthNet", "sen12flood": "SEN12-FLOOD"}
 
 
 def epoch_ticks(max_epoch: int) -> list[int]:
@@ -161,7 +161,7 @@ def draw(table: pd.DataFrame, task: str) -> Figure:
     for ax, metric in zip(axes, metrics):
         rows = table[table["metric"] == metric]
         _draw_metric(ax, rows, metric, rows["split"].iloc[0])
-        ax.set_title(f"{TASK_TITLES.get(task, task)}: {metric} vs pretraining length")
+        ax.set_title(f"{task_title(task)}: {metric} vs pretraining length")
     return figure
 
 

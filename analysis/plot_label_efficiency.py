@@ -32,6 +32,7 @@ from analysis.logs import (
     run_main,
     select_task,
     summarise,
+    task_title,
     write_outputs,
 )
 from sarwmix.errors import ConfigError
@@ -39,7 +40,6 @@ from sarwmix.errors import ConfigError
 GROUP = ["model", "init", "pretrain_epoch", "train_fraction"]
 # The fractions of the paper's protocol always get a tick, other fractions found in the results are added.
 STANDARD_PERCENTS = (12.5, 25.0, 50.0, 100.0)
-TASK_TITLES = {"ben": "BigEarthNet", "sen12flood": "SEN12-FLOOD"}
 
 
 def keep_pretrain_epoch(frame: pd.DataFrame, epoch: int | None) -> pd.DataFrame:
@@ -95,7 +95,7 @@ def draw(table: pd.DataFrame, task: str) -> Figure:
     ax.set_xticks(percents, [f"{p:g}%" for p in percents])
     ax.set_xlim(percents[0] / 1.3, percents[-1] * 1.3)
     ax.set(xlabel="labelled training data used (% of the training split, log2 scale)",
-           ylabel=f"{split} {metric}", title=f"{TASK_TITLES.get(task, task)}: label efficiency")
+           ylabel=f"{split} {metric}", title=f"{task_title(task)}: label efficiency")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return figure

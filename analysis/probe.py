@@ -29,7 +29,7 @@ import torch
 
 from sarwmix.constants import CHANNELS
 from sarwmix.errors import SarwmixError
-from util.checkpoint import args_dict, load_checkpoint, model_state
+from util.checkpoint import checkpoint_args, load_checkpoint, model_state
 from util.datasets import DATASET_NAMES
 from util.pretrained import load_pretrained
 from util.probe import build_probe_sets, handcrafted_features, pooled_features, probe_metrics
@@ -59,10 +59,10 @@ def checkpoint_encoder(path: Path, model: str | None, input_size: int | None,
     The checkpoint's recorded ``args`` give the model, input size and channels; flags given win.
     """
     ckpt = load_checkpoint(path)
-    saved = args_dict(ckpt.get("args"))
-    name = model or saved.get("model")
-    size = input_size or saved.get("input_size")
-    chans = tuple(channels or saved.get("channels") or CHANNELS)
+    saved = checkpoint_args(ckpt)
+    name = model or saved.model
+    size = input_size or saved.input_size
+    chans = tuple(channels or saved.channels or CHANNELS)
     if not name or not size:
         raise SarwmixError(f"{path}: records no model and input size (an exported backbone?); pass --model "
                            f"and --input_size")

@@ -40,7 +40,7 @@ from sarwmix.geotiff import read_band
 from sarwmix.masking import pixel_mask
 from sarwmix.weighting import WEIGHTINGS, weight_map
 from util.augment import normalize
-from util.checkpoint import args_dict, check_keys, check_shapes, load_checkpoint, model_state
+from util.checkpoint import check_keys, check_shapes, checkpoint_args, load_checkpoint, model_state
 from util.datasets import resize_db
 
 log = logging.getLogger("sarwmix")
@@ -89,12 +89,12 @@ def read_real_patches(root: str | Path) -> tuple[np.ndarray, list[str]]:
 def build_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, argparse.Namespace, dict]:
     """The pretraining model of a ``checkpoint.pth`` (its recorded args), with its weights, in eval mode."""
     ckpt = load_checkpoint(path)
-    saved = args_dict(ckpt.get("args"))
+    saved = checkpoint_args(ckpt)
     if "model" not in saved or "stats" not in ckpt:
         raise CheckpointError(f"{path}: expected a pretraining checkpoint of this project (checkpoint.pth, "
                               f"with 'args' and 'stats'); got keys {sorted(ckpt)[:8]}")
     args = main_pretrain.parse_args([])
-    for key, value in saved.items():
+    for key, value in saved.as_dict().items():
         setattr(args, key, value)
     model = main_pretrain.build_model(args)
     state = model_state(ckpt, path)

@@ -338,9 +338,9 @@ def handcrafted(study: Study) -> dict[str, np.ndarray]:
 
 def probe_rows(study: Study, arm: str, feats: dict[str, np.ndarray], seeds: tuple[int, ...]) -> list[dict]:
     """Linear-probe and k-NN test metrics of one feature set per labelled fraction and seed."""
-    from engine_finetune import fraction_indices
     from util.metrics import multilabel_metrics
     from util.probe import knn_scores, linear_probe_scores
+    from util.subsets import fraction_indices
 
     rows = []
     n = len(feats["train_x"])

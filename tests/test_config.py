@@ -9,6 +9,7 @@ from conftest import REPO
 import main_pretrain
 from sarwmix.errors import ConfigError
 from util import runner
+from util.config import RunConfig, plain_dict
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 PRETRAIN = [p for p in CONFIGS if p.name.startswith("pretrain_")]
@@ -195,3 +196,48 @@ def test_config_yaml_holds_only_the_flags_of_the_run_mode(tmp_path, monkeypatch,
         main_pretrain.main(args)
     written = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert written["mode"] == mode and not absent & written.keys() and present <= written.keys()
+
+
+# --- the settled, read-only run configuration -------------------------------------------------------
+
+def test_run_config_is_a_read_only_view_of_the_settled_flags():
+    args = parse("--channels", "VH", "VV", "--seed", "3")
+    config = RunConfig.freeze(args)
+    assert config.seed == 3 and config.channels == ("VH", "VV") and getattr(config, "absent", None) is None
+    assert config.as_dict() == plain_dict(args) and config.as_dict()["channels"] == ["VH", "VV"]
+    for change in (lambda: setattr(config, "seed", 4), lambda: delattr(config, "seed")):
+        with pytest.raises(AttributeError, match="settled: 'seed'"):
+            change()
+    with pytest.raises(TypeError):
+        config._values["seed"] = 4  # not even through the mapping behind it
+    args.seed = 5  # the parsed flags are not the run's any more
+    assert config.seed == 3
+
+
+@pytest.mark.parametrize("released", [False, True], ids=["ours", "released-format"])
+def test_eval_config_yaml_is_the_configuration_the_run_used(tmp_path, monkeypatch, released):
+    """--eval of SEN12-FLOOD without val/ adopts the evaluated run's hold-out (seed, val_fraction) before
+    config.yaml is written; the run reads that settled configuration, which equals the file."""
+    import torch
+
+    main_finetune = pytest.importorskip("main_finetune")
+    stored = {"seed": 0, "val_fraction": 0.34, "channels": ["VH", "VV"]}
+    ckpt = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": {}, "epoch": 3, "args": argparse.Namespace(**stored) if released else stored}, ckpt)
+    used = {}
+
+    def capture(config, world_size):
+        used["config"] = config
+        raise _Stop
+
+    monkeypatch.setattr(main_finetune, "build_splits", capture)  # the first use of the settled configuration
+    args = main_finetune.parse_args(["--eval", "--resume", str(ckpt), "--dataset", "sen12flood", "--data_path",
+                                     str(tmp_path / "pairs"), "--seed", "5", "--val_fraction", "0.6",
+                                     "--output_dir", str(tmp_path / "ev"), "--device", "cpu", "--no-progress"])
+    with pytest.raises(_Stop):
+        main_finetune.main(args)
+    config = used["config"]
+    assert isinstance(config, RunConfig) and (config.seed, config.val_fraction) == (0, 0.34)
+    assert yaml.safe_load((tmp_path / "ev" / "config.yaml").read_text()) == config.as_dict()
+    with pytest.raises(AttributeError, match="settled"):
+        config.seed = 5

@@ -17,6 +17,7 @@ import main_finetune
 import main_pretrain
 from sarwmix.errors import CheckpointError, ConfigError
 from sarwmix.synthetic import write_benv2
+from tasks.sen12flood import holdout_by_sequence, pair_sequence
 from util.checkpoint import known_hashes, load_checkpoint, sha256_of
 from util.config import run_cli
 
@@ -137,11 +138,11 @@ def test_train_fraction_subsets_are_nested_and_seeded():
 
 def test_sen12_validation_holds_out_whole_training_sequences():
     files = [Path(f"{s}__a{i}__b{i}__{i % 2}.npy") for s in ("0001", "0002", "0003", "0004") for i in range(3)]
-    train, val = E.holdout_by_sequence(files, 0.25, seed=0)
-    seq = E.pair_sequence
+    train, val = holdout_by_sequence(files, 0.25, seed=0)
+    seq = pair_sequence
     assert len(val) == 3 and sorted(train + val) == list(range(12))
     assert not {seq(files[i]) for i in train} & {seq(files[i]) for i in val}
-    assert E.holdout_by_sequence(files, 0.25, seed=0) == (train, val)
+    assert holdout_by_sequence(files, 0.25, seed=0) == (train, val)
 
 
 def test_pair_input_is_resized_and_both_dates_flip_together():

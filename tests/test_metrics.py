@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from util.metrics import BEN_METRICS, binary_metrics, multilabel_metrics, task_metrics
+from util.metrics import BEN_METRICS, binary_metrics, multilabel_metrics
 
 # 4 samples, 3 classes; class 2 never occurs in y_true.
 LOGITS = np.array([[2.0, -1.0, -3.0],
@@ -74,9 +74,3 @@ def test_binary_without_flood_predictions_or_labels():
     m = binary_metrics(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 0]))
     assert m == {"accuracy": 1.0, "precision": 0.0, "recall": 0.0, "f1": 0.0}
 
-
-def test_task_dispatch():
-    assert set(task_metrics("sen12flood", np.eye(2), np.array([0, 1]))) == {"accuracy", "precision",
-                                                                            "recall", "f1"}
-    with pytest.raises(ValueError, match="unknown task"):
-        task_metrics("segmentation", np.eye(2), np.array([0, 1]))

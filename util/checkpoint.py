@@ -3,7 +3,7 @@
 Layout (the one of the released checkpoints): ``{"model", "optimizer", "epoch", "scaler", "args"}``; this project adds
 ``"stats"`` (normalisation statistics used), ``"schedule"`` (optional state of extra schedules) and
 ``"format_version"``. ``args`` is a plain dict here; released files hold an ``argparse.Namespace``, which
-is allow-listed for loading.
+is allow-listed for loading. Either way it is read back through ``checkpoint_args``.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import hashlib
 import pickle
 import re
 import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -105,11 +107,90 @@ def model_state(ckpt: dict, path: str | Path = "checkpoint") -> dict[str, torch.
     return sd
 
 
-def args_dict(args) -> dict:
-    """A checkpoint's ``args`` as a plain dict, whether it is a Namespace (released) or a dict (ours)."""
+@dataclass(frozen=True)
+class StoredArgs:
+    """The settings a checkpoint records under ``args``, read back with their types.
+
+    Our checkpoints hold the run's settled configuration as a plain dict, the released ones an
+    ``argparse.Namespace`` (with the reference code's names); a missing or ill-typed field reads as None.
+    """
+
+    values: Mapping[str, object] = field(default_factory=dict)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
+
+    def get(self, name: str, default=None):
+        return self.values.get(name, default)
+
+    def pick(self, names: Iterable[str]) -> dict:
+        """The recorded ones of ``names``, as stored."""
+        return {k: self.values[k] for k in names if k in self.values}
+
+    def as_dict(self) -> dict:
+        return dict(self.values)
+
+    def _typed(self, name: str, kind: type):
+        value = self.values.get(name)
+        if value is None or isinstance(value, bool) and kind is not bool:
+            return None
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            return None
+
+    @property
+    def model(self) -> str | None:
+        return self._typed("model", str)
+
+    @property
+    def input_size(self) -> int | None:
+        return self._typed("input_size", int)
+
+    @property
+    def channels(self) -> tuple[str, ...] | None:
+        """The input channels in order (``VH VV``); None when not recorded as a list of names."""
+        value = self.values.get("channels")
+        ok = isinstance(value, list | tuple) and all(isinstance(c, str) for c in value)
+        return tuple(value) if ok else None
+
+    @property
+    def in_chans(self) -> int | None:
+        return self._typed("in_chans", int)
+
+    @property
+    def seed(self) -> int | None:
+        return self._typed("seed", int)
+
+    @property
+    def val_fraction(self) -> float | None:
+        return self._typed("val_fraction", float)
+
+    @property
+    def train_fraction(self) -> float | None:
+        return self._typed("train_fraction", float)
+
+    @property
+    def finetune(self) -> str | None:
+        """The pretraining checkpoint a finetuning run started from (None: random init or not recorded)."""
+        return self._typed("finetune", str) or None
+
+    @property
+    def pretrain_epoch(self) -> int | None:
+        return self._typed("pretrain_epoch", int)
+
+
+def checkpoint_args(ckpt: Mapping) -> StoredArgs:
+    """The ``args`` of a loaded checkpoint, ours (a dict) or released (an ``argparse.Namespace``); empty
+    when it records none."""
+    args = ckpt.get("args")
     if args is None:
-        return {}
-    return dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+        return StoredArgs()
+    if isinstance(args, argparse.Namespace):
+        return StoredArgs(dict(vars(args)))
+    if isinstance(args, Mapping):
+        return StoredArgs(dict(args))
+    raise CheckpointError(f"checkpoint 'args' is a {type(args).__name__}; expected a dict or an argparse.Namespace")
 
 
 def check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:

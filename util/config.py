@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import yaml
 
@@ -134,7 +135,7 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set
     return found
 
 
-def write_config(args: argparse.Namespace, path: Path, omit: Collection[str] = ()) -> None:
+def write_config(args: argparse.Namespace | Mapping, path: Path, omit: Collection[str] = ()) -> None:
     """Write the resolved configuration as YAML (plain types only), without the keys in ``omit`` (flags
     that do not apply to this run, e.g. the other pretraining mode's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,8 +143,8 @@ def write_config(args: argparse.Namespace, path: Path, omit: Collection[str] = (
     write_text_atomic(path, yaml.safe_dump(config, sort_keys=True))
 
 
-def plain_dict(args: argparse.Namespace | dict) -> dict:
-    """Namespace -> dict of plain Python values (safe for YAML and ``weights_only`` checkpoints)."""
+def plain_dict(args: argparse.Namespace | Mapping) -> dict:
+    """Namespace or mapping -> dict of plain Python values (safe for YAML and ``weights_only`` checkpoints)."""
     d = vars(args) if isinstance(args, argparse.Namespace) else args
     out = {}
     for k, v in d.items():
@@ -155,6 +156,53 @@ def plain_dict(args: argparse.Namespace | dict) -> dict:
             v = str(v)
         out[k] = v
     return out
+
+
+class RunConfig(Mapping):
+    """The settled configuration of a run: read-only, read by attribute like the Namespace it was built from.
+
+    Built once (``RunConfig.freeze``) after every value is settled (derived lr and batch, a hold-out adopted
+    from an evaluated checkpoint); ``config.yaml`` and the ``args`` of every checkpoint are ``as_dict()``.
+    Lists are held as tuples, so no value can be changed in place either.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, object]) -> None:
+        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in plain_dict(values).items()}
+        object.__setattr__(self, "_values", MappingProxyType(frozen))
+
+    @classmethod
+    def freeze(cls, args: argparse.Namespace | Mapping) -> RunConfig:
+        return cls(vars(args) if isinstance(args, argparse.Namespace) else args)
+
+    def __getattr__(self, name: str):
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"the run configuration has no {name!r}") from None
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"the run configuration is settled: {name!r} cannot be set")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"the run configuration is settled: {name!r} cannot be deleted")
+
+    def __getitem__(self, name: str):
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"RunConfig({dict(self._values)!r})"
+
+    def as_dict(self) -> dict:
+        """Plain values (lists, not tuples): what ``config.yaml`` and checkpoints store."""
+        return plain_dict(self._values)
 
 
 def run_cli(main: Callable[[argparse.Namespace], object], parse: Callable[[], argparse.Namespace]) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from sarwmix.errors import CheckpointError, SarwmixError
-from util.checkpoint import args_dict, load_checkpoint, model_state, save_atomic
+from util.checkpoint import StoredArgs, checkpoint_args, load_checkpoint, model_state, save_atomic
 
 log = logging.getLogger("sarwmix")
 FULL_SUFFIX = "_full"
@@ -109,26 +109,26 @@ def check_fits(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> N
             raise CheckpointError(f"{what}: {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
 
 
-def checkpoint_geometry(args: dict, state: dict[str, torch.Tensor], simmim: bool) -> tuple[str, int, int]:
+def checkpoint_geometry(args: StoredArgs, state: dict[str, torch.Tensor], simmim: bool) -> tuple[str, int, int]:
     """(model name, in_chans, input size) of a pretraining checkpoint, from its args or its tensors."""
     from models_mixmim import ENCODER_CONFIGS
 
     prefix = "encoder." if simmim else ""
     proj = state.get(f"{prefix}patch_embed.proj.weight")
-    if "channels" in args:
-        in_chans = len(args["channels"])
+    if args.channels is not None:
+        in_chans = len(args.channels)
     elif proj is not None and proj.ndim == 4:
         in_chans = proj.shape[1]
     else:
-        in_chans = int(args.get("in_chans", 2))
+        in_chans = args.in_chans or 2
     pos = state.get(f"{prefix}absolute_pos_embed")
-    img_size = int(args.get("input_size") or (4 * round(pos.shape[1] ** 0.5) if pos is not None else 0))
-    name = args.get("model")
+    img_size = args.input_size or (4 * round(pos.shape[1] ** 0.5) if pos is not None else 0)
+    name = args.model
     if not simmim and name not in ENCODER_CONFIGS:
         name = infer_swin_name(encoder_state(state, False), in_chans, img_size)
     if not name or not img_size:
         raise CheckpointError(f"cannot tell the model and input size of this checkpoint "
-                              f"(args: {sorted(args)[:8]})")
+                              f"(args: {sorted(args.values)[:8]})")
     return name, in_chans, img_size
 
 
@@ -150,7 +150,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> list[Path]:
     """Load a pretraining checkpoint, check each exported state against its target model, write it."""
     ckpt = load_checkpoint(ckpt_path)
     state = model_state(ckpt, ckpt_path)
-    args = args_dict(ckpt.get("args"))
+    args = checkpoint_args(ckpt)
     simmim = any(k.startswith("encoder.") for k in state)
     name, in_chans, img_size = checkpoint_geometry(args, state, simmim)
     states = backbone_states(name, state, simmim)

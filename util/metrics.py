@@ -83,11 +83,3 @@ def binary_metrics(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.
             "recall": float(recall_score(y_true, y_pred, **kw)),
             "f1": float(f1_score(y_true, y_pred, **kw))}
 
-
-def task_metrics(task: str, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float | int]:
-    """Dispatch on the task name: ``ben`` -> ``multilabel_metrics``, ``sen12flood`` -> ``binary_metrics``."""
-    if task == "ben":
-        return multilabel_metrics(logits, targets)
-    if task == "sen12flood":
-        return binary_metrics(logits, targets)
-    raise ValueError(f"unknown task {task!r}")

@@ -25,7 +25,7 @@ from torch import nn
 
 from models_mixmim import relative_position_index
 from sarwmix.errors import CheckpointError
-from util.checkpoint import args_dict, check_shapes, load_checkpoint, model_state
+from util.checkpoint import check_shapes, checkpoint_args, load_checkpoint, model_state
 from util.pos_embed import resize_pos_embed, resize_rel_pos_table
 
 log = logging.getLogger("sarwmix")
@@ -169,9 +169,8 @@ def read_pretrained(path: str | Path, sha256: str | None = None,
             must be the same, in the same order (a swapped order has the same shapes and would load silently).
     """
     ckpt = load_checkpoint(path, sha256=sha256)
-    theirs = args_dict(ckpt.get("args")).get("channels")
-    recorded = isinstance(theirs, list | tuple) and all(isinstance(c, str) for c in theirs)  # ours: a list
-    if channels is not None and recorded and tuple(theirs) != tuple(channels):
+    theirs = checkpoint_args(ckpt).channels
+    if channels is not None and theirs is not None and theirs != tuple(channels):
         raise CheckpointError(f"{path}: trained on channels {' '.join(theirs)}, but this run reads "
                               f"{' '.join(channels)}; pass --channels {' '.join(theirs)}")
     return ckpt

@@ -15,7 +15,7 @@ import torch
 
 from sarwmix.constants import CHANNELS
 from sarwmix.errors import ConfigError
-from util.config import coerce, write_config
+from util.config import RunConfig, coerce, write_config
 from util.misc import (
     CPU_MEMORY_MODES,
     DistInfo,
@@ -178,6 +178,7 @@ class Run:
     output_dir: Path
     amp_dtype: torch.dtype | None
     tb: object = None
+    config: RunConfig | None = None  # set by record_config once every value is settled
     epoch_log: JsonLines = field(default_factory=lambda: JsonLines(None))
     step_log: JsonLines = field(default_factory=lambda: JsonLines(None))
 
@@ -197,8 +198,9 @@ def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] =
     """Distributed setup, logging, seeding, output folder, resolved config; validates cheap flags first.
 
     ``not_applicable``: flags left out of ``config.yaml`` because this run does not use them.
-    ``record``: write ``config.yaml`` now; an entry point that still settles values after ``start`` (a
-    checkpoint's hold-out adopted by ``--eval``) passes False and calls ``record_config`` once they are settled.
+    ``record``: settle the configuration now (``record_config``: ``run.config``, ``config.yaml``); an entry
+    point that still settles values after ``start`` (a checkpoint's hold-out adopted by ``--eval``, the epoch
+    of the ``--finetune`` file) passes False and calls ``record_config`` once they are settled.
     """
     validate_common(args)
     info, device = init_distributed(args.device, args.dist_url)
@@ -222,10 +224,18 @@ def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] =
     return run
 
 
-def record_config(run: Run, args: argparse.Namespace, not_applicable: Collection[str] = ()) -> None:
-    """Write the run's resolved ``config.yaml`` (main process only), once every value of ``args`` is settled."""
+def record_config(run: Run, args: argparse.Namespace, not_applicable: Collection[str] = ()) -> RunConfig:
+    """Freeze the settled ``args`` into ``run.config`` and write it as ``config.yaml`` (main process only).
+
+    The run reads its settings from the returned ``RunConfig`` from here on, so the file holds exactly
+    the values the run uses (less the ``not_applicable`` flags, which it does not use).
+    """
+    if run.config is not None:
+        raise RuntimeError("record_config: the run configuration is already settled")
+    run.config = RunConfig.freeze(args)
     if run.info.is_main:
-        write_config(args, run.output_dir / "config.yaml", omit=not_applicable)
+        write_config(run.config, run.output_dir / "config.yaml", omit=not_applicable)
+    return run.config
 
 
 def validate_common(args: argparse.Namespace) -> None:

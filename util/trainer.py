@@ -9,11 +9,12 @@ Checkpoints (rank 0 only, each written atomically): ``checkpoint.pth`` after eve
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 from engine_pretrain import StepFn, train_one_epoch
 from sarwmix.errors import CheckpointError, ConfigError
 from util import checkpoint as ckpt_io
-from util.config import plain_dict
+from util.config import RunConfig, plain_dict
 from util.lr_decay import param_groups, regroup_optimizer_state
 from util.lr_sched import lr_at
 from util.misc import JsonLines, check_replicas, truncate_jsonl
@@ -38,10 +39,43 @@ EvalFn = Callable[[nn.Module, int], dict]
 EpochEndFn = Callable[[int, bool], dict]
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """What the loop reads of a run's configuration (the flags of the same names)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    accum_iter: int = 1
+    stop_epoch: int | None = None
+    clip_grad: float | None = None
+    weight_decay: float = 0.05
+    save_freq: int = 0
+    resume: str = ""
+    start_epoch: int = 0
+    num_workers: int = 0
+    pin_mem: bool = True
+    progress: bool = True
+    compile: bool = False
+    grad_ckpt: bool = False
+
+    @classmethod
+    def of(cls, config: RunConfig) -> TrainSettings:
+        """The settings of a settled run configuration (absent optional flags keep their defaults)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{k: getattr(config, k) for k in names if k in config})
+
+
 class Trainer:
     """Owns the loop; the caller owns the model, the data set and the step.
 
     Args:
+        args: the loop's flags (``TrainSettings.of(run.config)``), not the whole configuration.
+        record: what checkpoints store under ``"args"``: the run's settled configuration as plain values
+            (default: ``run.config``).
         groups: optimizer parameter groups (default: weight-decay groups of the model).
         betas: AdamW betas ((0.9, 0.95) for pretraining, as the released recipe).
         evaluate / select_metric: optional per-epoch evaluation and the metric (higher is better) that
@@ -53,12 +87,13 @@ class Trainer:
         extra_state: objects with ``state_dict``/``load_state_dict`` stored under ``"extra"``.
     """
 
-    def __init__(self, args: argparse.Namespace, run: Run, model: nn.Module, dataset, step: StepFn, *,
-                 groups: list[dict] | None = None, betas: tuple[float, float] = (0.9, 0.95),
-                 evaluate: EvalFn | None = None, select_metric: str | None = None,
-                 on_iteration: Callable[[int], dict] | None = None, on_epoch_end: EpochEndFn | None = None,
-                 extra_state: dict[str, object] | None = None) -> None:
+    def __init__(self, args: TrainSettings, run: Run, model: nn.Module, dataset, step: StepFn, *,
+                 record: Mapping | None = None, groups: list[dict] | None = None,
+                 betas: tuple[float, float] = (0.9, 0.95), evaluate: EvalFn | None = None,
+                 select_metric: str | None = None, on_iteration: Callable[[int], dict] | None = None,
+                 on_epoch_end: EpochEndFn | None = None, extra_state: dict[str, object] | None = None) -> None:
         self.args, self.run, self.dataset, self.step = args, run, dataset, step
+        self.record = plain_dict(record if record is not None else run.config or {})
         self.evaluate, self.select_metric, self.on_iteration = evaluate, select_metric, on_iteration
         self.on_epoch_end = on_epoch_end
         self.extra_state = extra_state or {}
@@ -87,7 +122,7 @@ class Trainer:
 
     @property
     def end_epoch(self) -> int:
-        stop = getattr(self.args, "stop_epoch", None)
+        stop = self.args.stop_epoch
         return min(self.args.epochs, stop) if stop is not None else self.args.epochs
 
     def fit(self) -> dict:
@@ -150,7 +185,7 @@ class Trainer:
     def state(self, epoch: int) -> dict:
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "epoch": epoch, "scaler": self.scaler.state_dict() if self.scaler else None,
-                "args": plain_dict(self.args), "stats": dict(self.dataset.stats), "best": self.best,
+                "args": self.record, "stats": dict(self.dataset.stats), "best": self.best,
                 "extra": {k: v.state_dict() for k, v in self.extra_state.items()},
                 "format_version": ckpt_io.FORMAT_VERSION}
 
@@ -208,7 +243,7 @@ class Trainer:
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
 
-def _wrap(model: nn.Module, args: argparse.Namespace, run: Run) -> nn.Module:
+def _wrap(model: nn.Module, args: TrainSettings, run: Run) -> nn.Module:
     """Optional torch.compile, then DDP when distributed. The raw model stays reachable for saving."""
     wrapped = model
     if args.compile:
@@ -237,7 +272,7 @@ def _no_forward_buffer_sync() -> dict[str, bool]:
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
-def _loader(dataset, sampler, args: argparse.Namespace, run: Run) -> DataLoader:
+def _loader(dataset, sampler, args: TrainSettings, run: Run) -> DataLoader:
     return make_loader(dataset, sampler, args.batch_size, args.num_workers, args.pin_mem and run.device.type == "cuda")
 
 

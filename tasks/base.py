@@ -1,0 +1,107 @@
+"""What a finetuning task is: its data, its model head, its loss, its metrics and its selection metric.
+
+A task is one object (a ``Task`` subclass instance) registered by name in ``tasks.TASKS``. The entry point,
+the engine and the analysis scripts ask it; no other code compares task names. The name is what
+``--task``, ``config.yaml``, the checkpoints' ``args`` and ``results.json`` record.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from models_mixmim import encoder_kwargs
+from sarwmix.errors import ConfigError
+
+SWIN_WINDOWS: tuple[int, ...] = tuple(encoder_kwargs("mixmim_base")["window_size"])  # every mixmim_* size
+
+
+class Task:
+    """One finetuning task. Subclasses set the class attributes and implement the four abstract methods
+    (``finetune_model``, ``criterion``, ``targets``, ``scores``); the other methods have defaults that fit
+    a task of single images with one data set per split.
+
+    Attributes:
+        name: the ``--task`` value.
+        title: the task's name in figures.
+        datasets: the ``--dataset`` values of this task (each data set belongs to one task).
+        metrics: the names ``scores`` returns (higher is better), the valid ``--select_metric`` values.
+        default_metric: the metric that picks ``checkpoint_best.pth`` unless ``--select_metric`` is given.
+        default_input_size: ``--input_size`` when not given.
+        takes_vit: the plain ViT backbones (``models_vit``, with their own head) may be finetuned on it.
+    """
+
+    name: str = ""
+    title: str = ""
+    datasets: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    default_metric: str = ""
+    default_input_size: int = 128
+    takes_vit: bool = False
+
+    # --- configuration ------------------------------------------------------------------------------
+
+    def check(self, config) -> None:
+        """Refuse task-specific flags that do not fit (ConfigError); called before anything is built."""
+
+    def encoder_input_size(self, config) -> int:
+        """The side of the images the encoder sees (the Swin's size rule applies to it)."""
+        return config.input_size
+
+    def device_input_size(self, config) -> int | None:
+        """Side the batches are resized to on the device before the model (None: as the loader gives them)."""
+        return None
+
+    # --- model and loss -----------------------------------------------------------------------------
+
+    def finetune_model(self, config, num_classes: int, *, in_chans: int, drop_path_rate: float) -> nn.Module:
+        """The finetuning model of a Swin backbone (``config.model``) with this task's head."""
+        raise NotImplementedError
+
+    def criterion(self) -> nn.Module:
+        """The training loss, called as ``criterion(logits.float(), targets)`` with loader targets."""
+        raise NotImplementedError
+
+    def targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Gathered evaluation targets in the dtype the criterion takes."""
+        raise NotImplementedError
+
+    def scores(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float | int]:
+        """The metrics of a whole split: ``metrics`` as floats, plus any integer counts."""
+        raise NotImplementedError
+
+    def empty_predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of a rank that evaluated no sample, shaped to concatenate with the others."""
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
+        """The criterion over a whole split of gathered predictions."""
+        return float(self.criterion()(logits, self.targets(targets)))
+
+    # --- data selection -----------------------------------------------------------------------------
+
+    def holds_out_validation(self, data_path: str | Path | None) -> bool:
+        """Whether the validation split is carved out of the training split (no validation data stored)."""
+        return False
+
+    def hold_out(self, train: Dataset, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+        """(train, validation) indices of ``train`` when ``holds_out_validation``."""
+        raise NotImplementedError(f"task {self.name} keeps its validation split apart")
+
+    def check_validation(self, val: Dataset, select_metric: str) -> None:
+        """Warn about a validation split on which ``select_metric`` cannot select (e.g. no positive)."""
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+
+def task_of_dataset(tasks: Mapping[str, Task], dataset: str) -> Task:
+    """The one task of ``tasks`` that ``dataset`` belongs to (ConfigError if none or several)."""
+    found = [t for t in tasks.values() if dataset in t.datasets]
+    if len(found) != 1:
+        raise ConfigError(f"--dataset {dataset}: belongs to {len(found)} tasks ({[t.name for t in found]}), "
+                         f"expected exactly one")
+    return found[0]

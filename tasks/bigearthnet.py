@@ -1,0 +1,44 @@
+"""BigEarthNet (v1 and v2, and the synthetic and packed stand-ins): multi-label scene classification.
+
+One Sentinel-1 patch (C, S, S) -> K logits (19 or 43 classes), trained with MultiLabelSoftMarginLoss
+(BCE-with-logits averaged over classes and samples) on multi-hot float targets, scored by
+``util.metrics.multilabel_metrics``; mAP_macro selects the best epoch. The Swin backbones get the
+``models_mixmim_ft`` head; the plain ViT backbones (with their own head) are finetuned here too.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models_mixmim_ft import build_mixmim_ft
+from tasks.base import Task
+from util.metrics import BEN_METRICS, multilabel_metrics
+
+
+class BigEarthNet(Task):
+    name = "ben"
+    title = "BigEarthNet"
+    datasets = ("synthetic", "benv1", "benv1_zarr", "benv2", "benv2_lmdb", "packed")
+    metrics = BEN_METRICS
+    default_metric = "mAP_macro"
+    default_input_size = 128  # the patch side
+    takes_vit = True
+
+    def finetune_model(self, config, num_classes: int, *, in_chans: int, drop_path_rate: float) -> nn.Module:
+        return build_mixmim_ft(config.model, num_classes, img_size=config.input_size, in_chans=in_chans,
+                               drop_path_rate=drop_path_rate)
+
+    def criterion(self) -> nn.Module:
+        return nn.MultiLabelSoftMarginLoss()
+
+    def targets(self, targets: torch.Tensor) -> torch.Tensor:
+        return targets.float()  # (N, K) multi-hot
+
+    def scores(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float | int]:
+        return multilabel_metrics(logits, targets)
+
+    def empty_predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros((0, 1)), torch.zeros((0, 1))
+
+
+BIGEARTHNET = BigEarthNet()
