@@ -20,9 +20,10 @@ SWIN_WINDOWS: tuple[int, ...] = tuple(encoder_kwargs("mixmim_base")["window_size
 
 
 class Task:
-    """One finetuning task. Subclasses set the class attributes and implement the four abstract methods
-    (``finetune_model``, ``criterion``, ``targets``, ``scores``); the other methods have defaults that fit
-    a task of single images with one data set per split.
+    """One finetuning task. Subclasses set the class attributes and implement the five methods that raise
+    NotImplementedError here (``finetune_model``, ``criterion``, ``targets``, ``scores``,
+    ``empty_predictions``); the other methods have defaults that fit a task of single images with a
+    validation split of its own.
 
     Attributes:
         name: the ``--task`` value.
@@ -70,7 +71,12 @@ class Task:
         raise NotImplementedError
 
     def scores(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float | int]:
-        """The metrics of a whole split: ``metrics`` as floats, plus any integer counts."""
+        """The metrics of a whole split: ``metrics`` as floats, plus any integer counts.
+
+        Args:
+            logits: (N, K) model outputs, float32 on the CPU.
+            targets: (N, ...) as the loader gives them, gathered over ranks.
+        """
         raise NotImplementedError
 
     def empty_predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
