@@ -76,7 +76,7 @@ class Scale:
     pretrain_batch: int = 64
     mask_ratio: float | None = None
     # Short runs: the standardised per-patch target drops each cell's level, which is half of what tells the
-    # covers apart; without it the probe of the encoder rose faster (README, Results).
+    # covers apart; without it the probe of the encoder rose faster (docs/RESULTS.md).
     norm_pix_loss: bool = False
     finetune_epochs: int = 4  # at fraction 1.0; see finetune_epochs()
     finetune_lr: float | None = 1e-3

@@ -201,8 +201,8 @@ RELEASED_LINKS = {
 }
 
 
-def test_readme_lists_each_released_file_with_its_link_and_hash():
-    section = (REPO / "README.md").read_text().split("### Released checkpoints", 1)[1].split("\n### ", 1)[0]
+def test_finetune_doc_lists_each_released_file_with_its_link_and_hash():
+    section = (REPO / "docs" / "FINETUNE.md").read_text().split("### Released checkpoints", 1)[1].split("\n### ", 1)[0]
     rows = {line.split("|")[1].strip().strip("`"): line for line in section.splitlines()
             if line.startswith("| `") and ".pth`" in line}
     assert list(rows) == list(RELEASED_LINKS)

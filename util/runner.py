@@ -48,7 +48,7 @@ def common_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", nargs="+", default=None, metavar="KEY=VALUE",
                    help="config overrides, flag names or dotted keys (MODEL.BACKBONE=...); flags still win")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="mixmim_base", help="model name (see README)")
+    g.add_argument("--model", default="mixmim_base", help="model name (see docs/PRETRAIN.md)")
     g.add_argument("--input_size", type=int, default=128, help="image side in pixels")
     g.add_argument("--channels", nargs="+", default=list(CHANNELS), help="subset of VH VV, in that order")
     g.add_argument("--dataset", default="synthetic", choices=DATASET_NAMES)
