@@ -122,3 +122,38 @@ def test_a_broken_link_is_found(tmp_path):
         assert broken_links(doc) == ["#there", "missing.md"]
     finally:
         del DOCS[doc]
+
+
+def _section(text: str, heading: str) -> str:
+    """The text under ``heading`` (a whole heading line) up to the next heading of the same level."""
+    level = heading.split(" ", 1)[0]
+    return text.split(f"\n{heading}\n", 1)[1].split(f"\n{level} ", 1)[0]
+
+
+def test_readme_is_a_front_page_of_at_most_250_lines():
+    assert len(README.splitlines()) <= 250, "move details to docs/ and link them from the README's map"
+
+
+def test_every_doc_is_linked_from_the_readmes_map():
+    doc_map = _section(README, "## Documentation")
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)\)", doc_map))
+    docs = {path.relative_to(REPO).as_posix() for path in (REPO / "docs").glob("*.md")}
+    assert len(docs) >= 8 and not sorted(docs - linked), f"docs missing from the README's map: {sorted(docs - linked)}"
+
+
+def _arm_table(text: str) -> dict[str, dict[str, str]]:
+    """The study table of a document: arm -> column header -> cell."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| arm |") or line.startswith("| random_init |")
+            or re.match(r"^\| (mixmim_\w+|simmim|handcrafted) \|", line)]
+    header, *body = rows
+    return {row[0]: dict(zip(header[1:], row[1:])) for row in body}
+
+
+def test_readme_results_summary_copies_the_full_table():
+    summary = _arm_table(_section(README, "## Results"))
+    full = _arm_table((REPO / "docs" / "RESULTS.md").read_text())
+    assert list(summary) == list(full) and "random_init" in summary
+    for arm, cells in summary.items():
+        assert cells == {column: full[arm][column] for column in cells}, arm
+    assert "](docs/figures/study.png)" in README and "](docs/RESULTS.md" in README
