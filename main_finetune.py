@@ -30,11 +30,11 @@ from models_mixmim import ENCODER_CONFIGS, check_input_size, encoder_kwargs, val
 from models_mixmim_ft import build_mixmim_ft
 from models_sen12_ft import PATCH_OPS, build_sen12_ft
 from models_vit import VIT_CONFIGS, build_vit
+from sarwmix.datasets import build_dataset
 from sarwmix.errors import ConfigError
 from util import runner
 from util.checkpoint import args_dict, model_state
 from util.config import parse_with_config, run_cli
-from util.datasets import build_dataset
 from util.lr_decay import param_groups
 from util.metrics import BEN_METRICS, SEN12_METRICS
 from util.pretrained import checkpoint_epoch, load_pretrained, load_pretrained_file, read_pretrained

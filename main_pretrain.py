@@ -14,11 +14,11 @@ import logging
 import torch
 
 from engine_pretrain import make_pretrain_step, save_reconstructions
+from sarwmix.datasets import DATASET_NAMES
 from sarwmix.errors import ConfigError
 from sarwmix.weighting import GRANULARITIES, WEIGHT_NORMS, WEIGHTINGS, check_weight_norm
 from util import runner
 from util.config import parse_with_config, run_cli
-from util.datasets import DATASET_NAMES
 from util.export_backbone import BackboneExporter
 from util.probe import ProbeMonitor, build_probe_sets
 from util.trainer import Trainer

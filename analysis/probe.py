@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 
 from sarwmix.constants import CHANNELS
+from sarwmix.datasets import DATASET_NAMES
 from sarwmix.errors import SarwmixError
 from util.checkpoint import args_dict, load_checkpoint, model_state
-from util.datasets import DATASET_NAMES
 from util.pretrained import load_pretrained
 from util.probe import build_probe_sets, handcrafted_features, pooled_features, probe_metrics
 

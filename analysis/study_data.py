@@ -35,7 +35,7 @@ def write_packed(out: Path, splits: dict[str, int], base_seed: int, scene: str, 
     Returns:
         ``out``; an existing finished folder (``packed.json`` present) is kept as it is.
     """
-    from sarwmix.packed import PackedWriter
+    from sarwmix.packed_format import PackedWriter
 
     if (Path(out) / "packed.json").is_file():
         return Path(out)

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sarwmix.datasets import build_dataset  # noqa: E402
 from sarwmix.packed import convert, convert_synthetic  # noqa: E402
 from sarwmix.synthetic import write_benv1, write_benv1_zarr, write_benv2, write_benv2_lmdb
-from util.datasets import build_dataset  # noqa: E402
 from util.trainer import make_loader  # noqa: E402
 
 # (label, dataset name, sub-folder written by the setup below)

@@ -35,7 +35,7 @@ import numpy as np
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, CHANNELS
 from sarwmix.errors import ConfigError, DataError, SarwmixError
 from sarwmix.geotiff import PATCH_SIZE, read_band, validate_band
-from util.datasets import PatchDataset
+from sarwmix.patches import PatchDataset
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class BenV1Folder(PatchDataset):
         split: ``train | val | test``.
         split_file: explicit split list (S2 names, S1 names, or two-column S2,S1 CSV).
         include_snow_cloud: keep patches of the seasonal-snow and cloud/shadow lists.
-        input_size, channels, label_set, skip_bad: see ``util.datasets.PatchDataset``.
+        input_size, channels, label_set, skip_bad: see ``sarwmix.patches.PatchDataset``.
     """
 
     def __init__(self, data_path: str | Path, split: str, *, input_size: int = 128,

@@ -27,7 +27,7 @@ from sarwmix.bigearthnetv1 import list_subdirs
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, CHANNELS
 from sarwmix.errors import ConfigError, DataError
 from sarwmix.geotiff import PATCH_SIZE, read_band, validate_band
-from util.datasets import PatchDataset
+from sarwmix.patches import PatchDataset
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class BenV2Folder(_BenV2Base):
         split: ``train | validation | test`` (``val`` accepted).
         metadata_file: explicit metadata parquet/CSV.
         include_snow_cloud: also read the snow/cloud metadata file and keep flagged patches.
-        input_size, channels, label_set, skip_bad: see ``util.datasets.PatchDataset``.
+        input_size, channels, label_set, skip_bad: see ``sarwmix.patches.PatchDataset``.
     """
 
     def __init__(self, data_path: str | Path, split: str, *, metadata_file: str | None = None,

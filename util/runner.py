@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sarwmix.constants import CHANNELS
+from sarwmix.datasets import DATASET_NAMES, build_dataset
 from sarwmix.errors import ConfigError
 from util.config import coerce, write_config
 from util.misc import (
@@ -41,8 +42,6 @@ def document_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def common_parser() -> argparse.ArgumentParser:
     """Flags shared by pretraining and finetuning (declared once, used as ``parents=[...]``)."""
-    from util.datasets import DATASET_NAMES
-
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--config", default=None, help="YAML file of flag: value (explicit flags win)")
     p.add_argument("--override", nargs="+", default=None, metavar="KEY=VALUE",
@@ -250,8 +249,6 @@ def validate_common(args: argparse.Namespace) -> None:
 
 
 def build_train_data(args: argparse.Namespace, run: Run, split: str = "train"):
-    from util.datasets import build_dataset
-
     return build_dataset(args.dataset, data_path=args.data_path, split=split, input_size=args.input_size,
                          channels=tuple(args.channels), split_file=args.split_file, skip_bad=args.skip_bad,
                          num_samples=args.num_samples if split == "train" else None, seed=args.seed,
