@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 import engine_finetune as E
+from engine_pretrain import Trainer
 from models_mixmim import ENCODER_CONFIGS, check_input_size, encoder_kwargs, valid_input_sizes
 from models_mixmim_ft import build_mixmim_ft
 from models_sen12_ft import PATCH_OPS, build_sen12_ft
@@ -39,7 +40,6 @@ from util.lr_decay import param_groups
 from util.metrics import BEN_METRICS, SEN12_METRICS
 from util.pretrained import checkpoint_epoch, load_pretrained, load_pretrained_file, read_pretrained
 from util.pss import PSS_KINDS, PatchSchedule, keep_count
-from util.trainer import Trainer
 
 log = logging.getLogger("sarwmix")
 DEFAULT_METRIC = {"ben": "mAP_macro", "sen12flood": "f1"}

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from engine_pretrain import make_pretrain_step, save_reconstructions
+from engine_pretrain import Trainer, make_pretrain_step, save_reconstructions
 from sarwmix.datasets import DATASET_NAMES
 from sarwmix.errors import ConfigError
 from sarwmix.weighting import GRANULARITIES, WEIGHT_NORMS, WEIGHTINGS, check_weight_norm
@@ -21,7 +21,6 @@ from util import runner
 from util.config import parse_with_config, run_cli
 from util.export_backbone import BackboneExporter
 from util.probe import ProbeMonitor, build_probe_sets
-from util.trainer import Trainer
 
 log = logging.getLogger("sarwmix")
 PRETRAIN_MODES = ("mixmim", "simmim")

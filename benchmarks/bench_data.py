@@ -6,7 +6,7 @@ needs no download. One thread, one process, warm page cache (each format is read
 
     python benchmarks/bench_data.py [--n 500] [--min_seconds 2]
 
-``--workers N ...`` measures instead what the training loader (``util.trainer.make_loader``: batches of
+``--workers N ...`` measures instead what the training loader (``engine_pretrain.make_loader``: batches of
 raw dB patches, the weight map being computed on the device) delivers from the packed format with N worker
 processes, against the rate at which one GPU's step consumes images: ``--step_img_s`` or the fastest row
 of a ``bench_pretrain.py`` table (``--step_table``). The packed set is ``--packed_path`` or ``--n`` synthetic
@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine_pretrain import make_loader  # noqa: E402
 from sarwmix.datasets import build_dataset  # noqa: E402
 from sarwmix.packed import convert, convert_synthetic  # noqa: E402
 from sarwmix.synthetic import write_benv1, write_benv1_zarr, write_benv2, write_benv2_lmdb
-from util.trainer import make_loader  # noqa: E402
 
 # (label, dataset name, sub-folder written by the setup below)
 FORMATS = (

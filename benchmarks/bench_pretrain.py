@@ -41,10 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import device_timing as dev  # noqa: E402  (same folder)
 
-from engine_pretrain import make_pretrain_step  # noqa: E402
+from engine_pretrain import (
+    adamw,  # noqa: E402
+    make_pretrain_step,  # noqa: E402
+)
 from util.lr_decay import param_groups  # noqa: E402
 from util.misc import CPU_MEMORY_MODES, cpu_supports_bf16, time_round_robin, tune_cpu_memory  # noqa: E402
-from util.trainer import adamw  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 # Paths of one setting, in table order: the released code's step, the training default, and its variants.

@@ -175,9 +175,9 @@ def test_ddp_does_not_rebroadcast_buffers_and_models_have_only_constant_ones(mon
     """broadcast_buffers=False is safe only while no model has a buffer that training changes (BatchNorm)."""
     import types
 
+    import engine_pretrain as trainer
     import models_mixmim
     import models_simmim
-    from util import trainer
 
     seen = {}
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda m, **kw: seen.update(kw) or m)
@@ -196,7 +196,7 @@ def test_ddp_wrapper_emits_no_warning(tmp_path):
 
     import torch.distributed as dist
 
-    from util import trainer
+    import engine_pretrain as trainer
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch built without gloo")
