@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+import backbones
 import engine_finetune as E
 import main_finetune
 from sarwmix.errors import ConfigError
@@ -82,7 +83,7 @@ def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None) -
     main_finetune.resolve_task(args)
     if not main_finetune.is_vit(args.model):
         raise ConfigError(f"{args.checkpoint}: model {args.model!r} is not a ViT; token dropping needs one of "
-                          f"{', '.join(main_finetune.VIT_CONFIGS)}")
+                          f"{', '.join(backbones.names('token_drop'))}")
     if args.out is None:
         args.out = args.checkpoint.parent
     return args, ckpt

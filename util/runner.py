@@ -228,19 +228,10 @@ def record_config(run: Run, args: argparse.Namespace, not_applicable: Collection
 
 
 def validate_common(args: argparse.Namespace) -> None:
-    """Refuse bad flags before any data or model is built (one clear line each)."""
-    from models_mixmim import ENCODER_CONFIGS, check_input_size
+    """Refuse bad flags before any data or model is built (one clear line each).
 
-    mode = getattr(args, "mode", None)
-    if mode == "simmim":  # each backbone's own size rule, naming its valid sizes
-        from models_simmim import check_simmim_size
-
-        check_simmim_size(args.model, args.input_size, args.mask_patch_size)
-    elif args.model in ENCODER_CONFIGS:
-        check_input_size(args.input_size, (8, 8, 8, 4))
-    elif mode == "mixmim":
-        raise ConfigError(f"unknown model {args.model!r}; choices: {', '.join(ENCODER_CONFIGS)} "
-                          f"(timm Swin and ViT backbones need --mode simmim)")
+    The backbone and its input size are checked by the entry point first (``backbones.check_args``).
+    """
     for name in ("batch_size", "epochs", "accum_iter", "stop_epoch"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)}: expected a positive integer")
