@@ -211,6 +211,21 @@ def build_simmim(name: str, img_size: int, in_chans: int, mask_ratio: float = 0.
                             mask_patch_size=mask_patch_size, loss=loss)
 
 
+def build_pretrain(mode: str, name: str, img_size: int, in_chans: int, **kwargs) -> nn.Module:
+    """The pretraining model of ``mode`` (``mixmim`` or ``simmim``) for backbone ``name``.
+
+    ``kwargs`` go to the model (``mask_ratio``, ...); left out, they take the model's defaults, which are the
+    command line's.
+    """
+    if mode == "simmim":
+        return build_simmim(name, img_size, in_chans, **kwargs)
+    bb = get(name, "mixmim")
+    if bb.mixmim is None:
+        raise ConfigError(f"--model {name} has no MixMIM model; choices: {', '.join(names('mixmim'))} "
+                          f"(timm Swin and ViT backbones need --mode simmim)")
+    return bb.mixmim(img_size=img_size, in_chans=in_chans, **kwargs)
+
+
 def reference_models(model_name: str, simmim: bool, in_chans: int, img_size: int) -> dict[str, nn.Module]:
     """The models each exported file must fit, built on the meta device (no memory, no init cost)."""
     bb = BACKBONES.get(model_name)

@@ -84,13 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """The pretraining model of ``--mode`` for ``--model`` (validated before anything is built)."""
     if args.mode == "simmim":
-        return backbones.build_simmim(args.model, img_size=args.input_size, in_chans=len(args.channels),
-                                      mask_ratio=args.mask_ratio, mask_patch_size=args.mask_patch_size,
-                                      loss=args.loss)
-    return backbones.get(args.model, "mixmim").mixmim(img_size=args.input_size, in_chans=len(args.channels),
-                                                      mask_ratio=args.mask_ratio,
-                                                      range_mask_ratio=args.range_mask_ratio,
-                                                      norm_pix_loss=args.norm_pix_loss)
+        kwargs = {"mask_patch_size": args.mask_patch_size, "loss": args.loss}
+    else:
+        kwargs = {"range_mask_ratio": args.range_mask_ratio, "norm_pix_loss": args.norm_pix_loss}
+    return backbones.build_pretrain(args.mode, args.model, args.input_size, len(args.channels),
+                                    mask_ratio=args.mask_ratio, **kwargs)
 
 
 def probe_monitor(args: argparse.Namespace, run: runner.Run, encoder: torch.nn.Module,

@@ -16,6 +16,7 @@ import torch
 import backbones
 import engine_finetune as E
 import main_finetune
+from analysis.logs import output_parser
 from sarwmix.errors import ConfigError
 from util import runner
 from util.checkpoint import args_dict, load_checkpoint, model_state
@@ -57,8 +58,6 @@ class Finetuned:
 
 def script_parser(description: str) -> argparse.ArgumentParser:
     """``main_finetune.py``'s parser plus the analysis output flags, ``CHECKPOINT`` and ``--split``."""
-    from analysis.logs import output_parser
-
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False, conflict_handler="resolve",
                                      parents=[main_finetune.get_args_parser(), output_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
+from conftest import REPO
 
 import backbones
 import engine_finetune as E
@@ -75,3 +77,24 @@ def test_unknown_models_name_the_choices():
     with pytest.raises(backbones.ConfigError, match="choices: mixmim_tiny"):
         backbones.check_args(args)
     assert "swin_tiny" in backbones.names("simmim") and "swin_tiny" not in backbones.names("finetune")
+
+
+def test_an_entry_without_pretraining_models_is_refused_by_pretraining(micro):
+    with pytest.raises(backbones.ConfigError, match="no SimMIM model"):
+        backbones.build_pretrain("simmim", micro, 32, 2, mask_patch_size=16)
+    with pytest.raises(backbones.ConfigError, match="no MixMIM model; choices: mixmim_tiny"):
+        backbones.build_pretrain("mixmim", micro, 32, 2)
+
+
+def test_build_pretrain_takes_the_flags_defaults():
+    mixmim = backbones.build_pretrain("mixmim", "mixmim_tiny", 64, 2)
+    simmim = backbones.build_pretrain("simmim", "vit_tiny", 64, 1, mask_patch_size=16)
+    assert (mixmim.mask_ratio, mixmim.range_mask_ratio, mixmim.norm_pix_loss) == (0.5, 0.0, True)
+    assert (simmim.mask_ratio, simmim.loss) == (0.6, "l1")
+
+
+def test_the_launchers_model_sizes_are_backbones():
+    """scripts/_common.sh takes MODEL=<size> for --model mixmim_<size>: every size must be an entry."""
+    text = (REPO / "scripts" / "_common.sh").read_text()
+    sizes = re.search(r"^MODELS=\(([^)]*)\)", text, re.MULTILINE).group(1).split()
+    assert sizes and all(f"mixmim_{s}" in backbones.names("mixmim") for s in sizes)

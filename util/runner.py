@@ -12,15 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from sarwmix.constants import CHANNELS
 from sarwmix.datasets import DATASET_NAMES, build_dataset
 from sarwmix.errors import ConfigError
-from util.config import coerce, write_config
+from util.config import coerce, nearest, str2bool, write_config
 from util.misc import (
     CPU_MEMORY_MODES,
     DistInfo,
     JsonLines,
+    cleanup_distributed,
     init_distributed,
     resolve_amp,
     setup_logging,
@@ -127,10 +129,6 @@ def override_values(parser: argparse.ArgumentParser, first: argparse.Namespace) 
 
 def _override_item(parser: argparse.ArgumentParser, key: str, raw: str) -> tuple[str, object]:
     """One KEY=VALUE pair -> (flag destination, checked value)."""
-    import yaml
-
-    from util.config import nearest, str2bool
-
     dest = key
     if "." in key:
         if key.upper() not in DOTTED_KEYS:
@@ -247,8 +245,6 @@ def build_train_data(args: argparse.Namespace, run: Run, split: str = "train"):
 
 
 def finish(run: Run) -> None:
-    from util.misc import cleanup_distributed
-
     if run.tb is not None:
         run.tb.close()
     run.epoch_log.close()
