@@ -80,7 +80,7 @@ def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None) -
     parser.set_defaults(**{k: stored[k] for k in INHERITED if k in stored})
     args = parse_with_config(parser, argv, extra=runner.override_values)
     main_finetune.resolve_task(args)
-    if not main_finetune.is_vit(args.model):
+    if args.model not in backbones.names("token_drop"):
         raise ConfigError(f"{args.checkpoint}: model {args.model!r} is not a ViT; token dropping needs one of "
                           f"{', '.join(backbones.names('token_drop'))}")
     if args.out is None:

@@ -25,20 +25,36 @@ def test_every_contract_is_kept():
     assert "3 kept, 0 broken" in result.stdout
 
 
-def test_an_upward_import_of_a_top_level_module_breaks_the_layers(tmp_path):
-    """Swapping two top-level layers (the entry point below its engine) must break the contract: the check
-    sees the imports of single-file modules, which grimp alone does not scan."""
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())
-    lint_config = config["tool"]["importlinter"]
-    layers = lint_config["contracts"][0]["layers"]
-    i, j = layers.index("main_pretrain | main_finetune"), layers.index("engine_pretrain")
-    layers[i], layers[j] = layers[j], layers[i]
+def lint_reordered(tmp_path, reorder) -> subprocess.CompletedProcess:
+    """``lint-imports`` with the layers contract alone, its layers list changed in place by ``reorder``."""
+    lint_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
     lint_config["contracts"] = lint_config["contracts"][:1]
-    path = tmp_path / "swapped.toml"
+    reorder(lint_config["contracts"][0]["layers"])
+    path = tmp_path / "reordered.toml"
     path.write_text(_toml(lint_config))
-    result = lint(str(path))
+    return lint(str(path))
+
+
+def test_an_upward_import_between_top_level_modules_breaks_the_layers(tmp_path):
+    """The entry points below their engine: the check sees the imports of single-file modules, which grimp
+    alone does not scan."""
+    def swap(layers: list[str]) -> None:
+        i, j = layers.index("main_pretrain | main_finetune"), layers.index("engine_pretrain")
+        layers[i], layers[j] = layers[j], layers[i]
+
+    result = lint_reordered(tmp_path, swap)
     assert result.returncode != 0
     assert "main_pretrain -> engine_pretrain" in result.stdout
+
+
+def test_an_upward_import_from_a_package_into_a_top_level_module_breaks_the_layers(tmp_path):
+    """analysis/ at the bottom: its imports of top-level modules (external to grimp's packages) count too."""
+    def to_bottom(layers: list[str]) -> None:
+        layers.append(layers.pop(layers.index("analysis")))
+
+    result = lint_reordered(tmp_path, to_bottom)
+    assert result.returncode != 0
+    assert "analysis.finetuned -> main_finetune" in result.stdout
 
 
 def _toml(lint_config: dict) -> str:
