@@ -1,6 +1,6 @@
 """Finetuning: the step for the shared training loop, distributed evaluation, data selection, results.
 
-Training runs in ``engine_pretrain.train_one_epoch`` (through ``util.trainer.Trainer``); this file only
+Training runs in ``engine_pretrain.train_one_epoch`` (through ``engine_pretrain.Trainer``); this file only
 says how a batch becomes a loss (``make_finetune_step``) and how a split is scored (``evaluate``).
 
 Evaluation is sharded with ``StridedEvalSampler`` (rank r takes samples r, r + W, ...; no padding), and

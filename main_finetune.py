@@ -25,25 +25,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import backbones
 import engine_finetune as E
-from models_mixmim import ENCODER_CONFIGS, check_input_size, encoder_kwargs, valid_input_sizes
-from models_mixmim_ft import build_mixmim_ft
-from models_sen12_ft import PATCH_OPS, build_sen12_ft
-from models_vit import VIT_CONFIGS, build_vit
+from engine_pretrain import Trainer
+from models_mixmim import SWIN_WINDOWS, check_input_size, valid_input_sizes
+from models_sen12_ft import PATCH_OPS
+from sarwmix.datasets import build_dataset
 from sarwmix.errors import ConfigError
 from util import runner
 from util.checkpoint import args_dict, model_state
 from util.config import parse_with_config, run_cli
-from util.datasets import build_dataset
 from util.lr_decay import param_groups
 from util.metrics import BEN_METRICS, SEN12_METRICS
 from util.pretrained import checkpoint_epoch, load_pretrained, load_pretrained_file, read_pretrained
 from util.pss import PSS_KINDS, PatchSchedule, keep_count
-from util.trainer import Trainer
 
 log = logging.getLogger("sarwmix")
 DEFAULT_METRIC = {"ben": "mAP_macro", "sen12flood": "f1"}
-SWIN_WINDOWS: tuple[int, ...] = tuple(encoder_kwargs("mixmim_base")["window_size"])  # every mixmim_* size
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -123,17 +121,18 @@ def resolve_task(args: argparse.Namespace) -> None:
 
 
 def is_vit(name: str) -> bool:
-    return name in VIT_CONFIGS
+    """A backbone that drops patch tokens (--pss, --eval_rho): the ViTs."""
+    return name in backbones.names("token_drop")
 
 
 def check_backbone(args: argparse.Namespace) -> None:
     """The model name, and the flags only a ViT takes (--pss, --eval_rho), fit the task."""
-    vits = ", ".join(VIT_CONFIGS)
-    if args.model not in ENCODER_CONFIGS and not is_vit(args.model):
-        raise ConfigError(f"unknown model {args.model!r}; choices: {', '.join(ENCODER_CONFIGS)}, {vits}")
+    vits = ", ".join(backbones.names("token_drop"))
+    if args.model not in backbones.names("finetune"):
+        raise ConfigError(f"unknown model {args.model!r}; choices: {', '.join(backbones.names('finetune'))}")
     if is_vit(args.model) and args.task != "ben":
         raise ConfigError(f"--model {args.model}: {args.task} finetuning takes the Swin backbones "
-                          f"({', '.join(ENCODER_CONFIGS)}); the ViT backbones are for BigEarthNet")
+                          f"({', '.join(backbones.names('pair_finetune'))}); the ViT backbones are for BigEarthNet")
     if not is_vit(args.model):
         if args.pss != "none" or args.eval_rho != 1.0:
             flag = f"--pss {args.pss}" if args.pss != "none" else f"--eval_rho {args.eval_rho}"
@@ -219,11 +218,10 @@ def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     if args.nb_classes is not None and args.nb_classes != num_classes:
         raise ConfigError(f"--nb_classes {args.nb_classes} but the data set has {num_classes} classes")
     common = {"in_chans": len(args.channels), "drop_path_rate": args.drop_path}
-    if is_vit(args.model):
-        return build_vit(args.model, img_size=args.input_size, num_classes=num_classes, **common)
+    bb = backbones.get(args.model, "finetune")
     if args.task == "sen12flood":
-        return build_sen12_ft(args.model, num_classes, args.patch_op, img_size=args.tile_size, **common)
-    return build_mixmim_ft(args.model, num_classes, img_size=args.input_size, **common)
+        return bb.pair_finetune(num_classes, args.patch_op, img_size=args.tile_size, **common)
+    return bb.finetune(num_classes, img_size=args.input_size, **common)
 
 
 def optimizer_groups(args: argparse.Namespace, model) -> list[dict]:
@@ -333,6 +331,7 @@ def train(args, run, model, splits: dict) -> Path:
 
 def main(args: argparse.Namespace) -> dict:
     resolve_task(args)
+    backbones.check_args(args)
     run = runner.start(args, task=f"finetune ({args.task})", record=False)
     channels, init = tuple(args.channels), None
     if args.eval:  # read first: its stored args can decide the validation split

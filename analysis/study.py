@@ -270,7 +270,7 @@ def probe_curves(study: Study, ckpts: dict[str, Path], n_max: int = 512) -> pd.D
 
 def labelled_split(study: Study, split: str):
     """The labelled data set of the study, one split, at 128 px."""
-    from util.datasets import build_dataset
+    from sarwmix.datasets import build_dataset
 
     dataset, path = study.data["labelled"]
     return build_dataset(dataset, data_path=path, split=split, input_size=study.scale.input_size)

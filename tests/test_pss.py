@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import main_finetune
 import main_pretrain
-from models_simmim import build_simmim
+from backbones import build_simmim
 from models_vit import VisionTransformer, build_vit
 from sarwmix.errors import ConfigError
 from util.checkpoint import load_checkpoint
