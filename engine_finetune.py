@@ -1,6 +1,6 @@
 """Finetuning: the step for the shared training loop, distributed evaluation, results.
 
-Training runs in ``engine_pretrain.train_one_epoch`` (through ``util.trainer.Trainer``); this file only
+Training runs in ``engine_pretrain.train_one_epoch`` (through ``engine_pretrain.Trainer``); this file only
 says how a batch becomes a loss (``make_finetune_step``) and how a split is scored (``evaluate``). What
 differs between tasks (loss, target dtype, metrics) is asked of the task object (``tasks``), given as
 the object or by name.

@@ -25,22 +25,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import backbones
 import engine_finetune as E
-from models_mixmim import ENCODER_CONFIGS, check_input_size
+from engine_pretrain import Trainer, TrainSettings
+from models_mixmim import SWIN_WINDOWS, check_input_size
 from models_sen12_ft import PATCH_OPS
-from models_vit import VIT_CONFIGS, build_vit
+from sarwmix.datasets import build_dataset
 from sarwmix.errors import ConfigError
 from tasks import TASKS, get_task, task_for_dataset
-from tasks.base import SWIN_WINDOWS
 from util import runner
 from util.checkpoint import checkpoint_args, model_state
 from util.config import RunConfig, parse_with_config, run_cli
-from util.datasets import build_dataset
 from util.lr_decay import param_groups
 from util.pretrained import checkpoint_epoch, load_pretrained, load_pretrained_file, read_pretrained
 from util.pss import PSS_KINDS, PatchSchedule, keep_count
 from util.subsets import SubsetView, fraction_indices
-from util.trainer import Trainer, TrainSettings
 
 log = logging.getLogger("sarwmix")
 Config = argparse.Namespace | RunConfig  # parsed flags while they settle, the frozen configuration after
@@ -119,18 +118,20 @@ def resolve_task(args: argparse.Namespace) -> None:
 
 
 def is_vit(name: str) -> bool:
-    return name in VIT_CONFIGS
+    """A backbone that drops patch tokens (--pss, --eval_rho): the ViTs."""
+    return name in backbones.names("token_drop")
 
 
 def check_backbone(args: argparse.Namespace) -> None:
     """The model name, and the flags only a ViT takes (--pss, --eval_rho), fit the task."""
-    vits, task = ", ".join(VIT_CONFIGS), get_task(args.task)
-    if args.model not in ENCODER_CONFIGS and not is_vit(args.model):
-        raise ConfigError(f"unknown model {args.model!r}; choices: {', '.join(ENCODER_CONFIGS)}, {vits}")
-    if is_vit(args.model) and not task.takes_vit:
-        vit_tasks = ", ".join(t.title for t in TASKS.values() if t.takes_vit)
-        raise ConfigError(f"--model {args.model}: {args.task} finetuning takes the Swin backbones "
-                          f"({', '.join(ENCODER_CONFIGS)}); the ViT backbones are for {vit_tasks}")
+    vits, task = ", ".join(backbones.names("token_drop")), get_task(args.task)
+    finetunable = [n for n in backbones.BACKBONES if any(n in t.backbone_names() for t in TASKS.values())]
+    if args.model not in finetunable:
+        raise ConfigError(f"unknown model {args.model!r}; choices: {', '.join(finetunable)}")
+    if args.model not in task.backbone_names():
+        others = ", ".join(t.title for t in TASKS.values() if args.model in t.backbone_names())
+        raise ConfigError(f"--model {args.model}: {args.task} finetuning takes {', '.join(task.backbone_names())}; "
+                          f"{args.model} is finetuned on {others}")
     if not is_vit(args.model):
         if args.pss != "none" or args.eval_rho != 1.0:
             flag = f"--pss {args.pss}" if args.pss != "none" else f"--eval_rho {args.eval_rho}"
@@ -203,12 +204,10 @@ def build_splits(args: Config, world_size: int) -> dict:
 
 
 def build_model(args: Config, num_classes: int) -> torch.nn.Module:
-    """A ViT with its own head, or the task's finetuning model of a Swin backbone."""
+    """The task's finetuning model of the backbone ``--model`` (its wrapper from the backbone table)."""
     if args.nb_classes is not None and args.nb_classes != num_classes:
         raise ConfigError(f"--nb_classes {args.nb_classes} but the data set has {num_classes} classes")
     common = {"in_chans": len(args.channels), "drop_path_rate": args.drop_path}
-    if is_vit(args.model):
-        return build_vit(args.model, img_size=args.input_size, num_classes=num_classes, **common)
     return get_task(args.task).finetune_model(args, num_classes, **common)
 
 
@@ -343,7 +342,7 @@ def train(args: RunConfig, run: runner.Run, model, splits: dict) -> Path:
 
 
 def main(args: argparse.Namespace) -> dict:
-    resolve_task(args)
+    resolve_task(args)  # the backbone and the side its encoder sees, as the task has them
     run = runner.start(args, task=f"finetune ({args.task})", record=False)
     chosen, ckpt, init = read_checkpoints(args, run)
     args = runner.record_config(run, args)  # settled (config.yaml written): read-only from here on

@@ -13,15 +13,14 @@ import logging
 
 import torch
 
-from engine_pretrain import make_pretrain_step, save_reconstructions
+import backbones
+from engine_pretrain import Trainer, TrainSettings, make_pretrain_step, save_reconstructions
+from sarwmix.datasets import DATASET_NAMES
 from sarwmix.errors import ConfigError
 from sarwmix.weighting import GRANULARITIES, WEIGHT_NORMS, WEIGHTINGS, check_weight_norm
 from util import runner
 from util.config import parse_with_config, run_cli
-from util.datasets import DATASET_NAMES
-from util.export_backbone import BackboneExporter
 from util.probe import ProbeMonitor, build_probe_sets
-from util.trainer import Trainer, TrainSettings
 
 log = logging.getLogger("sarwmix")
 PRETRAIN_MODES = ("mixmim", "simmim")
@@ -85,15 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """The pretraining model of ``--mode`` for ``--model`` (validated before anything is built)."""
     if args.mode == "simmim":
-        from models_simmim import build_simmim
-
-        return build_simmim(args.model, img_size=args.input_size, in_chans=len(args.channels),
-                            mask_ratio=args.mask_ratio, mask_patch_size=args.mask_patch_size, loss=args.loss)
-    from models_mixmim import build_mixmim
-
-    return build_mixmim(args.model, img_size=args.input_size, in_chans=len(args.channels),
-                        mask_ratio=args.mask_ratio, range_mask_ratio=args.range_mask_ratio,
-                        norm_pix_loss=args.norm_pix_loss)
+        kwargs = {"mask_patch_size": args.mask_patch_size, "loss": args.loss}
+    else:
+        kwargs = {"range_mask_ratio": args.range_mask_ratio, "norm_pix_loss": args.norm_pix_loss}
+    return backbones.build_pretrain(args.mode, args.model, args.input_size, len(args.channels),
+                                    mask_ratio=args.mask_ratio, **kwargs)
 
 
 def probe_monitor(args: argparse.Namespace, run: runner.Run, encoder: torch.nn.Module,
@@ -116,6 +111,7 @@ def probe_monitor(args: argparse.Namespace, run: runner.Run, encoder: torch.nn.M
 
 def main(args: argparse.Namespace) -> dict:
     other_modes = [flag for mode, flags in MODE_ONLY_FLAGS.items() if mode != args.mode for flag in flags]
+    backbones.check_args(args)
     run = runner.start(args, task="pretrain", not_applicable=other_modes)
     args = run.config  # settled and read-only from here on
     dataset = runner.build_train_data(args, run)
@@ -127,7 +123,7 @@ def main(args: argparse.Namespace) -> dict:
                               weight_norm=args.weight_norm, weight_norm_low=args.weight_norm_low,
                               weight_norm_high=args.weight_norm_high)
     # SimMIM: the encoder alone, for finetuning elsewhere (per --save_freq epoch and at the end).
-    exporter = (BackboneExporter(args.output_dir, args.model, args.save_freq, run.info.is_main)
+    exporter = (backbones.BackboneExporter(args.output_dir, args.model, args.save_freq, run.info.is_main)
                 if args.mode == "simmim" else None)
     monitor = probe_monitor(args, run, model.encoder if args.mode == "simmim" else model, dataset.stats)
     trainer = Trainer(TrainSettings.of(args), run, model, dataset, step, evaluate=exporter, on_epoch_end=monitor)

@@ -21,8 +21,10 @@ from torch.utils.checkpoint import checkpoint
 
 from sarwmix.errors import ConfigError
 from sarwmix.masking import flip_batch, pixel_mask, sample_mixing_mask, upsample_mask
-from util.pos_embed import sincos_2d
+from util.pos_embed import relative_position_index, sincos_2d
 
+# Per-stage attention windows of every mixmim_* encoder (a window larger than its stage grid is clamped).
+SWIN_WINDOWS: tuple[int, ...] = (8, 8, 8, 4)
 # Large negative logit for token pairs from different source images (exp() underflows to exactly 0).
 MASKED_LOGIT = -1e30
 
@@ -39,13 +41,6 @@ def window_reverse(x: torch.Tensor, w: int, h: int, wd: int) -> torch.Tensor:
     b, _, _, c = x.shape
     x = x.view(b, h // w, wd // w, w, w, c).transpose(2, 3)
     return x.reshape(b, h, wd, c)
-
-
-def relative_position_index(w: int) -> torch.Tensor:
-    """Swin's (w*w, w*w) index into a ((2w-1)^2, heads) relative-position bias table."""
-    coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (w - 1)
-    return rel[..., 0] * (2 * w - 1) + rel[..., 1]
 
 
 def window_mixing_bias(mask: torch.Tensor, grid: int, w: int, dtype: torch.dtype) -> torch.Tensor:
@@ -209,7 +204,7 @@ class SwinEncoder(nn.Module):
 
     def __init__(self, img_size: int = 128, patch_size: int = 4, in_chans: int = 2, embed_dim: int = 128,
                  depths: tuple[int, ...] = (2, 2, 18, 2), num_heads: tuple[int, ...] = (4, 8, 16, 32),
-                 window_size: tuple[int, ...] = (8, 8, 8, 4), mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 window_size: tuple[int, ...] = SWIN_WINDOWS, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path_rate: float = 0.0) -> None:
         super().__init__()
         check_input_size(img_size, tuple(window_size))
@@ -439,7 +434,7 @@ def encoder_kwargs(name: str, **overrides) -> dict:
     """Keyword arguments of ``SwinEncoder`` for a model name; ConfigError listing choices if unknown."""
     if name not in ENCODER_CONFIGS:
         raise ConfigError(f"unknown model {name!r}; choices: {', '.join(MODEL_NAMES)}")
-    base = dict(img_size=128, patch_size=4, in_chans=2, window_size=(8, 8, 8, 4), mlp_ratio=4.0, qkv_bias=True)
+    base = dict(img_size=128, patch_size=4, in_chans=2, window_size=SWIN_WINDOWS, mlp_ratio=4.0, qkv_bias=True)
     return {**base, **ENCODER_CONFIGS[name], **overrides}
 
 

@@ -13,24 +13,17 @@ and ``PixelShuffle(stride)``. Loss (L1, or MSE with ``loss="mse"``) on masked pi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import timm
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from models_mixmim import ENCODER_CONFIGS, SwinEncoder, encoder_kwargs, unpatchify
-from models_mixmim import valid_input_sizes as swin_valid_sizes
-from models_vit import VIT_CONFIGS, MaskedPatchHead, build_vit
+from models_mixmim import SwinEncoder, encoder_kwargs, unpatchify
+from models_vit import MaskedPatchHead, build_vit
 from sarwmix.errors import ConfigError
 from sarwmix.masking import pixel_mask, sample_simmim_mask, upsample_mask
 
 LOSSES: tuple[str, ...] = ("l1", "mse")
-SWIN_WINDOWS: tuple[int, ...] = (8, 8, 8, 4)  # the project's Swin (models_mixmim.encoder_kwargs)
-# Valid input sizes of the timm Swins by window, exactly the seed-000 table (v1 has a fixed resolution).
-TIMM_SWIN_SIZES: dict[int, tuple[int, ...]] = {
-    7: (224,), 8: (128, 192, 256, 320, 384, 512), 16: (256, 320, 384, 512),
-}
 
 
 class SimMIM(nn.Module):
@@ -156,8 +149,6 @@ class SimMIMTimmSwin(SimMIM):
     """
 
     def __init__(self, timm_name: str, img_size: int, in_chans: int, **kwargs) -> None:
-        import timm
-
         # drop_path 0 for pretraining (SimMIM's recipe; timm's Swin default is 0.1).
         enc = timm.create_model(timm_name, pretrained=False, in_chans=in_chans, img_size=img_size,
                                 num_classes=0, drop_path_rate=0.0)
@@ -208,84 +199,8 @@ class SimMIMViT(SimMIM):
         return unpatchify(pred, self.patch_size, self.in_chans)
 
 
-@dataclass(frozen=True)
-class Backbone:
-    """A ``--model`` choice of SimMIM mode: its wrapper class, the name it builds, patch and window sizes."""
-
-    cls: type[SimMIM]
-    arch: str
-    patch: int = 4
-    window: int | None = None  # timm Swins: the seed's size table is keyed by it
-
-    @property
-    def geometry(self) -> str:
-        if self.cls is SimMIMSwin:
-            return f"patch {self.patch}, windows {list(SWIN_WINDOWS)}"
-        return f"patch {self.patch}" + (f", window {self.window}" if self.window else "")
-
-
-SIMMIM_BACKBONES: dict[str, Backbone] = {
-    **{name: Backbone(SimMIMSwin, name) for name in ENCODER_CONFIGS},
-    "swin_tiny": Backbone(SimMIMTimmSwin, "swin_tiny_patch4_window7_224", window=7),
-    "swin_small": Backbone(SimMIMTimmSwin, "swin_small_patch4_window7_224", window=7),
-    "swinv2_tiny_w8": Backbone(SimMIMTimmSwin, "swinv2_tiny_window8_256", window=8),
-    "swinv2_tiny_w16": Backbone(SimMIMTimmSwin, "swinv2_tiny_window16_256", window=16),
-    "swinv2_small_w8": Backbone(SimMIMTimmSwin, "swinv2_small_window8_256", window=8),
-    "swinv2_small_w16": Backbone(SimMIMTimmSwin, "swinv2_small_window16_256", window=16),
-    **{name: Backbone(SimMIMViT, name, patch=16) for name in VIT_CONFIGS},
-}
-
-
 def check_mask_grid(img_size: int, patch_size: int, mask_patch_size: int) -> None:
     """The mask cells must be whole patches and tile the image."""
     if mask_patch_size % patch_size or img_size % mask_patch_size:
         raise ConfigError(f"--mask_patch_size {mask_patch_size} must be a multiple of the patch size "
                           f"{patch_size} and divide --input_size {img_size}")
-
-
-def valid_sizes(name: str, mask_patch_size: int = 32) -> list[int]:
-    """Input sizes accepted for backbone ``name`` with this mask cell (up to 512 px)."""
-    bb = backbone(name)
-    if bb.cls is SimMIMTimmSwin:
-        sizes = list(TIMM_SWIN_SIZES[bb.window])
-    elif bb.cls is SimMIMSwin:
-        sizes = swin_valid_sizes(SWIN_WINDOWS, 512)
-    else:
-        sizes = list(range(bb.patch, 513, bb.patch))
-    return [s for s in sizes if s % mask_patch_size == 0]
-
-
-def backbone(name: str) -> Backbone:
-    if name not in SIMMIM_BACKBONES:
-        raise ConfigError(f"unknown SimMIM backbone {name!r}; choices: {', '.join(SIMMIM_BACKBONES)}")
-    return SIMMIM_BACKBONES[name]
-
-
-def check_simmim_size(name: str, img_size: int, mask_patch_size: int = 32) -> None:
-    """Refuse an input size (or mask cell) that ``name`` cannot take, naming the valid sizes."""
-    bb = backbone(name)
-    if mask_patch_size % bb.patch:
-        raise ConfigError(f"--mask_patch_size {mask_patch_size} is not a multiple of the patch size "
-                          f"{bb.patch} of {name}")
-    valid = valid_sizes(name, mask_patch_size)
-    if not valid:  # no --input_size can help: the mask cell is what to change
-        raise ConfigError(f"--mask_patch_size {mask_patch_size} divides none of the input sizes of {name} "
-                          f"({bb.geometry}): {', '.join(map(str, valid_sizes(name, bb.patch)))}")
-    if img_size not in valid:
-        raise ConfigError(f"--input_size {img_size} is not valid for {name} ({bb.geometry}, mask cell "
-                          f"{mask_patch_size}); valid sizes: {', '.join(map(str, valid))}")
-
-
-def build_simmim(name: str, img_size: int, in_chans: int, mask_ratio: float = 0.6, mask_patch_size: int = 32,
-                 loss: str = "l1") -> SimMIM:
-    """A SimMIM model, e.g. ``build_simmim("swinv2_tiny_w8", img_size=256, in_chans=1)``."""
-    check_simmim_size(name, img_size, mask_patch_size)
-    bb = SIMMIM_BACKBONES[name]
-    return bb.cls(bb.arch, img_size=img_size, in_chans=in_chans, mask_ratio=mask_ratio,
-                  mask_patch_size=mask_patch_size, loss=loss)
-
-
-def timm_name(name: str) -> str | None:
-    """The timm model name behind a SimMIM backbone, or None for the project's own encoders."""
-    bb = SIMMIM_BACKBONES.get(name)
-    return bb.arch if bb is not None and bb.cls is SimMIMTimmSwin else None

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+import backbones
 import engine_finetune as E
 import main_finetune
+from analysis.logs import output_parser
 from sarwmix.errors import ConfigError
 from util import runner
 from util.checkpoint import checkpoint_args, load_checkpoint, model_state
@@ -56,8 +58,6 @@ class Finetuned:
 
 def script_parser(description: str) -> argparse.ArgumentParser:
     """``main_finetune.py``'s parser plus the analysis output flags, ``CHECKPOINT`` and ``--split``."""
-    from analysis.logs import output_parser
-
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False, conflict_handler="resolve",
                                      parents=[main_finetune.get_args_parser(), output_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,9 +79,9 @@ def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None) -
     parser.set_defaults(**checkpoint_args(ckpt).pick(INHERITED))
     args = parse_with_config(parser, argv, extra=runner.override_values)
     main_finetune.resolve_task(args)
-    if not main_finetune.is_vit(args.model):
+    if args.model not in backbones.names("token_drop"):
         raise ConfigError(f"{args.checkpoint}: model {args.model!r} is not a ViT; token dropping needs one of "
-                          f"{', '.join(main_finetune.VIT_CONFIGS)}")
+                          f"{', '.join(backbones.names('token_drop'))}")
     if args.out is None:
         args.out = args.checkpoint.parent
     return args, ckpt

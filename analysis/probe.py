@@ -6,7 +6,7 @@ Usage::
         --random_init mixmim_tiny --handcrafted --dataset synthetic --samples 1024 --out figures/probe
 
 A checkpoint is this project's pretraining ``checkpoint.pth`` / ``checkpoint_<N>.pth`` (MixMIM or SimMIM),
-the released ``checkpoint_64.pth``, a finetuned checkpoint, or an exported backbone (``util.export_backbone``;
+the released ``checkpoint_64.pth``, a finetuned checkpoint, or an exported backbone (``python -m util.export_backbone``;
 a plain state dict, which needs ``--model``). Its encoder (``mixmim_*`` Swin or ``vit_*``) is built from the
 checkpoint's recorded ``args`` (``model``, ``input_size``, ``channels``) or from the flags, and its weights go
 in through ``util.pretrained.load_pretrained`` (decoder and head dropped, position tables resized).
@@ -27,10 +27,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+import backbones
 from sarwmix.constants import CHANNELS
+from sarwmix.datasets import DATASET_NAMES
 from sarwmix.errors import SarwmixError
 from util.checkpoint import checkpoint_args, load_checkpoint, model_state
-from util.datasets import DATASET_NAMES
 from util.pretrained import load_pretrained
 from util.probe import build_probe_sets, handcrafted_features, pooled_features, probe_metrics
 
@@ -40,16 +41,9 @@ COLUMNS: tuple[str, ...] = ("checkpoint", "protocol", "metric", "value")
 
 def build_encoder(name: str, img_size: int, in_chans: int) -> torch.nn.Module:
     """A freshly initialised encoder with ``forward_features``: the project's Swin or a plain ViT."""
-    from models_mixmim import ENCODER_CONFIGS, SwinEncoder, encoder_kwargs
-    from models_vit import VIT_CONFIGS, build_vit
-
-    if name in ENCODER_CONFIGS:
-        enc = SwinEncoder(**encoder_kwargs(name, img_size=img_size, in_chans=in_chans))
-        enc.init_weights()
-        return enc
-    if name in VIT_CONFIGS:
-        return build_vit(name, img_size=img_size, in_chans=in_chans)
-    raise SarwmixError(f"model {name!r}: the probe builds {', '.join([*ENCODER_CONFIGS, *VIT_CONFIGS])}")
+    if name not in backbones.names("finetune"):
+        raise SarwmixError(f"model {name!r}: the probe builds {', '.join(backbones.names('finetune'))}")
+    return backbones.BACKBONES[name].encoder(img_size, in_chans)
 
 
 def checkpoint_encoder(path: Path, model: str | None, input_size: int | None,

@@ -38,10 +38,10 @@ from sarwmix.constants import CHANNELS
 from sarwmix.errors import CheckpointError, DataError
 from sarwmix.geotiff import read_band
 from sarwmix.masking import pixel_mask
+from sarwmix.patches import resize_db
 from sarwmix.weighting import WEIGHTINGS, weight_map
 from util.augment import normalize
 from util.checkpoint import check_keys, check_shapes, checkpoint_args, load_checkpoint, model_state
-from util.datasets import resize_db
 
 log = logging.getLogger("sarwmix")
 REPO = Path(__file__).resolve().parents[1]

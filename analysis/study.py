@@ -76,7 +76,7 @@ class Scale:
     pretrain_batch: int = 64
     mask_ratio: float | None = None
     # Short runs: the standardised per-patch target drops each cell's level, which is half of what tells the
-    # covers apart; without it the probe of the encoder rose faster (README, Results).
+    # covers apart; without it the probe of the encoder rose faster (docs/RESULTS.md).
     norm_pix_loss: bool = False
     finetune_epochs: int = 4  # at fraction 1.0; see finetune_epochs()
     finetune_lr: float | None = 1e-3
@@ -270,7 +270,7 @@ def probe_curves(study: Study, ckpts: dict[str, Path], n_max: int = 512) -> pd.D
 
 def labelled_split(study: Study, split: str):
     """The labelled data set of the study, one split, at 128 px."""
-    from util.datasets import build_dataset
+    from sarwmix.datasets import build_dataset
 
     dataset, path = study.data["labelled"]
     return build_dataset(dataset, data_path=path, split=split, input_size=study.scale.input_size)

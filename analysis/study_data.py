@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from sarwmix.bigearthnetv1 import target_from_names
+from sarwmix.packed_format import PackedWriter
+from sarwmix.synthetic import generate_patch
+
 PRETRAIN_SEED, LABELLED_SEED = 101, 202
 
 
 def _generate(job: tuple[int, str]) -> tuple[np.ndarray, np.ndarray]:
     """(seed, scene) -> (sar_db float32 (2, 120, 120), 43-class multi-hot uint8 (43,))."""
-    from sarwmix.bigearthnetv1 import target_from_names
-    from sarwmix.synthetic import generate_patch
-
     seed, scene = job
     sar_db, _, labels = generate_patch(seed, scene=scene)
     return sar_db, target_from_names(labels, 43, "synthetic")
@@ -35,8 +36,6 @@ def write_packed(out: Path, splits: dict[str, int], base_seed: int, scene: str, 
     Returns:
         ``out``; an existing finished folder (``packed.json`` present) is kept as it is.
     """
-    from sarwmix.packed import PackedWriter
-
     if (Path(out) / "packed.json").is_file():
         return Path(out)
     names = [(split, i) for split, count in splits.items() for i in range(count)]

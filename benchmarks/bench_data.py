@@ -6,7 +6,7 @@ needs no download. One thread, one process, warm page cache (each format is read
 
     python benchmarks/bench_data.py [--n 500] [--min_seconds 2]
 
-``--workers N ...`` measures instead what the training loader (``util.trainer.make_loader``: batches of
+``--workers N ...`` measures instead what the training loader (``engine_pretrain.make_loader``: batches of
 raw dB patches, the weight map being computed on the device) delivers from the packed format with N worker
 processes, against the rate at which one GPU's step consumes images: ``--step_img_s`` or the fastest row
 of a ``bench_pretrain.py`` table (``--step_table``). The packed set is ``--packed_path`` or ``--n`` synthetic
@@ -27,14 +27,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine_pretrain import make_loader  # noqa: E402
+from sarwmix.bigearthnetv2 import load_metadata, select_split, targets_from_labels  # noqa: E402
+from sarwmix.constants import BEN_19_CLASSES  # noqa: E402
+from sarwmix.datasets import build_dataset  # noqa: E402
 from sarwmix.packed import convert, convert_synthetic  # noqa: E402
 from sarwmix.synthetic import write_benv1, write_benv1_zarr, write_benv2, write_benv2_lmdb
-from util.datasets import build_dataset  # noqa: E402
-from util.trainer import make_loader  # noqa: E402
 
 # (label, dataset name, sub-folder written by the setup below)
 FORMATS = (
@@ -74,12 +78,6 @@ def samples_per_second(dataset: torch.utils.data.Dataset, min_seconds: float) ->
 
 def time_v2_index(root: Path, rows: int, seed: int) -> dict[str, float]:
     """Seconds to load a ``rows``-row metadata parquet (real size: 480,038) and index its train split."""
-    import numpy as np
-    import pandas as pd
-
-    from sarwmix.bigearthnetv2 import load_metadata, select_split, targets_from_labels
-    from sarwmix.constants import BEN_19_CLASSES
-
     rng = np.random.default_rng(seed)
     # A pool of label combinations stands in for the real ones (a few thousand distinct lists).
     pool = [list(rng.choice(BEN_19_CLASSES, size=rng.integers(1, 6), replace=False)) for _ in range(4000)]

@@ -41,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import device_timing as dev  # noqa: E402  (same folder)
 
-from engine_pretrain import make_pretrain_step  # noqa: E402
+import backbones  # noqa: E402
+from engine_pretrain import adamw, make_pretrain_step  # noqa: E402
+from sarwmix.constants import CHANNELS  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
 from util.misc import CPU_MEMORY_MODES, cpu_supports_bf16, time_round_robin, tune_cpu_memory  # noqa: E402
-from util.trainer import adamw  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 # Paths of one setting, in table order: the released code's step, the training default, and its variants.
@@ -65,10 +66,7 @@ class Setting:
 
 def build(s: Setting, path: str):
     """Model, the callable that runs it (compiled or not) and the training optimizer, for one path."""
-    import main_pretrain
-
-    args = main_pretrain.parse_args(["--model", s.model, "--mode", s.mode, "--input_size", str(s.img)])
-    model = main_pretrain.build_model(args).to(s.device)
+    model = backbones.build_pretrain(s.mode, s.model, s.img, len(CHANNELS)).to(s.device)  # the flags' defaults
     eager = path == "eager"
     for m in model.modules():
         if hasattr(m, "attn_impl"):

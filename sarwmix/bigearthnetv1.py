@@ -31,11 +31,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, CHANNELS
 from sarwmix.errors import ConfigError, DataError, SarwmixError
 from sarwmix.geotiff import PATCH_SIZE, read_band, validate_band
-from util.datasets import PatchDataset
+from sarwmix.patches import PatchDataset
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ class BenV1Folder(PatchDataset):
         split: ``train | val | test``.
         split_file: explicit split list (S2 names, S1 names, or two-column S2,S1 CSV).
         include_snow_cloud: keep patches of the seasonal-snow and cloud/shadow lists.
-        input_size, channels, label_set, skip_bad: see ``util.datasets.PatchDataset``.
+        input_size, channels, label_set, skip_bad: see ``sarwmix.patches.PatchDataset``.
     """
 
     def __init__(self, data_path: str | Path, split: str, *, input_size: int = 128,
@@ -284,8 +285,6 @@ class BenV1Folder(PatchDataset):
 
 def s2_to_s1_from_json(root: Path, s1_names: Sequence[str]) -> dict[str, str]:
     """S2 -> S1 name mapping from ``corresponding_s2_patch`` of each labels JSON (one pass, with progress)."""
-    from tqdm import tqdm
-
     mapping = {}
     for name in tqdm(s1_names, desc="S2->S1 names from labels JSON", disable=len(s1_names) < 5000):
         path = root / name / f"{name}{LABELS_JSON_SUFFIX}"
@@ -402,7 +401,6 @@ def to_zarr(src: str | Path, out: str | Path, zarr_format: int = 3, skip_bad: bo
         counts ``{"written", "kept", "skipped"}``.
     """
     import zarr
-    from tqdm import tqdm
 
     if zarr_format not in (2, 3):
         raise ConfigError(f"--zarr_format {zarr_format}: expected 2 or 3")

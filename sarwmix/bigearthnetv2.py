@@ -22,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
 
 from sarwmix.bigearthnetv1 import list_subdirs
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, CHANNELS
 from sarwmix.errors import ConfigError, DataError
 from sarwmix.geotiff import PATCH_SIZE, read_band, validate_band
-from util.datasets import PatchDataset
+from sarwmix.patches import PatchDataset
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +179,7 @@ class BenV2Folder(_BenV2Base):
         split: ``train | validation | test`` (``val`` accepted).
         metadata_file: explicit metadata parquet/CSV.
         include_snow_cloud: also read the snow/cloud metadata file and keep flagged patches.
-        input_size, channels, label_set, skip_bad: see ``util.datasets.PatchDataset``.
+        input_size, channels, label_set, skip_bad: see ``sarwmix.patches.PatchDataset``.
     """
 
     def __init__(self, data_path: str | Path, split: str, *, metadata_file: str | None = None,
@@ -218,9 +220,6 @@ def decode_lmdb_value(value: bytes, where: str) -> np.ndarray:
     Raises:
         DataError: a pickled value (refused), a malformed value, or missing / malformed bands.
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
     try:
         bands = load(bytes(value))
     except SafetensorError as err:
@@ -305,6 +304,4 @@ class BenV2Lmdb(_BenV2Base):
 
 def encode_lmdb_value(sar_db: np.ndarray) -> bytes:
     """float32 (2, 120, 120) [VH, VV] -> the safetensors value of the rico-hdl LMDB."""
-    from safetensors.numpy import save
-
     return save({band: np.ascontiguousarray(sar_db[c], dtype=np.float32) for c, band in enumerate(CHANNELS)})

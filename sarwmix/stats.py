@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sarwmix.constants import CHANNELS
+from sarwmix.datasets import DATASET_NAMES, build_dataset
 from sarwmix.errors import DataError, SarwmixError
 
 
@@ -58,7 +59,7 @@ def dataset_stats(dataset: torch.utils.data.Dataset, max_samples: int | None = N
     """Per-channel mean / std in dB of a data set under both std conventions.
 
     Args:
-        dataset: yields (sar_db (C, H, W), target), e.g. from ``util.datasets.build_dataset``.
+        dataset: yields (sar_db (C, H, W), target), e.g. from ``sarwmix.datasets.build_dataset``.
         max_samples: use only ``max_samples`` items, evenly spaced over the data set (readers sort by
             patch name, so the first items would all come from a few acquisitions).
         num_workers: DataLoader worker processes.
@@ -91,8 +92,6 @@ def dataset_stats(dataset: torch.utils.data.Dataset, max_samples: int | None = N
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sarwmix.stats --dataset NAME --data_path P [--split train] [--input_size 128] [--json]``."""
-    from util.datasets import DATASET_NAMES, build_dataset
-
     parser = argparse.ArgumentParser(prog="python -m sarwmix.stats",
                                      description="Per-channel mean/std (dB) of a data set, both conventions.")
     parser.add_argument("--dataset", required=True, choices=[n for n in DATASET_NAMES if n != "sen12flood"])

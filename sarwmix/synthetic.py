@@ -15,12 +15,25 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from rasterio.crs import CRS
 
 from sarwmix import synthetic_structured as S
+from sarwmix.bigearthnetv1 import (
+    CLOUD_LIST,
+    LABELS_JSON_SUFFIX,
+    SNOW_LIST,
+    V1_FOLDER,
+    target_from_names,
+    write_zarr_patch,
+)
+from sarwmix.bigearthnetv2 import LMDB_FOLDER, METADATA_FILE, S1_FOLDER, SNOW_CLOUD_FILE, BenV2Folder, encode_lmdb_value
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, CHANNELS
 from sarwmix.errors import ConfigError, SarwmixError
 from sarwmix.geotiff import utm_transform, write_band
-from util.datasets import PatchDataset
+from sarwmix.packed_format import PackedWriter
+from sarwmix.patches import PatchDataset
+from sarwmix.sen12flood_synthetic import write_sen12flood
 
 # Land cover -> (VV dB, VH dB, field-to-field spread dB, fine texture std dB, sampling weight).
 # Levels are typical C-band values at ~35 deg incidence: open water dark (specular), urban bright
@@ -330,8 +343,6 @@ def _write_lines(path: Path, rows: list[str]) -> None:
 def write_v1_lists(out: Path, records: list[dict]) -> None:
     """Official-style lists: ``splits/<split>.csv`` (S2 names), ``splits/<split>_s2_s1.csv`` (two columns)
     and the snow / cloud exclusion lists (S2 names) in ``out``."""
-    from sarwmix.bigearthnetv1 import CLOUD_LIST, SNOW_LIST
-
     for split in ("train", "val", "test"):
         rows = [r for r in records if r["split"] == split and not (r["snow"] or r["cloud"])]
         _write_lines(out / "splits" / f"{split}.csv", [r["s2_name"] for r in rows])
@@ -342,8 +353,6 @@ def write_v1_lists(out: Path, records: list[dict]) -> None:
 
 def v1_labels_json(record: dict, labels: list[str]) -> dict:
     """The ``<patch>_labels_metadata.json`` content of a record (every key of the real files)."""
-    from rasterio.crs import CRS
-
     ulx, uly = record["ulx"], record["uly"]
     return {"labels": labels,
             "coordinates": {"ulx": ulx, "uly": uly, "lrx": ulx + 1200.0, "lry": uly - 1200.0},
@@ -365,8 +374,6 @@ def write_benv1(out: Path, n: int, seed: int = 0, scene: str = "mosaic") -> Path
     Returns:
         the patch folder ``out/BigEarthNet-S1-v1.0``.
     """
-    from sarwmix.bigearthnetv1 import LABELS_JSON_SUFFIX, V1_FOLDER
-
     root = Path(out) / V1_FOLDER
     records = patch_records(n, seed)
     for record, sar_db, labels in _patches(records, scene):
@@ -384,7 +391,6 @@ def write_benv1_zarr(out: Path, n: int, seed: int = 0, zarr_format: int = 3, sce
     """The BigEarthNet v1 Zarr container (``out/BigEarthNet-S1-v1.0.zarr``) + split and exclusion lists."""
     import zarr
 
-    from sarwmix.bigearthnetv1 import V1_FOLDER, write_zarr_patch
 
     path = Path(out) / f"{V1_FOLDER}.zarr"
     patches = zarr.open_group(str(path), mode="w", zarr_format=zarr_format).require_group("sentinel1")
@@ -397,10 +403,6 @@ def write_benv1_zarr(out: Path, n: int, seed: int = 0, zarr_format: int = 3, sce
 
 def write_v2_metadata(out: Path, records: list[dict], labels19: list[list[str]]) -> None:
     """``metadata.parquet`` (unflagged patches) and the snow/cloud parquet (flagged ones) in ``out``."""
-    import pandas as pd
-
-    from sarwmix.bigearthnetv2 import METADATA_FILE, SNOW_CLOUD_FILE
-
     table = pd.DataFrame({
         "patch_id": [r["patch_id"] for r in records], "labels": labels19,
         "split": [{"val": "validation"}.get(r["split"], r["split"]) for r in records],
@@ -423,8 +425,6 @@ def _v2_labels(labels43: list[str]) -> list[str]:
 
 def write_benv2(out: Path, n: int, seed: int = 0, scene: str = "mosaic") -> Path:
     """BigEarthNet v2 S1 folder layout (``out/BigEarthNet-S1/<product>/<patch>/``) + metadata parquet files."""
-    from sarwmix.bigearthnetv2 import S1_FOLDER, BenV2Folder
-
     records, labels19 = patch_records(n, seed), []
     for record, sar_db, labels in _patches(records, scene):
         folder = Path(out) / S1_FOLDER / BenV2Folder.product_folder(record["s1_name"]) / record["s1_name"]
@@ -440,8 +440,6 @@ def write_benv2_lmdb(out: Path, n: int, seed: int = 0, scene: str = "mosaic") ->
     """The rico-hdl LMDB (``out/BigEarthNet_LMDB``, safetensors values keyed by S1 name) + metadata."""
     import lmdb
 
-    from sarwmix.bigearthnetv2 import LMDB_FOLDER, encode_lmdb_value
-
     records, labels19 = patch_records(n, seed), []
     Path(out).mkdir(parents=True, exist_ok=True)
     env = lmdb.open(str(Path(out) / LMDB_FOLDER), map_size=max(n, 1) * 200_000 + 2**24)
@@ -454,6 +452,21 @@ def write_benv2_lmdb(out: Path, n: int, seed: int = 0, scene: str = "mosaic") ->
     return Path(out)
 
 
+def convert_synthetic(out: str | Path, n: int, seed: int = 0, dtype: str = "float32",
+                      shard_size: int = 4096, scene: str = "mosaic") -> Path:
+    """Pack ``n`` synthetic patches with the names, splits and flags of ``sarwmix.synthetic.patch_records``
+    (snow/cloud-flagged ones left out, as in the v1 lists), 43-class labels, BENv1 statistics; ``scene``
+    as in ``sarwmix.synthetic.generate_patch``."""
+    writer = PackedWriter(out, dtype, shard_size)
+    for record in patch_records(n, seed):
+        if record["snow"] or record["cloud"]:
+            continue
+        sar_db, _, labels = generate_patch(record["seed"], scene=scene)
+        writer.add(record["s1_name"], record["split"], sar_db, target_from_names(labels, 43, "synthetic"))
+    source = f"synthetic:n={n},seed={seed}" + (f",scene={scene}" if scene != "mosaic" else "")
+    return writer.close(stats="benv1", source=source)
+
+
 def write_format(fmt: str, out: Path, n: int, seed: int = 0, scene: str = "mosaic") -> Path:
     """Write ``n`` seeded synthetic patches (or SEN12-FLOOD sequences) in format ``fmt`` under ``out``
     (``scene``: see ``generate_patch``; SEN12-FLOOD sequences have their own generator)."""
@@ -462,13 +475,9 @@ def write_format(fmt: str, out: Path, n: int, seed: int = 0, scene: str = "mosai
     if n < 1:
         raise ConfigError(f"--n {n}: expected at least 1")
     if fmt == "sen12flood":
-        from sarwmix.sen12flood_synthetic import write_sen12flood
-
         write_sen12flood(Path(out), n, seed)
         return Path(out)
     if fmt == "packed":
-        from sarwmix.packed import convert_synthetic
-
         return convert_synthetic(Path(out), n, seed, scene=scene)
     writer = {"benv1": write_benv1, "benv1_zarr": write_benv1_zarr, "benv2": write_benv2,
               "benv2_lmdb": write_benv2_lmdb}[fmt]

@@ -3,7 +3,8 @@
 Adding a task: write its module (a ``tasks.base.Task`` subclass and one instance) and add the instance to
 the tuple below. See ``docs/TASKS.md``.
 
-Layer: with the models (a task builds its finetuning model); engines, entry points and analysis import it.
+Layer: above the backbone table (a task builds its model with a ``backbones`` wrapper) and below the engines;
+engines, entry points and analysis import it.
 """
 from __future__ import annotations
 

@@ -6,17 +6,15 @@ the engine and the analysis scripts ask it; no other code compares task names. T
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from models_mixmim import encoder_kwargs
+import backbones
 from sarwmix.errors import ConfigError
-
-SWIN_WINDOWS: tuple[int, ...] = tuple(encoder_kwargs("mixmim_base")["window_size"])  # every mixmim_* size
 
 
 class Task:
@@ -32,7 +30,9 @@ class Task:
         metrics: the names ``scores`` returns (higher is better), the valid ``--select_metric`` values.
         default_metric: the metric that picks ``checkpoint_best.pth`` unless ``--select_metric`` is given.
         default_input_size: ``--input_size`` when not given.
-        takes_vit: the plain ViT backbones (``models_vit``, with their own head) may be finetuned on it.
+        backbone_role: the wrapper of the backbone table (``backbones.Backbone``) the task's model is built
+            with: ``finetune`` (one image -> logits) or ``pair_finetune`` (a pair of tiled images -> logits);
+            the backbones that have it are the ``--model`` choices of the task.
     """
 
     name: str = ""
@@ -41,7 +41,7 @@ class Task:
     metrics: tuple[str, ...] = ()
     default_metric: str = ""
     default_input_size: int = 128
-    takes_vit: bool = False
+    backbone_role: str = "finetune"
 
     # --- configuration ------------------------------------------------------------------------------
 
@@ -58,8 +58,21 @@ class Task:
 
     # --- model and loss -----------------------------------------------------------------------------
 
+    def backbone_names(self) -> list[str]:
+        """The ``--model`` values of this task: the backbones whose table entry has its ``backbone_role``."""
+        return backbones.names(self.backbone_role)
+
+    def wrapper(self, config) -> Callable[..., nn.Module]:
+        """The backbone table's ``backbone_role`` wrapper of ``config.model`` (ConfigError if it has none)."""
+        build = getattr(backbones.get(config.model, self.backbone_role), self.backbone_role)
+        if build is None:
+            raise ConfigError(f"--model {config.model}: {self.name} finetuning takes "
+                              f"{', '.join(self.backbone_names())}")
+        return build
+
     def finetune_model(self, config, num_classes: int, *, in_chans: int, drop_path_rate: float) -> nn.Module:
-        """The finetuning model of a Swin backbone (``config.model``) with this task's head."""
+        """The finetuning model of the backbone ``config.model`` with this task's head: the task gives the
+        wrapper of ``wrapper(config)`` its inputs (input side, pooling of pairs, ...)."""
         raise NotImplementedError
 
     def criterion(self) -> nn.Module:

@@ -2,15 +2,14 @@
 
 One Sentinel-1 patch (C, S, S) -> K logits (19 or 43 classes), trained with MultiLabelSoftMarginLoss
 (BCE-with-logits averaged over classes and samples) on multi-hot float targets, scored by
-``util.metrics.multilabel_metrics``; mAP_macro selects the best epoch. The Swin backbones get the
-``models_mixmim_ft`` head; the plain ViT backbones (with their own head) are finetuned here too.
+``util.metrics.multilabel_metrics``; mAP_macro selects the best epoch. The model is the backbone table's
+``finetune`` wrapper (the Swins' ``models_mixmim_ft`` head, the plain ViTs with their own head).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from models_mixmim_ft import build_mixmim_ft
 from tasks.base import Task
 from util.metrics import BEN_METRICS, multilabel_metrics
 
@@ -22,11 +21,10 @@ class BigEarthNet(Task):
     metrics = BEN_METRICS
     default_metric = "mAP_macro"
     default_input_size = 128  # the patch side
-    takes_vit = True
 
     def finetune_model(self, config, num_classes: int, *, in_chans: int, drop_path_rate: float) -> nn.Module:
-        return build_mixmim_ft(config.model, num_classes, img_size=config.input_size, in_chans=in_chans,
-                               drop_path_rate=drop_path_rate)
+        return self.wrapper(config)(num_classes, img_size=config.input_size, in_chans=in_chans,
+                                    drop_path_rate=drop_path_rate)
 
     def criterion(self) -> nn.Module:
         return nn.MultiLabelSoftMarginLoss()

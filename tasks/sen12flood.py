@@ -4,7 +4,8 @@ A pair (2, C, H, W) is resized on the device to ``--input_size``, cut into ``--t
 the Swin encodes, pooled over tiles (``--patch_op``) -> 2 logits (no flood, flood), trained with
 CrossEntropyLoss on int64 labels, scored by ``util.metrics.binary_metrics``; F1 of the flood class selects
 the best epoch. The data set has no validation split: unless ``<data_path>/val`` exists, ``--val_fraction``
-of the training sequences (whole sequences, seeded) are held out for it.
+of the training sequences (whole sequences, seeded) are held out for it. The model is the backbone
+table's ``pair_finetune`` wrapper (``models_sen12_ft``, the Swin backbones).
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from models_mixmim import valid_input_sizes
-from models_sen12_ft import build_sen12_ft
+from models_mixmim import SWIN_WINDOWS, valid_input_sizes
 from sarwmix.errors import ConfigError, DataError
-from tasks.base import SWIN_WINDOWS, Task
+from tasks.base import Task
 from util.metrics import SEN12_METRICS, binary_metrics
 from util.subsets import SubsetView
 
@@ -33,6 +33,7 @@ class Sen12Flood(Task):
     metrics = SEN12_METRICS
     default_metric = "f1"
     default_input_size = 512  # the side of the released pair images
+    backbone_role = "pair_finetune"
 
     def check(self, config) -> None:
         tile = config.tile_size
@@ -49,8 +50,8 @@ class Sen12Flood(Task):
         return config.input_size
 
     def finetune_model(self, config, num_classes: int, *, in_chans: int, drop_path_rate: float) -> nn.Module:
-        return build_sen12_ft(config.model, num_classes, config.patch_op, img_size=config.tile_size,
-                              in_chans=in_chans, drop_path_rate=drop_path_rate)
+        return self.wrapper(config)(num_classes, config.patch_op, img_size=config.tile_size, in_chans=in_chans,
+                                    drop_path_rate=drop_path_rate)
 
     def criterion(self) -> nn.Module:
         return nn.CrossEntropyLoss()

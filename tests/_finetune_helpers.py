@@ -27,7 +27,7 @@ def manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
 
 def state_from_manifest(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """A seeded random state dict with exactly the keys, shapes and dtypes of a manifest."""
-    from models_mixmim import relative_position_index
+    from util.pos_embed import relative_position_index
 
     g = torch.Generator().manual_seed(seed)
     state = {}

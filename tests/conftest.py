@@ -13,6 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_S1 = REPO.parent / "shared" / "data" / "real_s1"
 COMPAT = REPO.parent / "shared" / "compat"
 
+
+def doc_files() -> list[Path]:
+    """The documentation the tests keep true: README.md, then every Markdown file of docs/ by name."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -7,9 +7,9 @@ import torch
 
 import main_pretrain
 from analysis import probe as P
+from backbones import export_checkpoint
 from sarwmix.errors import SarwmixError
 from util.config import plain_dict
-from util.export_backbone import export_checkpoint
 
 TINY = ["--model", "mixmim_tiny", "--input_size", "64"]
 STATS = {"name": "benv1", "mean": [-19.2309, -12.5951], "std": [3.2, 2.9]}

@@ -13,6 +13,9 @@ def test_default_run_excludes_heavy_and_ci_runs_them():
     assert heavy and "[ $? -eq 5 ]" in heavy.group(0)  # exit code 5: nothing selected, not a failure
 
 
-def test_readme_states_both_commands():
-    tests = (REPO / "README.md").read_text().split("## Tests and project layout", 1)[1].split("\n## ", 1)[0]
-    assert "pytest -m heavy" in tests and "minutes" in tests
+def test_docs_state_both_commands():
+    """The README's tests section gives both commands; docs/TESTING.md gives them with their times."""
+    readme = (REPO / "README.md").read_text().split("## Tests and project layout", 1)[1].split("\n## ", 1)[0]
+    assert "pytest -m heavy" in readme and "docs/TESTING.md" in readme
+    testing = (REPO / "docs" / "TESTING.md").read_text()
+    assert "pytest -m heavy" in testing and "minutes" in testing

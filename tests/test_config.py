@@ -6,6 +6,7 @@ import pytest
 import yaml
 from conftest import REPO
 
+import backbones
 import main_pretrain
 from sarwmix.errors import ConfigError
 from util import runner
@@ -34,7 +35,8 @@ def test_every_config_is_a_pretrain_or_finetune_file():
 @pytest.mark.parametrize("path", PRETRAIN, ids=lambda p: p.name)
 def test_pretrain_configs_parse_and_validate(path):
     args = parse("--config", str(path), "--data_path", "/data")
-    runner.validate_common(args)  # sizes, backbone, data path: what main() checks before building
+    backbones.check_args(args)  # backbone and input size, then the common flags: what main() checks first
+    runner.validate_common(args)
     for key, value in yaml.safe_load(path.read_text()).items():
         assert getattr(args, key) == value, key
 
@@ -44,6 +46,7 @@ def test_finetune_configs_parse_and_validate(path):
     main_finetune = pytest.importorskip("main_finetune")
     args = main_finetune.parse_args(["--config", str(path), "--data_path", "/data"])
     main_finetune.resolve_task(args)
+    backbones.check_args(args)
     runner.validate_common(args)
     for key, value in yaml.safe_load(path.read_text()).items():
         assert getattr(args, key) == value, key

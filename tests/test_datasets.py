@@ -1,4 +1,4 @@
-"""util.datasets: build_dataset for every format, channel subsets, split names, resize, skip_bad."""
+"""sarwmix.datasets and sarwmix.patches: every format, channel subsets, split names, resize, skip_bad."""
 from __future__ import annotations
 
 import logging
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from sarwmix.constants import DATASET_STATS
+from sarwmix.datasets import DATASET_NAMES, build_dataset
 from sarwmix.errors import ConfigError, DataError
+from sarwmix.patches import PatchDataset, channel_indices, resize_db
 from sarwmix.synthetic import write_format
-from util.datasets import DATASET_NAMES, PatchDataset, build_dataset, channel_indices, resize_db
 
 N, SEED = 16, 2
 

@@ -175,16 +175,16 @@ def test_ddp_does_not_rebroadcast_buffers_and_models_have_only_constant_ones(mon
     """broadcast_buffers=False is safe only while no model has a buffer that training changes (BatchNorm)."""
     import types
 
+    import backbones
+    import engine_pretrain as trainer
     import models_mixmim
-    import models_simmim
-    from util import trainer
 
     seen = {}
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda m, **kw: seen.update(kw) or m)
     run = types.SimpleNamespace(info=misc.DistInfo(0, 2, 0, "test"), device=torch.device("cpu"))
     trainer._wrap(torch.nn.Linear(2, 2), types.SimpleNamespace(compile=False), run)
     assert seen.get("forward_sync_buffers", seen.get("broadcast_buffers")) is False
-    for model in (models_mixmim.mixmim_tiny(img_size=64), models_simmim.build_simmim("swinv2_tiny_w8", 128, 2)):
+    for model in (models_mixmim.mixmim_tiny(img_size=64), backbones.build_simmim("swinv2_tiny_w8", 128, 2)):
         assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
@@ -196,7 +196,7 @@ def test_ddp_wrapper_emits_no_warning(tmp_path):
 
     import torch.distributed as dist
 
-    from util import trainer
+    import engine_pretrain as trainer
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch built without gloo")

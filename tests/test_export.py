@@ -9,12 +9,21 @@ import yaml
 from conftest import REPO
 
 import main_pretrain
+from backbones import BACKBONES as SIMMIM_BACKBONES
+from backbones import (
+    FULL_SUFFIX,
+    backbone_states,
+    build_simmim,
+    export_checkpoint,
+    infer_swin_name,
+    timm_name,
+    valid_sizes,
+)
 from models_mixmim import SwinEncoder, build_mixmim, encoder_kwargs
-from models_simmim import SIMMIM_BACKBONES, build_simmim, timm_name, valid_sizes
 from models_vit import build_vit
 from sarwmix.errors import CheckpointError
 from util.checkpoint import load_checkpoint, save_atomic
-from util.export_backbone import FULL_SUFFIX, backbone_states, export_checkpoint, infer_swin_name, main
+from util.export_backbone import main
 
 TIMM_BACKBONES = [n for n in SIMMIM_BACKBONES if timm_name(n)]
 

@@ -1,4 +1,4 @@
-"""Every output folder a README command or a default writes is ignored by git (runs write gigabytes of .pth)."""
+"""Every output folder a documented command or a default writes is ignored by git (runs write gigabytes of .pth)."""
 from __future__ import annotations
 
 import re
@@ -6,18 +6,19 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REPO
+from conftest import REPO, doc_files
 
-README = (REPO / "README.md").read_text()
-# Output folders of the parser defaults and launchers, which the README's commands write without naming them.
+# README.md and every docs/*.md
+DOCS = "\n".join(path.read_text() for path in doc_files())
+# Output folders of the parser defaults and launchers, which the documented commands write without naming them.
 DEFAULT_OUTPUTS = ("output_dir", "output_finetune", "output", "analysis_out")
 # A value that is not a folder name: a placeholder, a flag, an absolute path.
 PLACEHOLDER = re.compile(r"^(\.\.\.|[A-Z_]+|-.*|/.*|<.*)$")
 
 
-def readme_output_folders() -> set[str]:
-    """Top-level folders the README's commands write: the values of --output_dir, --out, OUTPUT_DIR=."""
-    values = re.findall(r"(?:--output_dir|--out|OUTPUT_DIR)[ =]([^\s`\"')]+)", README)
+def documented_output_folders() -> set[str]:
+    """Top-level folders the documented commands write: the values of --output_dir, --out, OUTPUT_DIR=."""
+    values = re.findall(r"(?:--output_dir|--out|OUTPUT_DIR)[ =]([^\s`\"')]+)", DOCS)
     folders = set()
     for value in values:
         value = value.removeprefix("./")
@@ -26,15 +27,15 @@ def readme_output_folders() -> set[str]:
     return folders
 
 
-def test_readme_output_folders_are_found():
+def test_documented_output_folders_are_found():
     assert {"output_finetune", "output_eval", "output_label_eff", "figures", "output"} <= (
-        readme_output_folders() | set(DEFAULT_OUTPUTS))
+        documented_output_folders() | set(DEFAULT_OUTPUTS))
 
 
 def test_every_output_folder_is_ignored():
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
-    folders = sorted(readme_output_folders() | set(DEFAULT_OUTPUTS))
+    folders = sorted(documented_output_folders() | set(DEFAULT_OUTPUTS))
     probes = [f"{folder}/config.yaml" for folder in folders]
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *probes], cwd=REPO, capture_output=True,
                              text=True).stdout.split()

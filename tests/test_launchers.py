@@ -278,7 +278,7 @@ def test_qsub_run_under_fake_pbs(tmp_path):
 
 def test_launchers_are_executable():
     """Every tracked file that starts with a shebang is executable in git (mode 100755) and on disk, so that
-    ``./scripts/run_local.sh`` runs as the README writes it."""
+    ``./scripts/run_local.sh`` runs as docs/LAUNCH.md writes it."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     listing = subprocess.run(["git", "ls-files", "-s", "-z"], cwd=REPO, check=True, capture_output=True,

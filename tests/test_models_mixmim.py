@@ -277,8 +277,8 @@ def test_fused_adamw_matches_for_loop_adamw():
 
     Both get the same seeded gradients each step, so only the optimiser implementations are compared.
     """
+    from engine_pretrain import adamw
     from util.lr_decay import param_groups
-    from util.trainer import adamw
 
     models = [tiny().train(), tiny().train()]
     opts = [torch.optim.AdamW(param_groups(models[0], 0.05), lr=1e-3, betas=(0.9, 0.95), foreach=False),

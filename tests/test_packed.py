@@ -11,7 +11,8 @@ import torch
 from sarwmix.bigearthnetv1 import BenV1Folder, to_zarr
 from sarwmix.bigearthnetv2 import BenV2Lmdb
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.packed import PackedDataset, convert, convert_synthetic, main
+from sarwmix.packed import convert, convert_synthetic, main
+from sarwmix.packed_format import PackedDataset
 from sarwmix.synthetic import write_benv1, write_benv2_lmdb
 
 N, SEED = 20, 11

@@ -196,7 +196,7 @@ def test_resume_from_another_layout_matches_the_optimizer_state_by_name(tmp_path
 
 def test_kill_right_after_a_checkpoint_keeps_its_epoch_log(tmp_path, monkeypatch):
     """Killed after checkpoint.pth of epoch 0 is written: the resumed run's log.txt still has epoch 0."""
-    from util.trainer import Trainer
+    from engine_pretrain import Trainer
 
     real = Trainer._save
 

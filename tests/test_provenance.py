@@ -201,8 +201,17 @@ RELEASED_LINKS = {
 }
 
 
-def test_readme_lists_each_released_file_with_its_link_and_hash():
-    section = (REPO / "README.md").read_text().split("### Released checkpoints", 1)[1].split("\n### ", 1)[0]
+def test_readme_lists_each_released_file_with_its_link():
+    section = (REPO / "README.md").read_text().split("## Released checkpoints", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in section.splitlines()
+            if line.startswith("| `") and ".pth`" in line}
+    assert list(rows) == list(RELEASED_LINKS)
+    assert all(f"({link})" in rows[name] for name, link in RELEASED_LINKS.items())
+    assert "docs/FINETUNE.md#released-checkpoints" in section
+
+
+def test_finetune_doc_lists_each_released_file_with_its_link_and_hash():
+    section = (REPO / "docs" / "FINETUNE.md").read_text().split("### Released checkpoints", 1)[1].split("\n### ", 1)[0]
     rows = {line.split("|")[1].strip().strip("`"): line for line in section.splitlines()
             if line.startswith("| `") and ".pth`" in line}
     assert list(rows) == list(RELEASED_LINKS)

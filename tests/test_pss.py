@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import main_finetune
 import main_pretrain
-from models_simmim import build_simmim
+from backbones import build_simmim
 from models_vit import VisionTransformer, build_vit
 from sarwmix.errors import ConfigError
 from util.checkpoint import load_checkpoint
@@ -174,7 +174,7 @@ def test_pss_with_a_swin_or_on_sen12flood_is_refused_in_one_line(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: --pss cyclic drops patch tokens") and "vit_small_rel" in err
-    for argv, match in ((["--model", "vit_tiny", "--dataset", "sen12flood", "--data_path", "x"], "Swin"),
+    for argv, match in ((["--model", "vit_tiny", "--dataset", "sen12flood", "--data_path", "x"], "takes mixmim_tiny"),
                         (["--eval_rho", "0.5"], "needs a ViT"),
                         (["--model", "vit_tiny", "--input_size", "72"], "multiple of the ViT patch size"),
                         (["--model", "vit_tiny", "--pss", "linear", "--pss_min", "0"], "pss_min"),

@@ -7,15 +7,9 @@ from conftest import run_py
 from torch import nn
 
 import main_pretrain
-from models_simmim import (
-    SIMMIM_BACKBONES,
-    TIMM_SWIN_SIZES,
-    SimMIM,
-    SimMIMTimmSwin,
-    build_simmim,
-    check_simmim_size,
-    valid_sizes,
-)
+from backbones import BACKBONES as SIMMIM_BACKBONES
+from backbones import TIMM_SWIN_SIZES, build_simmim, check_simmim_size, valid_sizes
+from models_simmim import SimMIM, SimMIMTimmSwin
 from sarwmix.errors import ConfigError
 from sarwmix.masking import pixel_mask, upsample_mask
 
@@ -133,9 +127,9 @@ def small_model(name: str, in_chans: int) -> tuple[SimMIM, int]:
     (its only size), and 128 px for every Swin v2 -- for window 16 below the table's 256, where timm clamps
     the window to the stage grid; the parameters are the same as at 256 px, at a quarter of the cost."""
     bb = SIMMIM_BACKBONES[name]
-    if bb.cls is SimMIMTimmSwin:
-        size = 224 if bb.window == 7 else 128
-        return SimMIMTimmSwin(bb.arch, img_size=size, in_chans=in_chans), size
+    if bb.timm_name is not None:
+        size = 224 if bb.sizes(512) == [224] else 128
+        return SimMIMTimmSwin(bb.timm_name, img_size=size, in_chans=in_chans), size
     return build_simmim(name, img_size=64, in_chans=in_chans), 64
 
 

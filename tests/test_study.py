@@ -7,7 +7,7 @@ import pytest
 
 from analysis import study
 from analysis.study_data import write_packed
-from sarwmix.packed import PackedDataset
+from sarwmix.packed_format import PackedDataset
 from sarwmix.synthetic import generate_patch
 
 SMOKE = ["--scale", "smoke", "--threads", "1", "--n_test", "16", "--amp", "off"]

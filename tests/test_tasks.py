@@ -1,20 +1,23 @@
 """tasks: the table of finetuning tasks, what each task answers, and a task added in a test running through
 the finetuning engine (step, the shared loop with its checkpoints, evaluation)."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
+import backbones
 import engine_finetune as E
 import main_finetune
-from sarwmix.errors import ConfigError
+from engine_pretrain import Trainer, TrainSettings
+from sarwmix.datasets import DATASET_NAMES
+from sarwmix.errors import ConfigError, SarwmixError
 from tasks import TASKS, Task, get_task, task_for_dataset
 from tasks.base import task_of_dataset
 from util.config import RunConfig
-from util.datasets import DATASET_NAMES
 from util.metrics import BEN_METRICS, SEN12_METRICS
 from util.misc import DistInfo
 from util.runner import Run
-from util.trainer import Trainer, TrainSettings
 
 
 class SingleLabel(Task):
@@ -73,7 +76,7 @@ def test_the_two_tasks_answer_what_the_run_records():
     ben, sen12 = get_task("ben"), get_task("sen12flood")
     assert (ben.metrics, ben.default_metric, ben.default_input_size) == (BEN_METRICS, "mAP_macro", 128)
     assert (sen12.metrics, sen12.default_metric, sen12.default_input_size) == (SEN12_METRICS, "f1", 512)
-    assert ben.takes_vit and not sen12.takes_vit and get_task(ben) is ben
+    assert (ben.backbone_role, sen12.backbone_role, get_task(ben)) == ("finetune", "pair_finetune", ben)
     assert set(sen12.scores(torch.eye(2), torch.tensor([0, 1]))) == set(SEN12_METRICS)
     assert sen12.empty_predictions()[0].shape == (0, 2) and ben.empty_predictions()[1].shape == (0, 1)
     with pytest.raises(ValueError, match="unknown task 'segmentation'"):
@@ -122,6 +125,40 @@ def test_the_entry_point_settles_a_task_from_its_table(toy):
     assert (args.task, args.select_metric) == ("ben", "mAP_macro")
     with pytest.raises(ConfigError, match=r"--select_metric 'f1': expected one of \['mAP_macro'"):
         main_finetune.resolve_task(main_finetune.parse_args(["--select_metric", "f1"]))
-    with pytest.raises(ConfigError, match="the ViT backbones are for BigEarthNet"):
+    with pytest.raises(ConfigError, match="takes mixmim_tiny.*vit_small is finetuned on BigEarthNet"):
         main_finetune.resolve_task(main_finetune.parse_args(["--dataset", "sen12flood", "--data_path", "x",
                                                              "--model", "vit_small"]))
+
+
+def test_a_task_builds_its_model_with_the_wrapper_of_the_backbone_table(monkeypatch):
+    """The task gives the structure (one image, or tiled pairs pooled by --patch_op); the table's entry of
+    --model builds the network: a backbone added to the table is finetuned by every task whose wrapper it has."""
+    calls = []
+    spy = dataclasses.replace(
+        backbones.BACKBONES["mixmim_tiny"],
+        finetune=lambda num_classes, **kw: calls.append(("finetune", num_classes, kw)) or nn.Identity(),
+        pair_finetune=lambda num_classes, op, **kw: calls.append(("pair", num_classes, op, kw)) or nn.Identity())
+    monkeypatch.setitem(backbones.BACKBONES, "mixmim_spy", spy)
+    ben, sen12 = get_task("ben"), get_task("sen12flood")
+    config = RunConfig({"model": "mixmim_spy", "input_size": 256, "tile_size": 64, "patch_op": "max"})
+    ben.finetune_model(config, 19, in_chans=2, drop_path_rate=0.1)
+    sen12.finetune_model(config, 2, in_chans=1, drop_path_rate=0.0)
+    assert calls == [("finetune", 19, {"img_size": 256, "in_chans": 2, "drop_path_rate": 0.1}),
+                     ("pair", 2, "max", {"img_size": 64, "in_chans": 1, "drop_path_rate": 0.0})]
+    assert {"mixmim_spy", "vit_tiny"} <= set(ben.backbone_names())
+    assert "mixmim_spy" in sen12.backbone_names() and "vit_tiny" not in sen12.backbone_names()
+    with pytest.raises(ConfigError, match="--model vit_tiny: sen12flood finetuning takes mixmim_tiny"):
+        sen12.wrapper(RunConfig({"model": "vit_tiny"}))
+
+
+def test_sen12flood_checks_the_size_rule_on_its_tiles_not_on_the_pair_side(tmp_path):
+    """The Swin sees --tile_size tiles: a pair side of 96 px (three 32 px tiles) is no Swin input size but a
+    valid SEN12-FLOOD run, which gets as far as reading its data."""
+    args = main_finetune.parse_args(["--dataset", "sen12flood", "--data_path", str(tmp_path / "absent"),
+                                     "--tile_size", "32", "--input_size", "96", "--output_dir", str(tmp_path)])
+    with pytest.raises(SarwmixError) as refused:
+        main_finetune.main(args)
+    assert "input_size" not in str(refused.value) and "absent" in str(refused.value)
+    with pytest.raises(ConfigError, match="--tile_size 48"):
+        main_finetune.resolve_task(main_finetune.parse_args(["--dataset", "sen12flood", "--data_path", "x",
+                                                             "--tile_size", "48", "--input_size", "96"]))

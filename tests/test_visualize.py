@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import models_mixmim as M
+from backbones import build_simmim
 from engine_pretrain import save_reconstructions
-from models_simmim import build_simmim
 from sarwmix.synthetic import SyntheticS1
 from util.augment import normalize
 from util.visualize import (

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backbones import build_simmim
 from models_mixmim import patchify
-from models_simmim import build_simmim
 from models_vit import MaskedPatchHead, RelativePositionBias, VisionTransformer, build_vit, vit_layer_id
 from sarwmix.errors import ConfigError
 

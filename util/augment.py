@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from sarwmix.errors import DataError
+
 
 def step_generator(seed: int, epoch: int, update: int, micro: int = 0) -> torch.Generator:
     """A CPU generator whose stream depends only on (seed, epoch, optimizer update, micro-batch index).
@@ -39,7 +41,5 @@ def check_finite(sar_db: torch.Tensor, where: str) -> None:
     """Raise DataError naming the first sample of the batch with a NaN or Inf value."""
     bad = ~torch.isfinite(sar_db.flatten(1)).all(dim=1)
     if bad.any():
-        from sarwmix.errors import DataError
-
         idx = int(bad.nonzero()[0])
         raise DataError(f"non-finite value in sample {idx} of the batch at {where}; expected finite dB values")

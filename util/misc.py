@@ -1,6 +1,8 @@
 """Distributed setup, precision, seeding and run-output helpers shared by both entry points."""
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import logging
 import math
@@ -17,7 +19,7 @@ from typing import BinaryIO
 import torch
 import torch.distributed as dist
 
-from sarwmix.errors import ConfigError
+from sarwmix.errors import ConfigError, TrainingError
 
 log = logging.getLogger("sarwmix")
 
@@ -182,8 +184,6 @@ def tune_cpu_memory(mode: str = "tuned") -> str:
     if os.environ["THP_MEM_ALLOC_ENABLE"] == "1":
         applied.append("huge pages for tensors >= 2 MB")
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         if libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1:  # -1: never trim
             applied.append("freed memory kept (glibc: no mmap, no trim)")
@@ -321,8 +321,6 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def check_replicas(model: torch.nn.Module, device: torch.device) -> str:
     """SHA-256 of all parameters; raises TrainingError if ranks disagree (DDP replicas must be identical)."""
-    import hashlib
-
     h = hashlib.sha256()
     for p in model.parameters():
         h.update(p.detach().float().cpu().numpy().tobytes())
@@ -331,8 +329,6 @@ def check_replicas(model: torch.nn.Module, device: torch.device) -> str:
         digests: list = [None] * dist.get_world_size()
         dist.all_gather_object(digests, digest)
         if len(set(digests)) != 1:
-            from sarwmix.errors import TrainingError
-
             raise TrainingError(f"model replicas differ across ranks: {digests}")
         log.info("parameters identical on %d ranks (sha256 %s)", len(digests), digest[:16])
     return digest

@@ -1,4 +1,5 @@
-"""Fixed 2-D sin-cos position embeddings (MAE layout) and resizing of position tables.
+"""Fixed 2-D sin-cos position embeddings (MAE layout), Swin's relative-position index, and resizing of
+position tables.
 
 Used by the Swin encoder (absolute embedding on the patch grid), the MixMIM decoder (final grid) and the
 ViT backbone. Resizing is needed when a checkpoint trained at one input or window size is loaded into a
@@ -9,6 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def relative_position_index(w: int) -> torch.Tensor:
+    """Swin's (w*w, w*w) index into a ((2w-1)^2, heads) relative-position bias table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (w - 1)
+    return rel[..., 0] * (2 * w - 1) + rel[..., 1]
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:

@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models_mixmim import relative_position_index
 from sarwmix.errors import CheckpointError
 from util.checkpoint import check_shapes, checkpoint_args, load_checkpoint, model_state
-from util.pos_embed import resize_pos_embed, resize_rel_pos_table
+from util.pos_embed import relative_position_index, resize_pos_embed, resize_rel_pos_table
 
 log = logging.getLogger("sarwmix")
 

@@ -27,6 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+from sarwmix.datasets import build_dataset
 from util.augment import normalize
 from util.metrics import multilabel_metrics
 
@@ -296,8 +297,6 @@ def build_probe_sets(name: str, *, data_path: str | None, input_size: int, chann
         (train, test) ``TensorDataset`` of (raw dB (C, S, S), target (K,)), each with the data set's
         ``stats``.
     """
-    from util.datasets import build_dataset
-
     if samples < 8:
         raise ValueError(f"probe samples {samples}: expected at least 8 (a training and a held-out part)")
     synthetic = name.startswith("synthetic")

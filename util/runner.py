@@ -12,14 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from sarwmix.constants import CHANNELS
+from sarwmix.datasets import DATASET_NAMES, build_dataset
 from sarwmix.errors import ConfigError
-from util.config import RunConfig, coerce, write_config
+from util.config import RunConfig, coerce, nearest, str2bool, write_config
 from util.misc import (
     CPU_MEMORY_MODES,
     DistInfo,
     JsonLines,
+    cleanup_distributed,
     init_distributed,
     resolve_amp,
     setup_logging,
@@ -41,14 +44,12 @@ def document_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def common_parser() -> argparse.ArgumentParser:
     """Flags shared by pretraining and finetuning (declared once, used as ``parents=[...]``)."""
-    from util.datasets import DATASET_NAMES
-
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--config", default=None, help="YAML file of flag: value (explicit flags win)")
     p.add_argument("--override", nargs="+", default=None, metavar="KEY=VALUE",
                    help="config overrides, flag names or dotted keys (MODEL.BACKBONE=...); flags still win")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="mixmim_base", help="model name (see README)")
+    g.add_argument("--model", default="mixmim_base", help="model name (see docs/PRETRAIN.md)")
     g.add_argument("--input_size", type=int, default=128, help="image side in pixels")
     g.add_argument("--channels", nargs="+", default=list(CHANNELS), help="subset of VH VV, in that order")
     g.add_argument("--dataset", default="synthetic", choices=DATASET_NAMES)
@@ -128,10 +129,6 @@ def override_values(parser: argparse.ArgumentParser, first: argparse.Namespace) 
 
 def _override_item(parser: argparse.ArgumentParser, key: str, raw: str) -> tuple[str, object]:
     """One KEY=VALUE pair -> (flag destination, checked value)."""
-    import yaml
-
-    from util.config import nearest, str2bool
-
     dest = key
     if "." in key:
         if key.upper() not in DOTTED_KEYS:
@@ -239,19 +236,11 @@ def record_config(run: Run, args: argparse.Namespace, not_applicable: Collection
 
 
 def validate_common(args: argparse.Namespace) -> None:
-    """Refuse bad flags before any data or model is built (one clear line each)."""
-    from models_mixmim import ENCODER_CONFIGS, check_input_size
+    """Refuse bad flags before any data or model is built (one clear line each).
 
-    mode = getattr(args, "mode", None)
-    if mode == "simmim":  # each backbone's own size rule, naming its valid sizes
-        from models_simmim import check_simmim_size
-
-        check_simmim_size(args.model, args.input_size, args.mask_patch_size)
-    elif args.model in ENCODER_CONFIGS:
-        check_input_size(args.input_size, (8, 8, 8, 4))
-    elif mode == "mixmim":
-        raise ConfigError(f"unknown model {args.model!r}; choices: {', '.join(ENCODER_CONFIGS)} "
-                          f"(timm Swin and ViT backbones need --mode simmim)")
+    The backbone and its input size are checked by the entry point first (``backbones.check_args``; finetuning:
+    ``main_finetune.resolve_task``, on the side the task's encoder sees).
+    """
     for name in ("batch_size", "epochs", "accum_iter", "stop_epoch"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)}: expected a positive integer")
@@ -260,8 +249,6 @@ def validate_common(args: argparse.Namespace) -> None:
 
 
 def build_train_data(args: argparse.Namespace, run: Run, split: str = "train"):
-    from util.datasets import build_dataset
-
     return build_dataset(args.dataset, data_path=args.data_path, split=split, input_size=args.input_size,
                          channels=tuple(args.channels), split_file=args.split_file, skip_bad=args.skip_bad,
                          num_samples=args.num_samples if split == "train" else None, seed=args.seed,
@@ -269,8 +256,6 @@ def build_train_data(args: argparse.Namespace, run: Run, split: str = "train"):
 
 
 def finish(run: Run) -> None:
-    from util.misc import cleanup_distributed
-
     if run.tb is not None:
         run.tb.close()
     run.epoch_log.close()
