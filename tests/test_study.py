@@ -60,6 +60,7 @@ def test_packed_study_data_holds_the_seeded_structured_patches(tmp_path):
     (["--seeds", ""], "--seeds must not be empty"),
     (["--finetune_fractions", "0"], "every fraction must lie in"),
     (["--dataset", "benv1"], "--dataset benv1 needs --data_path"),
+    (["--probe_pooling", "median"], "--probe_pooling median: expected one of mean, meanmax, stages"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, capsys, argv, message):
     assert study.main(["--out", str(tmp_path), "--scale", "smoke", *argv]) == 2
