@@ -101,7 +101,7 @@ SCALES: dict[str, Scale] = {
     "smoke": Scale(model="mixmim_study", input_size=64, arms=(RANDOM_INIT, "mixmim_per_channel", HANDCRAFTED),
                    n_pretrain=32, n_train=32, n_val=16, n_test=32, pretrain_epochs=1, pretrain_batch=16,
                    finetune_epochs=1, finetune_batch=16, finetune_fractions=(1.0,), probe_fractions=(1.0, 0.5),
-                   seeds=(0,)),
+                   seeds=(0,), probe_solver="sklearn"),  # 32 patches: scikit-learn's fits take milliseconds
     "cpu": Scale(),
     # The paper's protocol: its model and data set are given with --model / --dataset / --data_path.
     "paper": Scale(model="mixmim_base", n_pretrain=0, n_train=0, n_val=0, n_test=0, pretrain_epochs=64,
