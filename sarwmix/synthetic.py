@@ -170,11 +170,24 @@ def _draw_classes(rng: np.random.Generator) -> np.ndarray:
     return rng.choice(len(_COVER), size=n_classes, replace=False, p=_COVER_WEIGHTS)
 
 
-def _field_levels(rng: np.random.Generator, field_cover: np.ndarray, field_id: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _grouped_table() -> np.ndarray:
+    """Class-table rows (vv, vh, spread, texture) of the structured scenes: (n_covers, 4). A cover of one of
+    ``LEVEL_GROUPS`` takes the sampling-weighted mean row of its group; any other cover keeps its own row."""
+    table = np.array([row[1:5] for row in _COVER])
+    names = [row[0] for row in _COVER]
+    out = table.copy()
+    for members in S.LEVEL_GROUPS.values():
+        idx = [names.index(name) for name in members]
+        out[idx] = np.average(table[idx], axis=0, weights=_COVER_WEIGHTS[idx])
+    return out
+
+
+def _field_levels(rng: np.random.Generator, field_cover: np.ndarray, field_id: np.ndarray,
+                  rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Noise-free VH and VV dB maps of fields with covers ``field_cover`` (n_fields,) laid out as
-    ``field_id`` (size, size), and the class-table rows of the fields (n_fields, 4)."""
-    table = np.array([row[1:5] for row in _COVER])[field_cover]  # vv, vh, spread, texture
+    ``field_id`` (size, size), and the class-table rows of the fields (n_fields, 4). ``rows``: the class
+    table (n_covers, 4) of (vv, vh, spread, texture) to use instead of the module's own."""
+    table = (np.array([row[1:5] for row in _COVER]) if rows is None else rows)[field_cover]
     n_fields = len(field_cover)
     field = rng.standard_normal(n_fields) * table[:, 2] * _FIELD_SCALE  # one offset per field, both channels
     # Per-patch offsets: incidence angle / moisture (both channels) and a small gap change.
@@ -217,7 +230,8 @@ def _structured_levels(rng: np.random.Generator, size: int) -> tuple[np.ndarray,
     for k, i in enumerate(overlay):
         mask = (S.river_mask if _COVER[i][0] == S.RIVER else S.lake_mask)(rng, size)
         cover[mask], field_id[mask] = i, n_cells + k
-    vh, vv, table = _field_levels(rng, np.concatenate([cell_class, overlay]).astype(int), field_id)
+    vh, vv, table = _field_levels(rng, np.concatenate([cell_class, overlay]).astype(int), field_id,
+                                  _grouped_table())
     tex = _smooth_noise(rng, 3, size, size // 3) * (_TEXTURE_SCALE * S.STRUCTURED_TEXTURE_SCALE
                                                      * table[:, 3])[field_id]
     vh = vh + tex[0] + 0.5 * tex[2] + S.LEVEL_SHIFT_DB
@@ -228,7 +242,7 @@ def _structured_levels(rng: np.random.Generator, size: int) -> tuple[np.ndarray,
         kind, params, gain_vv, gain_vh = S.STRUCTURE[name]
         where = cover == i
         structure = S.RENDERERS[kind](rng, size, np.array(params, dtype=np.float32))
-        structure = structure[where] - structure.mean()  # keeps the class's mean level
+        structure = S.matched_structure(structure, name)[where]  # keeps the group's mean level
         vv[where] += gain_vv * structure
         vh[where] += S.VH_GAIN * gain_vh * structure
         if where.mean() >= S.MIN_COVER_FRACTION:

@@ -13,9 +13,14 @@ radar sees in real land cover:
 - water: smooth dark interiors with sharp edges; rivers as thin meandering bands, lakes as blobs drawn over
   the other covers; wetlands as dark pools in vegetation.
 
-Every structure map is de-meaned over the patch, so a class's mean level stays the one of the class table:
-classes with similar levels (the three forests, the arable classes) differ by structure, not by first-order
-statistics. Labels are the covers present on at least ``MIN_COVER_FRACTION`` of the final map.
+Covers whose real backscatter overlaps share their first-order statistics here (``LEVEL_GROUPS``): every
+cover of a group takes the group's level, field spread and texture (sampling-weighted means of its members'
+class-table rows), and its structure map is de-meaned and scaled to the group's standard deviation
+(``GROUP_STRUCTURE_STD``). So the dB histogram of a patch tells which groups are present (built-up, open
+fields, woody vegetation, wetlands, water, sand) but not which covers of a group: that takes the spatial
+structure (street grids against scattered roofs, rows against plain parcels, fine against coarse canopy,
+thin rivers against lakes against wind-streaked sea). Labels are the covers present on at least
+``MIN_COVER_FRACTION`` of the final map.
 """
 from __future__ import annotations
 
@@ -208,6 +213,43 @@ STRUCTURE: dict[str, tuple[str, tuple[float, ...], float, float]] = {
     "Estuaries": ("smooth", (10, 0.4, 20, 0.8), 1.0, 1.0),
     "Sea and ocean": ("smooth", (12, 0.3, 18, 1.2), 1.0, 1.0),
 }
+
+
+# Groups of covers that share their first-order statistics in structured scenes (a cover in no group keeps
+# its own class-table row). Real C-band backscatter of the members of a group overlaps by more than the
+# field-to-field spread; what tells them apart is geometry and texture.
+LEVEL_GROUPS: dict[str, tuple[str, ...]] = {
+    "built-up": ("Continuous urban fabric", "Discontinuous urban fabric", "Industrial or commercial units"),
+    "open fields": ("Non-irrigated arable land", "Permanently irrigated land", "Rice fields", "Vineyards",
+                    "Pastures", "Complex cultivation patterns",
+                    "Land principally occupied by agriculture, with significant areas of natural vegetation",
+                    "Natural grassland", "Sparsely vegetated areas"),
+    "woody": ("Fruit trees and berry plantations", "Olive groves", "Agro-forestry areas", "Broad-leaved forest",
+              "Coniferous forest", "Mixed forest", "Moors and heathland", "Sclerophyllous vegetation",
+              "Transitional woodland/shrub"),
+    "wetlands": ("Inland marshes", "Peatbogs", "Salt marshes"),
+    "water": ("Water courses", "Water bodies", "Coastal lagoons", "Estuaries", "Sea and ocean"),
+}
+GROUP_OF: dict[str, str] = {name: group for group, names in LEVEL_GROUPS.items() for name in names}
+# Standard deviation (dB) of every structure map of a group, about the sampling-weighted mean of its
+# members' own structure maps (so the patches keep their texture statistics).
+GROUP_STRUCTURE_STD: dict[str, float] = {"built-up": 4.2, "open fields": 2.5, "woody": 1.8, "wetlands": 2.8,
+                                         "water": 0.5}
+
+
+def matched_structure(structure: np.ndarray, name: str) -> np.ndarray:
+    """A cover's structure map de-meaned, and scaled to its group's standard deviation when it has a group.
+
+    Args:
+        structure: float32 (size, size) structure map of cover ``name`` over the whole patch.
+    Returns:
+        float32 (size, size), mean 0.
+    """
+    out = structure - structure.mean()
+    group = GROUP_OF.get(name)
+    if group is not None:
+        out = out * np.float32(GROUP_STRUCTURE_STD[group] / max(float(out.std()), 1e-6))
+    return out.astype(np.float32)
 
 
 def river_mask(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -44,14 +44,23 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
 def percentile(x: torch.Tensor, q: float) -> torch.Tensor:
     """The ``q``-th percentile (0-100, linear interpolation as numpy's default) over the last two axes.
 
-    Sorts on the device; unlike ``torch.quantile`` it has no limit on the number of elements.
+    Selects the two order statistics around the percentile with ``topk`` from the nearer end (for the 1st
+    or 99th percentile of a 128 x 128 image, the 165 smallest or largest values), several times faster on
+    a CPU than a full sort and exact; unlike ``torch.quantile`` it has no limit on the number of elements.
     Returns: (..., 1, 1).
     """
-    flat = x.flatten(-2).sort(dim=-1).values
-    pos = (flat.shape[-1] - 1) * q / 100.0
+    flat = x.flatten(-2)
+    n = flat.shape[-1]
+    pos = (n - 1) * q / 100.0
     i = int(pos)
-    j = min(i + 1, flat.shape[-1] - 1)
-    value = flat[..., i] + (flat[..., j] - flat[..., i]) * (pos - i)
+    j = min(i + 1, n - 1)
+    if j + 1 <= n - i:  # the smallest j + 1 values, ascending: ranks i and j at positions i and j
+        lowest = flat.topk(j + 1, dim=-1, largest=False, sorted=True).values
+        a, b = lowest[..., i], lowest[..., j]
+    else:  # the largest n - i values, descending: rank r at position n - 1 - r
+        highest = flat.topk(n - i, dim=-1, largest=True, sorted=True).values
+        a, b = highest[..., n - 1 - i], highest[..., n - 1 - j]
+    value = a + (b - a) * (pos - i)
     return value[..., None, None]
 
 

@@ -78,6 +78,28 @@ def test_pooled_features_eval_mode_on_a_swin_encoder() -> None:
     assert model.training
 
 
+def test_meanmax_pooling_appends_the_token_maximum_and_stages_every_stage_mean() -> None:
+    from models_mixmim_ft import build_mixmim_ft
+
+    items = _items(n=3)
+    mean, _ = pooled_features(_Pixels(), items, [0.0, 0.0], [1.0, 1.0])
+    both, _ = pooled_features(_Pixels(), items, [0.0, 0.0], [1.0, 1.0], pooling="meanmax")
+    x = torch.stack([it[0] for it in items])
+    np.testing.assert_allclose(both[:, :2], mean, rtol=1e-6)
+    np.testing.assert_allclose(both[:, 2:], x.amax(dim=(2, 3)).numpy(), rtol=1e-6)
+    model = build_mixmim_ft("mixmim_study", 19, img_size=64)
+    swin = _items(n=2, s=64)
+    final, _ = pooled_features(model, swin, [0.0, 0.0], [1.0, 1.0])
+    stages, _ = pooled_features(model, swin, [0.0, 0.0], [1.0, 1.0], pooling="stages")
+    # Stage outputs after patch merging: widths 64, 128, 256, 256 (embed 32), then the final mean.
+    assert stages.shape == (2, 64 + 128 + 256 + 256 + model.num_features)
+    np.testing.assert_allclose(stages[:, -model.num_features:], final, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pooling 'stages'"):
+        pooled_features(_Pixels(), items, [0.0, 0.0], [1.0, 1.0], pooling="stages")
+    with pytest.raises(ValueError, match="expected one of"):
+        pooled_features(_Pixels(), items, [0.0, 0.0], [1.0, 1.0], pooling="median")
+
+
 def test_knn_scores_vote_of_nearest_neighbours() -> None:
     rng = np.random.default_rng(0)
     centres = np.eye(4)[:2] * 10

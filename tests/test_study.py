@@ -1,6 +1,8 @@
 """The pretraining study driver: its smallest setting end to end, its tables and its checks."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -60,6 +62,7 @@ def test_packed_study_data_holds_the_seeded_structured_patches(tmp_path):
     (["--seeds", ""], "--seeds must not be empty"),
     (["--finetune_fractions", "0"], "every fraction must lie in"),
     (["--dataset", "benv1"], "--dataset benv1 needs --data_path"),
+    (["--probe_pooling", "median"], "--probe_pooling median: expected one of mean, meanmax, stages"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, capsys, argv, message):
     assert study.main(["--out", str(tmp_path), "--scale", "smoke", *argv]) == 2
@@ -69,3 +72,16 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, argv, message):
 def test_finetune_epochs_grow_for_small_fractions_up_to_four_times():
     scale = study.Scale(finetune_epochs=4)
     assert [study.finetune_epochs(scale, f) for f in (1.0, 0.5, 0.125, 0.01)] == [4, 8, 16, 16]
+
+
+def test_probe_rows_of_an_arm_are_reused_only_for_the_same_fractions_and_seeds(tmp_path):
+    scale = dataclasses.replace(study.SCALES["smoke"], arms=(study.HANDCRAFTED,))
+    s = study.Study(out=tmp_path, scale=scale)
+    rows = [{"arm": study.HANDCRAFTED, "protocol": "linear", "fraction": f, "seed": 0, "n_labels": 1,
+             "mAP_macro": 0.5, "mAP_micro": 0.5} for f in scale.probe_fractions]
+    (tmp_path / "probes").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "probes" / f"{study.HANDCRAFTED}.csv", index=False)
+    assert study.probe_all(s, {}) == rows  # nothing fitted: no data needed
+    s.scale = dataclasses.replace(scale, seeds=(0, 1))
+    with pytest.raises(KeyError):  # other seeds: fitted again, which needs the study's data
+        study.probe_all(s, {})

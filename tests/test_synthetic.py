@@ -137,3 +137,19 @@ def test_lakes_and_rivers_have_sharp_edges_inside_the_patch() -> None:
     for _ in range(5):
         river, lake = S.river_mask(rng, 120), S.lake_mask(rng, 120)
         assert 0.02 < river.mean() < 0.3 and 0.02 < lake.mean() < 0.6
+
+
+def test_structured_covers_of_a_group_share_levels_and_structure_std() -> None:
+    from sarwmix.synthetic import _COVER, _grouped_table
+
+    names, own, table = [r[0] for r in _COVER], np.array([r[1:5] for r in _COVER]), _grouped_table()
+    for members in S.LEVEL_GROUPS.values():
+        rows = table[[names.index(m) for m in members]]
+        np.testing.assert_allclose(rows, np.broadcast_to(rows[0], rows.shape))
+    alone = names.index("Beaches, dunes, sands")  # in no group: its own row
+    np.testing.assert_array_equal(table[alone], own[alone])
+    rng = np.random.default_rng(0)
+    for name in ("Continuous urban fabric", "Industrial or commercial units"):
+        kind, params, _, _ = S.STRUCTURE[name]
+        out = S.matched_structure(S.RENDERERS[kind](rng, 120, np.array(params, np.float32)), name)
+        assert abs(out.mean()) < 1e-4 and out.std() == pytest.approx(S.GROUP_STRUCTURE_STD["built-up"], rel=1e-3)

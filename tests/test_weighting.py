@@ -106,7 +106,9 @@ def test_minmax_norm_is_the_published_map(mode):
 
 def test_percentile_matches_numpy():
     x = torch.randn(3, 2, 16, 16, dtype=torch.float64)
-    for q in (0.0, 1.0, 37.5, 99.0, 100.0):
+    x[0, 0, :4] = 0.5  # ties
+    # Both ends of the selection (smallest or largest values) and the middle, where they meet.
+    for q in (0.0, 1.0, 37.5, 49.9, 50.0, 50.1, 62.5, 99.0, 100.0):
         got = percentile(x, q)[..., 0, 0].numpy()
         assert got == pytest.approx(np.percentile(x.flatten(-2).numpy(), q, axis=-1), rel=1e-12, abs=1e-12)
 

@@ -37,15 +37,54 @@ PROBE_METRICS: tuple[str, ...] = ("knn_mAP_macro", "knn_mAP_micro", "linear_mAP_
 PERCENTILES: tuple[float, ...] = (5.0, 25.0, 50.0, 75.0, 95.0)
 
 
-def _pool(features: torch.Tensor) -> torch.Tensor:
-    """Average over tokens: (B, L, D) -> (B, D); a timm Swin's NHWC (B, H, W, D) -> (B, D); (B, D) as is."""
+# How token features become one vector per image: ``mean`` over the final tokens; ``meanmax`` their mean
+# and maximum (a small cover lifts the maximum where the mean dilutes it); ``stages`` the mean of the
+# tokens of every stage's output, concatenated with the final mean (local texture from the fine grids).
+POOLINGS: tuple[str, ...] = ("mean", "meanmax", "stages")
+
+
+def _tokens(features: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) as is; a timm Swin's NHWC (B, H, W, D) -> (B, H*W, D); (B, D) -> (B, 1, D)."""
     if features.dim() == 3:
-        return features.mean(dim=1)
-    if features.dim() == 4:
-        return features.flatten(1, 2).mean(dim=1)
-    if features.dim() == 2:
         return features
+    if features.dim() == 4:
+        return features.flatten(1, 2)
+    if features.dim() == 2:
+        return features[:, None]
     raise ValueError(f"forward_features returned shape {tuple(features.shape)}; expected (B, L, D)")
+
+
+def _pool(features: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Tokens (B, L, D) (or NHWC, or (B, D)) -> (B, D) for ``mean``, (B, 2D) for ``meanmax``."""
+    tokens = _tokens(features)
+    if pooling == "meanmax":
+        return torch.cat([tokens.mean(dim=1), tokens.amax(dim=1)], dim=1)
+    return tokens.mean(dim=1)
+
+
+def _stage_modules(encoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The stages of a Swin encoder (its ``layers``): the modules whose outputs ``stages`` pooling averages."""
+    layers = getattr(encoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList | torch.nn.Sequential) or len(layers) == 0:
+        raise ValueError(f"pooling 'stages': {type(encoder).__name__} has no 'layers' (stages) to read")
+    return list(layers)
+
+
+def _forward_pooled(encoder: torch.nn.Module, x: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, C, S, S) -> pooled features (B, D') of ``pooling`` (one of ``POOLINGS``)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r}: expected one of {POOLINGS}")
+    if pooling != "stages":
+        return _pool(encoder.forward_features(x), pooling)
+    outputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(_pool(out)))
+             for m in _stage_modules(encoder)]
+    try:
+        final = _pool(encoder.forward_features(x))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat([*outputs, final], dim=1)
 
 
 class _RandomState:
@@ -70,14 +109,16 @@ class _RandomState:
 
 def pooled_features(encoder: torch.nn.Module, dataset, mean: Sequence[float], std: Sequence[float], *,
                     device: torch.device | str = "cpu", batch_size: int = 64, num_workers: int = 0,
-                    amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen encoder's token-averaged features of every item of ``dataset``.
+                    amp_dtype: torch.dtype | None = None, pooling: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+    """Frozen encoder's pooled token features of every item of ``dataset``.
 
     Args:
         encoder: a module with ``forward_features(x)`` -> (B, L, D) (or a timm Swin's (B, H, W, D)).
         dataset: items ``(sar_db (C, S, S) raw dB, target (K,))`` as ``PatchDataset`` returns them.
         mean, std: per-channel dB statistics; the input is ``(x - mean) / std`` as in training.
         amp_dtype: autocast dtype of the forward pass (None: float32).
+        pooling: one of ``POOLINGS`` (``mean``: D = the encoder's width; ``meanmax``: 2x; ``stages``: the
+            widths of every stage's output plus the final one).
     Returns:
         (features (N, D) float32, targets (N, K) float32), in dataset order.
     Side effects: none; the train/eval state of every submodule is restored, and the global random streams
@@ -96,7 +137,7 @@ def pooled_features(encoder: torch.nn.Module, dataset, mean: Sequence[float], st
             for sar_db, target in loader:
                 x = normalize(sar_db.to(device).float(), mean_t, std_t)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    f = _pool(encoder.forward_features(x))
+                    f = _forward_pooled(encoder, x, pooling)
                 feats.append(f.float().cpu().numpy())
                 targets.append(np.asarray(target, dtype=np.float32))
     finally:
