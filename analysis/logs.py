@@ -30,7 +30,6 @@ import yaml
 from matplotlib.figure import Figure
 
 from sarwmix.errors import ConfigError, DataError, SarwmixError
-from tasks import TASKS
 
 EPOCH_LOG = "log.txt"
 STEP_LOG = "train_log.json"
@@ -236,16 +235,25 @@ def read_results(patterns: str | Iterable[str]) -> pd.DataFrame:
     return frame
 
 
+def _task_table() -> dict:
+    """``tasks.TASKS``, imported on first use: the task modules bring torch, timm and scikit-learn (seconds
+    of start-up), which reading logs and drawing figures do not need otherwise."""
+    from tasks import TASKS
+
+    return TASKS
+
+
 def task_title(name: str) -> str:
     """The title of a task in figures (the name itself for a task this code does not know)."""
-    return TASKS[name].title if name in TASKS else name
+    tasks = _task_table()
+    return tasks[name].title if name in tasks else name
 
 
 def metric_column(frame: pd.DataFrame, metric: str | None, split: str) -> str:
     """The column of ``metric`` on ``split``; ``None`` picks the task's selection metric (``default_metric``)."""
     if metric is None:
-        tasks = frame["task"].unique()
-        metric = TASKS[tasks[0]].default_metric if len(tasks) == 1 and tasks[0] in TASKS else None
+        tasks, table = frame["task"].unique(), _task_table()
+        metric = table[tasks[0]].default_metric if len(tasks) == 1 and tasks[0] in table else None
         if metric is None:
             raise ConfigError(f"no default metric for task(s) {', '.join(map(str, tasks))}; pass --metric")
     column = f"{split}_{metric}"

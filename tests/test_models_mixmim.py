@@ -297,7 +297,7 @@ def test_fused_adamw_matches_for_loop_adamw():
     assert not torch.equal(p0["patch_embed.proj.weight"], tiny().patch_embed.proj.weight)  # the steps moved it
 
 
-@pytest.mark.heavy
+@pytest.mark.manual
 def test_compiled_model_matches_eager():
     """--compile (inductor) gives the eager loss and gradients from the same weights and mask (fp32)."""
     x = torch.randn(2, 2, 64, 64)
