@@ -6,6 +6,7 @@ the engine and the analysis scripts ask it; no other code compares task names. T
 """
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -17,11 +18,11 @@ import backbones
 from sarwmix.errors import ConfigError
 
 
-class Task:
-    """One finetuning task. Subclasses set the class attributes and implement the five methods that raise
-    NotImplementedError here (``finetune_model``, ``criterion``, ``targets``, ``scores``,
-    ``empty_predictions``); the other methods have defaults that fit a task of single images with a
-    validation split of its own.
+class Task(abc.ABC):
+    """One finetuning task. Subclasses set the class attributes and implement the five abstract methods
+    (``finetune_model``, ``criterion``, ``targets``, ``scores``, ``empty_predictions``; an incomplete
+    subclass cannot be instantiated); the other methods have defaults that fit a task of single images with
+    a validation split of its own.
 
     Attributes:
         name: the ``--task`` value.
@@ -70,19 +71,20 @@ class Task:
                               f"{', '.join(self.backbone_names())}")
         return build
 
+    @abc.abstractmethod
     def finetune_model(self, config, num_classes: int, *, in_chans: int, drop_path_rate: float) -> nn.Module:
         """The finetuning model of the backbone ``config.model`` with this task's head: the task gives the
         wrapper of ``wrapper(config)`` its inputs (input side, pooling of pairs, ...)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def criterion(self) -> nn.Module:
         """The training loss, called as ``criterion(logits.float(), targets)`` with loader targets."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def targets(self, targets: torch.Tensor) -> torch.Tensor:
         """Gathered evaluation targets in the dtype the criterion takes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def scores(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float | int]:
         """The metrics of a whole split: ``metrics`` as floats, plus any integer counts.
 
@@ -90,11 +92,10 @@ class Task:
             logits: (N, K) model outputs, float32 on the CPU.
             targets: (N, ...) as the loader gives them, gathered over ranks.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def empty_predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, targets) of a rank that evaluated no sample, shaped to concatenate with the others."""
-        raise NotImplementedError
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         """The criterion over a whole split of gathered predictions."""

@@ -90,6 +90,27 @@ def test_a_data_set_of_no_task_or_of_two_is_refused_naming_it(toy):
         task_of_dataset(TASKS, "nowhere")
 
 
+def test_a_task_missing_one_of_the_five_methods_cannot_be_built():
+    class NoScores(Task):
+        name = "no_scores"
+
+        def finetune_model(self, config, num_classes, *, in_chans, drop_path_rate):
+            return nn.Identity()
+
+        def criterion(self):
+            return nn.CrossEntropyLoss()
+
+        def targets(self, targets):
+            return targets
+
+        def empty_predictions(self):
+            return torch.zeros(0, 3), torch.zeros(0)
+
+    with pytest.raises(TypeError, match="scores"):
+        NoScores()
+    SingleLabel()  # the complete toy task builds
+
+
 def test_a_task_added_in_a_test_runs_through_the_step_the_loop_and_evaluate(toy, tmp_path):
     data = ToyData()
     config = RunConfig({"task": "toy", "epochs": 2, "lr": 0.1, "batch_size": 4, "seed": 0, "warmup_epochs": 0,
