@@ -47,7 +47,9 @@ class Task(abc.ABC):
     # --- configuration ------------------------------------------------------------------------------
 
     def check(self, config) -> None:
-        """Refuse task-specific flags that do not fit (ConfigError); called before anything is built."""
+        """Refuse task-specific flags that do not fit (ConfigError); called before anything is built.
+        By default every configuration fits."""
+        return None
 
     def encoder_input_size(self, config) -> int:
         """The side of the images the encoder sees (the Swin's size rule applies to it)."""
@@ -112,7 +114,9 @@ class Task(abc.ABC):
         raise NotImplementedError(f"task {self.name} keeps its validation split apart")
 
     def check_validation(self, val: Dataset, select_metric: str) -> None:
-        """Warn about a validation split on which ``select_metric`` cannot select (e.g. no positive)."""
+        """Warn about a validation split on which ``select_metric`` cannot select (e.g. no positive). By
+        default there is nothing to warn about."""
+        return None
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"

@@ -12,9 +12,10 @@ import hashlib
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
 
@@ -22,6 +23,7 @@ from sarwmix.errors import CheckpointError
 from util.misc import link_or_copy_atomic, replace_atomic
 
 FORMAT_VERSION = 1
+T = TypeVar("T")
 CHECKSUMS_FILE = Path(__file__).resolve().parents[1] / "CHECKSUMS.txt"
 
 
@@ -107,6 +109,22 @@ def model_state(ckpt: dict, path: str | Path = "checkpoint") -> dict[str, torch.
     return sd
 
 
+class _Field(Generic[T]):
+    """A field of ``StoredArgs`` read as ``kind``: ``args.seed`` is the stored ``seed`` as an int, None when it
+    is missing or cannot be one (a bool never reads as a number)."""
+
+    def __init__(self, kind: Callable[[object], T]) -> None:
+        self.kind = kind
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: StoredArgs | None, owner: type | None = None) -> T | None:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        return obj._typed(self.name, self.kind)
+
+
 @dataclass(frozen=True)
 class StoredArgs:
     """The settings a checkpoint records under ``args``, read back with their types.
@@ -139,13 +157,13 @@ class StoredArgs:
         except (TypeError, ValueError):
             return None
 
-    @property
-    def model(self) -> str | None:
-        return self._typed("model", str)
-
-    @property
-    def input_size(self) -> int | None:
-        return self._typed("input_size", int)
+    model = _Field(str)
+    input_size = _Field(int)
+    in_chans = _Field(int)
+    seed = _Field(int)
+    val_fraction = _Field(float)
+    train_fraction = _Field(float)
+    pretrain_epoch = _Field(int)
 
     @property
     def channels(self) -> tuple[str, ...] | None:
@@ -155,29 +173,9 @@ class StoredArgs:
         return tuple(value) if ok else None
 
     @property
-    def in_chans(self) -> int | None:
-        return self._typed("in_chans", int)
-
-    @property
-    def seed(self) -> int | None:
-        return self._typed("seed", int)
-
-    @property
-    def val_fraction(self) -> float | None:
-        return self._typed("val_fraction", float)
-
-    @property
-    def train_fraction(self) -> float | None:
-        return self._typed("train_fraction", float)
-
-    @property
     def finetune(self) -> str | None:
         """The pretraining checkpoint a finetuning run started from (None: random init or not recorded)."""
         return self._typed("finetune", str) or None
-
-    @property
-    def pretrain_epoch(self) -> int | None:
-        return self._typed("pretrain_epoch", int)
 
 
 def checkpoint_args(ckpt: Mapping) -> StoredArgs:
