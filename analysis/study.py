@@ -16,7 +16,8 @@ Steps (a step whose output exists is skipped, so a stopped study resumes where i
    dB statistics and histograms) with the same classifier;
 4. full finetuning: ``main_finetune.py`` per arm, fraction and seed (random init: no ``--finetune``);
 5. ``runs.csv`` (one row per evaluated model), ``summary.csv`` (arm, fraction, protocol, metric, mean, std,
-   n), ``study.png`` and the pretraining curves (``pretrain_loss.png``), ``timing.json``.
+   n), ``table.md`` (mAP macro as a Markdown table, arm x protocol and fraction), ``study.png`` and the
+   pretraining curves (``pretrain_loss.png``), ``timing.json``.
 
 Seeds: the downstream seed chooses the labelled subset (nested over fractions), the head initialisation and
 the batch order; the random-init arm draws its encoder from it too. Each pretraining arm is one run (seed
@@ -448,6 +449,25 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def markdown_table(summary: pd.DataFrame, metric: str = "mAP_macro") -> str:
+    """The summary as the Markdown table the documentation shows (``table.md``): one row per arm, one
+    column per protocol and labelled fraction, cells ``mean ± std (n)`` with three decimals (std 0.000
+    where one value was measured), empty where the arm has no such run."""
+    rows = summary[summary["metric"] == metric]
+    columns = (rows[["protocol", "fraction"]].drop_duplicates()
+               .sort_values(["protocol", "fraction"], key=lambda c: c.map(PROTOCOLS.index)
+                            if c.name == "protocol" else c))
+    arms = [arm for arm in ALL_ARMS if arm in set(rows["arm"])]
+    cells = {(r.arm, r.protocol, r.fraction): f"{r.mean:.3f} ± {0.0 if np.isnan(r.std) else r.std:.3f} ({r.n})"
+             for r in rows.itertuples()}
+    header = ["arm", *(f"{p} {100 * f:g} %" for p, f in columns.itertuples(index=False))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in arms:
+        lines.append("| " + " | ".join([arm, *(cells.get((arm, p, f), "")
+                                                for p, f in columns.itertuples(index=False))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_figures(study: Study, summary: pd.DataFrame, ckpts: dict[str, Path]) -> list[Path]:
     """``study.png`` (label efficiency per protocol) and the pretraining curves of the arms."""
     from analysis.logs import write_outputs
@@ -560,6 +580,7 @@ def run_study(study: Study) -> pd.DataFrame:
     runs.to_csv(study.out / "runs.csv", index=False)
     summary = summary_table(runs)
     summary.to_csv(study.out / "summary.csv", index=False, float_format="%.4f")
+    (study.out / "table.md").write_text(markdown_table(summary), encoding="utf-8")
     write_figures(study, summary, ckpts)
     lap("tables_and_figures", t)
     timing["total"] = round(time.time() - t0, 1)

@@ -27,7 +27,7 @@ def test_smoke_study_runs_end_to_end_and_writes_its_tables(tmp_path):
     assert summary["mean"].between(0, 1).all() and (summary["n"] == 1).all()
     runs = pd.read_csv(tmp_path / "runs.csv")
     assert len(runs) == 3 * 2 * 2 + 2  # probes: 3 arms x 2 fractions x 2 protocols; finetunes: 2 arms
-    for name in ("study.png", "pretrain_loss.png", "timing.json"):
+    for name in ("study.png", "pretrain_loss.png", "timing.json", "table.md"):
         assert (tmp_path / name).is_file()
     if "--probe_every" not in study.supported_flags("main_pretrain.py"):  # probed afterwards, per epoch
         curves = pd.read_csv(tmp_path / "probe_curves.csv")
@@ -45,6 +45,16 @@ def test_summary_table_is_mean_std_and_count_per_arm_fraction_protocol():
     row = table[(table["arm"] == "a") & (table["metric"] == "mAP_macro")].iloc[0]
     assert row["mean"] == pytest.approx(0.2) and row["std"] == pytest.approx(0.1) and row["n"] == 3
     assert np.isnan(table[(table["arm"] == "b") & (table["metric"] == "mAP_macro")]["std"].iloc[0])
+
+
+def test_markdown_table_has_a_row_per_arm_and_a_column_per_protocol_and_fraction():
+    runs = pd.DataFrame({"arm": ["handcrafted", "random_init", "random_init", "random_init"],
+                         "protocol": ["linear", "linear", "linear", "finetune"], "fraction": [1.0, 1.0, 1.0, 0.125],
+                         "seed": [0, 0, 1, 0], "mAP_macro": [0.3, 0.2, 0.4, 0.25], "mAP_micro": [0.5] * 4})
+    lines = study.markdown_table(study.summary_table(runs)).splitlines()
+    assert lines[0] == "| arm | linear 100 % | finetune 12.5 % |"
+    assert lines[2] == "| random_init | 0.300 ± 0.141 (2) | 0.250 ± 0.000 (1) |"  # arms in the study's order
+    assert lines[3] == "| handcrafted | 0.300 ± 0.000 (1) |  |" and len(lines) == 4
 
 
 def test_packed_study_data_holds_the_seeded_structured_patches(tmp_path):
