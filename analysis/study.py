@@ -247,6 +247,18 @@ def pretrain_all(study: Study) -> dict[str, Path]:
     return {arm: done[arm] for arm in study.scale.arms if arm in done}
 
 
+def limit_own_threads(study: Study) -> int | None:
+    """Torch threads of the driver's own steps (features, probes): ``--jobs`` x ``--threads``, the cores the
+    runs side by side were given, when ``--threads`` is set; else torch's default. Without it two drivers on
+    one machine each take every core, and the small L-BFGS solves of the probes crawl. Returns the count set."""
+    if not study.threads:
+        return None
+    import torch
+
+    torch.set_num_threads(max(1, study.jobs) * study.threads)
+    return torch.get_num_threads()
+
+
 def probe_curves(study: Study, ckpts: dict[str, Path], n_max: int = 512) -> pd.DataFrame:
     """k-NN and linear-probe mAP of every epoch's checkpoint of every arm (``probe_curves.csv``).
 
@@ -507,7 +519,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--launcher", default=sys.executable,
                         help="command prefix of main_*.py, e.g. 'torchrun --standalone --nproc_per_node 4'")
     parser.add_argument("--jobs", type=int, default=1, help="pretraining / finetune runs at a time")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run; the driver's own steps take --jobs x this (0: torch's default)")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("--num_workers", type=int, default=0, help="data loader workers of every run")
@@ -569,6 +582,7 @@ def run_study(study: Study) -> pd.DataFrame:
     t = lap("data", t)
     ckpts = pretrain_all(study)
     t = lap("pretrain", t)
+    limit_own_threads(study)
     if "--probe_every" not in supported_flags("main_pretrain.py") and ckpts:
         probe_curves(study, ckpts)
         t = lap("probe_curves", t)

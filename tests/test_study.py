@@ -57,6 +57,21 @@ def test_markdown_table_has_a_row_per_arm_and_a_column_per_protocol_and_fraction
     assert lines[3] == "| handcrafted | 0.300 ± 0.000 (1) |  |" and len(lines) == 4
 
 
+def test_the_drivers_own_steps_take_jobs_times_threads_cores_when_threads_is_set(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        two = study.build_study(study.get_args_parser().parse_args(
+            ["--out", str(tmp_path), "--jobs", "2", "--threads", "1"]))
+        assert study.limit_own_threads(two) == 2 == torch.get_num_threads()
+        torch.set_num_threads(3)
+        default = study.build_study(study.get_args_parser().parse_args(["--out", str(tmp_path)]))
+        assert study.limit_own_threads(default) is None and torch.get_num_threads() == 3  # left alone
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_packed_study_data_holds_the_seeded_structured_patches(tmp_path):
     path = write_packed(tmp_path / "set", {"train": 3, "test": 2}, base_seed=5, scene="structured")
     test = PackedDataset(path, "test", input_size=120)
