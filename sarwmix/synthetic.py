@@ -72,6 +72,7 @@ _COVER: tuple[tuple[str, float, float, float, float, float], ...] = (
     ("Sea and ocean", -21.0, -31.0, 2.0, 0.8, 0.4),
 )
 _COVER_WEIGHTS = np.array([row[5] for row in _COVER]) / sum(row[5] for row in _COVER)
+_TABLE = np.array([row[1:5] for row in _COVER])  # (n_covers, 4): vv, vh, spread, texture
 # Global scales of the table's field spread and texture, tuned so that the per-patch statistics land on
 # the medians measured on real BigEarthNet-S1 patches (checked by tests/test_synthetic.py).
 _FIELD_SCALE = 0.8
@@ -173,13 +174,15 @@ def _draw_classes(rng: np.random.Generator) -> np.ndarray:
 def _grouped_table() -> np.ndarray:
     """Class-table rows (vv, vh, spread, texture) of the structured scenes: (n_covers, 4). A cover of one of
     ``LEVEL_GROUPS`` takes the sampling-weighted mean row of its group; any other cover keeps its own row."""
-    table = np.array([row[1:5] for row in _COVER])
     names = [row[0] for row in _COVER]
-    out = table.copy()
+    out = _TABLE.copy()
     for members in S.LEVEL_GROUPS.values():
         idx = [names.index(name) for name in members]
-        out[idx] = np.average(table[idx], axis=0, weights=_COVER_WEIGHTS[idx])
+        out[idx] = np.average(_TABLE[idx], axis=0, weights=_COVER_WEIGHTS[idx])
     return out
+
+
+_GROUPED_TABLE = _grouped_table()  # built once: every structured patch reads it
 
 
 def _field_levels(rng: np.random.Generator, field_cover: np.ndarray, field_id: np.ndarray,
@@ -187,7 +190,7 @@ def _field_levels(rng: np.random.Generator, field_cover: np.ndarray, field_id: n
     """Noise-free VH and VV dB maps of fields with covers ``field_cover`` (n_fields,) laid out as
     ``field_id`` (size, size), and the class-table rows of the fields (n_fields, 4). ``rows``: the class
     table (n_covers, 4) of (vv, vh, spread, texture) to use instead of the module's own."""
-    table = (np.array([row[1:5] for row in _COVER]) if rows is None else rows)[field_cover]
+    table = (_TABLE if rows is None else rows)[field_cover]
     n_fields = len(field_cover)
     field = rng.standard_normal(n_fields) * table[:, 2] * _FIELD_SCALE  # one offset per field, both channels
     # Per-patch offsets: incidence angle / moisture (both channels) and a small gap change.
@@ -231,7 +234,7 @@ def _structured_levels(rng: np.random.Generator, size: int) -> tuple[np.ndarray,
         mask = (S.river_mask if _COVER[i][0] == S.RIVER else S.lake_mask)(rng, size)
         cover[mask], field_id[mask] = i, n_cells + k
     vh, vv, table = _field_levels(rng, np.concatenate([cell_class, overlay]).astype(int), field_id,
-                                  _grouped_table())
+                                  _GROUPED_TABLE)
     tex = _smooth_noise(rng, 3, size, size // 3) * (_TEXTURE_SCALE * S.STRUCTURED_TEXTURE_SCALE
                                                      * table[:, 3])[field_id]
     vh = vh + tex[0] + 0.5 * tex[2] + S.LEVEL_SHIFT_DB

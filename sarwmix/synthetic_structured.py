@@ -17,10 +17,10 @@ Covers whose real backscatter overlaps share their first-order statistics here (
 cover of a group takes the group's level, field spread and texture (sampling-weighted means of its members'
 class-table rows), and its structure map is de-meaned and scaled to the group's standard deviation
 (``GROUP_STRUCTURE_STD``). So the dB histogram of a patch tells which groups are present (built-up, open
-fields, woody vegetation, wetlands, water, sand) but not which covers of a group: that takes the spatial
-structure (street grids against scattered roofs, rows against plain parcels, fine against coarse canopy,
-thin rivers against lakes against wind-streaked sea). Labels are the covers present on at least
-``MIN_COVER_FRACTION`` of the final map.
+fields, woody vegetation, wetlands, water; a cover in no group, such as beaches, keeps its own row) but not
+which covers of a group: that takes the spatial structure (street grids against scattered roofs, rows
+against plain parcels, fine against coarse canopy, thin rivers against lakes against wind-streaked sea).
+Labels are the covers present on at least ``MIN_COVER_FRACTION`` of the final map.
 """
 from __future__ import annotations
 
