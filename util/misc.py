@@ -172,7 +172,9 @@ def tune_cpu_memory(mode: str = "tuned") -> str:
     faults per step (see ``benchmarks/bench_pretrain.py``). ``tuned`` keeps freed memory in the process
     (no ``mmap`` for tensors, the heap never trimmed) and backs tensors of 2 MB or more with transparent huge
     pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``, where the kernel allows ``madvise``). Call it before the first
-    large tensor. The resident size stays near the step's peak instead of shrinking between steps.
+    large tensor. The resident size stays near the step's peak instead of shrinking between steps. The heap
+    settles in the first steps: until freed blocks have merged into holes large enough for the 2 MB-aligned
+    requests, a step may still fault in fresh memory (a few hundred faults per 64 MB with huge pages).
     ``system`` leaves the allocator alone. Returns what was applied, for the log.
     """
     if mode == "system":
