@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import study
+from analysis import study, study_config, study_probes
 from analysis.study_data import write_packed
 from sarwmix.packed_format import PackedDataset
 from sarwmix.synthetic import generate_patch
@@ -64,10 +64,10 @@ def test_the_drivers_own_steps_take_jobs_times_threads_cores_when_threads_is_set
     try:
         two = study.build_study(study.get_args_parser().parse_args(
             ["--out", str(tmp_path), "--jobs", "2", "--threads", "1"]))
-        assert study.limit_own_threads(two) == 2 == torch.get_num_threads()
+        assert study_probes.limit_own_threads(two) == 2 == torch.get_num_threads()
         torch.set_num_threads(3)
         default = study.build_study(study.get_args_parser().parse_args(["--out", str(tmp_path)]))
-        assert study.limit_own_threads(default) is None and torch.get_num_threads() == 3  # left alone
+        assert study_probes.limit_own_threads(default) is None and torch.get_num_threads() == 3  # left alone
     finally:
         torch.set_num_threads(before)
 
@@ -95,18 +95,18 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, argv, message):
 
 
 def test_finetune_epochs_grow_for_small_fractions_up_to_four_times():
-    scale = study.Scale(finetune_epochs=4)
-    assert [study.finetune_epochs(scale, f) for f in (1.0, 0.5, 0.125, 0.01)] == [4, 8, 16, 16]
+    scale = study_config.Scale(finetune_epochs=4)
+    assert [study_config.finetune_epochs(scale, f) for f in (1.0, 0.5, 0.125, 0.01)] == [4, 8, 16, 16]
 
 
 def test_probe_rows_of_an_arm_are_reused_only_for_the_same_fractions_and_seeds(tmp_path):
-    scale = dataclasses.replace(study.SCALES["smoke"], arms=(study.HANDCRAFTED,))
-    s = study.Study(out=tmp_path, scale=scale)
-    rows = [{"arm": study.HANDCRAFTED, "protocol": "linear", "fraction": f, "seed": 0, "n_labels": 1,
+    scale = dataclasses.replace(study_config.SCALES["smoke"], arms=(study_config.HANDCRAFTED,))
+    s = study_config.Study(out=tmp_path, scale=scale)
+    rows = [{"arm": study_config.HANDCRAFTED, "protocol": "linear", "fraction": f, "seed": 0, "n_labels": 1,
              "mAP_macro": 0.5, "mAP_micro": 0.5} for f in scale.probe_fractions]
     (tmp_path / "probes").mkdir()
-    pd.DataFrame(rows).to_csv(tmp_path / "probes" / f"{study.HANDCRAFTED}.csv", index=False)
-    assert study.probe_all(s, {}) == rows  # nothing fitted: no data needed
+    pd.DataFrame(rows).to_csv(tmp_path / "probes" / f"{study_config.HANDCRAFTED}.csv", index=False)
+    assert study_probes.probe_all(s, {}) == rows  # nothing fitted: no data needed
     s.scale = dataclasses.replace(scale, seeds=(0, 1))
     with pytest.raises(KeyError):  # other seeds: fitted again, which needs the study's data
-        study.probe_all(s, {})
+        study_probes.probe_all(s, {})
