@@ -184,7 +184,7 @@ def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: 
 
 
 def linear_probe_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *, c: float = 1.0,
-                        seed: int = 0, max_iter: int = 1000, solver: str = "sklearn",
+                        seed: int = 0, max_iter: int = 3000, solver: str = "sklearn",
                         device: torch.device | str = "cpu") -> np.ndarray:
     """Logistic-regression probe, one binary classifier per class, on standardised features.
 
@@ -239,7 +239,11 @@ def _torch_logistic(xs: np.ndarray, y: np.ndarray, xt: np.ndarray, c: float, max
     t = torch.as_tensor(y, dtype=torch.float64, device=device)
     w = torch.zeros(x.shape[1], t.shape[1], dtype=torch.float64, device=device, requires_grad=True)
     b = torch.zeros(t.shape[1], dtype=torch.float64, device=device, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=0.0,
+    # Converged when no gradient entry of the mean loss exceeds 1e-5: on the study's 960 stage features every
+    # fit ends within 3,000 iterations, in 2-6 s, and its test mAP agrees with a 20,000-iteration solve to
+    # 1e-4. At 1e-7 float64 L-BFGS crawled for thousands of iterations (once past 20,000) without changing
+    # a score.
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-5, tolerance_change=0.0,
                             history_size=20, line_search_fn="strong_wolfe")
     n = x.shape[0]
 
