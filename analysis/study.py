@@ -15,8 +15,10 @@ Steps (a step whose output exists is skipped, so a stopped study resumes where i
    logistic regression per labelled fraction and seed (``util.probe``); the hand-crafted floor (per-channel
    dB statistics and histograms) with the same classifier;
 4. full finetuning: ``main_finetune.py`` per arm, fraction and seed (random init: no ``--finetune``);
-5. ``runs.csv`` (one row per evaluated model), ``summary.csv`` (arm, fraction, protocol, metric, mean, std,
-   n), ``table.md`` (mAP macro as a Markdown table, arm x protocol and fraction), ``study.png`` and the
+5. ``runs.csv`` (one row per evaluated model; probe rows also hold each class's AP as ``ap_k``),
+   ``summary.csv`` (arm, fraction, protocol, metric, mean, std, n), ``table.md`` (mAP macro as a Markdown
+   table, arm x protocol and fraction), ``per_class.csv`` (AP per class of the probes, mean over seeds: which
+   covers a representation separates), ``study.png`` and the
    pretraining curves (``pretrain_loss.png``), ``timing.json``.
 
 Seeds: the downstream seed chooses the labelled subset (nested over fractions), the head initialisation and
@@ -209,6 +211,25 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def per_class_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Average precision per class of the probe rows (``per_class.csv``): arm, protocol, fraction, class
+    index, its name (the 19 BigEarthNet classes when there are 19), mean, sample std and count over seeds.
+    Empty when the rows carry no ``ap_k`` columns (probes cached by an older version)."""
+    from sarwmix.constants import BEN_19_CLASSES
+
+    columns = [c for c in runs.columns if c.startswith("ap_")]
+    if not columns:
+        return pd.DataFrame(columns=["arm", "protocol", "fraction", "class", "name", "mean", "std", "n"])
+    long = runs.dropna(subset=columns, how="all").melt(id_vars=["arm", "protocol", "fraction", "seed"],
+                                                       value_vars=columns, var_name="class", value_name="ap")
+    long["class"] = long["class"].str.removeprefix("ap_").astype(int)
+    table = long.dropna(subset=["ap"]).groupby(["arm", "protocol", "fraction", "class"], sort=False)["ap"].agg(
+        ["mean", "std", "count"]).reset_index().rename(columns={"count": "n"})
+    names = BEN_19_CLASSES if len(columns) == len(BEN_19_CLASSES) else None
+    table.insert(4, "name", table["class"].map(lambda k: names[k] if names else str(k)))
+    return table
+
+
 def markdown_table(summary: pd.DataFrame, metric: str = "mAP_macro") -> str:
     """The summary as the Markdown table the documentation shows (``table.md``): one row per arm, one
     column per protocol and labelled fraction, cells ``mean ± std (n)`` with three decimals (std 0.000
@@ -343,6 +364,7 @@ def run_study(study: Study) -> pd.DataFrame:
     summary = summary_table(runs)
     summary.to_csv(study.out / "summary.csv", index=False, float_format="%.4f")
     (study.out / "table.md").write_text(markdown_table(summary), encoding="utf-8")
+    per_class_table(runs).to_csv(study.out / "per_class.csv", index=False, float_format="%.4f")
     write_figures(study, summary, ckpts)
     lap("tables_and_figures", t)
     timing["total"] = round(time.time() - t0, 1)

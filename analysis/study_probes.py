@@ -125,8 +125,10 @@ def handcrafted(study: Study) -> dict[str, np.ndarray]:
 
 
 def probe_rows(study: Study, arm: str, feats: dict[str, np.ndarray], seeds: tuple[int, ...]) -> list[dict]:
-    """Linear-probe and k-NN test metrics of one feature set per labelled fraction and seed."""
-    from util.metrics import multilabel_metrics
+    """Linear-probe and k-NN test metrics of one feature set per labelled fraction and seed: mAP macro and
+    micro, and the average precision of each class ``k`` as ``ap_k`` (NaN where the test split has no
+    positive)."""
+    from util.metrics import multilabel_metrics, per_class_ap
     from util.probe import knn_scores, linear_probe_scores
     from util.subsets import fraction_indices
 
@@ -142,9 +144,10 @@ def probe_rows(study: Study, arm: str, feats: dict[str, np.ndarray], seeds: tupl
             scores["knn"] = knn_scores(x, y, feats["test_x"], k=min(20, len(keep)))
             for protocol, score in scores.items():
                 metrics = multilabel_metrics(score, feats["test_y"])
+                per_class = {f"ap_{k}": ap for k, ap in enumerate(per_class_ap(score, feats["test_y"]))}
                 rows.append({"arm": arm, "protocol": protocol, "fraction": fraction, "seed": seed,
                              "n_labels": len(keep), "mAP_macro": metrics["mAP_macro"],
-                             "mAP_micro": metrics["mAP_micro"]})
+                             "mAP_micro": metrics["mAP_micro"], **per_class})
     return rows
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from util.metrics import BEN_METRICS, binary_metrics, multilabel_metrics
+from util.metrics import BEN_METRICS, binary_metrics, multilabel_metrics, per_class_ap
 
 # 4 samples, 3 classes; class 2 never occurs in y_true.
 LOGITS = np.array([[2.0, -1.0, -3.0],
@@ -39,6 +39,16 @@ def test_multilabel_by_hand():
     # with precision 3/5. AP = 1/4 * (1/2 + 2/3 + 3/5 + 4/11).
     assert m["mAP_micro"] == pytest.approx(0.25 * (1 / 2 + 2 / 3 + 3 / 5 + 4 / 11))
     assert list(m)[: len(BEN_METRICS)] == list(BEN_METRICS)
+
+
+def test_per_class_ap_by_hand_and_its_mean_is_the_macro_map():
+    ap = per_class_ap(LOGITS, TARGETS)  # the classes worked out in test_multilabel_by_hand
+    assert ap[:2] == pytest.approx([1.0, 0.5]) and math.isnan(ap[2])
+    # Average precision reads only the ranking: probabilities give the same values as logits.
+    np.testing.assert_array_equal(per_class_ap(1 / (1 + np.exp(-np.asarray(LOGITS))), TARGETS), ap)
+    assert np.nanmean(ap) == multilabel_metrics(LOGITS, TARGETS)["mAP_macro"]
+    with pytest.raises(ValueError, match="must both be"):
+        per_class_ap(np.zeros((4, 2)), TARGETS)
 
 
 def test_multilabel_torch_input_and_perfect_scores():

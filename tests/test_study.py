@@ -27,6 +27,15 @@ def test_smoke_study_runs_end_to_end_and_writes_its_tables(tmp_path):
     assert summary["mean"].between(0, 1).all() and (summary["n"] == 1).all()
     runs = pd.read_csv(tmp_path / "runs.csv")
     assert len(runs) == 3 * 2 * 2 + 2  # probes: 3 arms x 2 fractions x 2 protocols; finetunes: 2 arms
+    # Per-class AP of every probe row; its mean over the present classes is the row's mAP macro.
+    ap = runs.filter(like="ap_")
+    assert ap.shape[1] == 19
+    probes = runs["protocol"] != "finetune"
+    np.testing.assert_allclose(ap[probes].mean(axis=1, skipna=True), runs.loc[probes, "mAP_macro"], atol=1e-12)
+    assert ap[~probes].isna().all().all()
+    per_class = pd.read_csv(tmp_path / "per_class.csv")
+    assert list(per_class.columns) == ["arm", "protocol", "fraction", "class", "name", "mean", "std", "n"]
+    assert len(per_class) == probes.sum() * ap.notna().any().sum() and "Urban fabric" in set(per_class["name"])
     for name in ("study.png", "pretrain_loss.png", "timing.json", "table.md"):
         assert (tmp_path / name).is_file()
     if "--probe_every" not in study.supported_flags("main_pretrain.py"):  # probed afterwards, per epoch
@@ -45,6 +54,17 @@ def test_summary_table_is_mean_std_and_count_per_arm_fraction_protocol():
     row = table[(table["arm"] == "a") & (table["metric"] == "mAP_macro")].iloc[0]
     assert row["mean"] == pytest.approx(0.2) and row["std"] == pytest.approx(0.1) and row["n"] == 3
     assert np.isnan(table[(table["arm"] == "b") & (table["metric"] == "mAP_macro")]["std"].iloc[0])
+
+
+def test_per_class_table_averages_each_class_over_seeds_and_skips_rows_without_it():
+    runs = pd.DataFrame({"arm": ["a", "a", "a"], "protocol": ["linear", "linear", "finetune"],
+                         "fraction": [1.0, 1.0, 1.0], "seed": [0, 1, 0], "mAP_macro": [0.5, 0.6, 0.7],
+                         "ap_0": [0.4, 0.6, np.nan], "ap_1": [np.nan, np.nan, np.nan]})
+    table = study.per_class_table(runs)
+    std = pytest.approx(0.2 / 2 ** 0.5)
+    assert table.to_dict("records") == [{"arm": "a", "protocol": "linear", "fraction": 1.0, "class": 0,
+                                         "name": "0", "mean": pytest.approx(0.5), "std": std, "n": 2}]
+    assert study.per_class_table(runs.drop(columns=["ap_0", "ap_1"])).empty  # probes of an older version
 
 
 def test_markdown_table_has_a_row_per_arm_and_a_column_per_protocol_and_fraction():

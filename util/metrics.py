@@ -30,6 +30,17 @@ def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def per_class_ap(scores: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Average precision of each class: (N, K) scores (any monotone transform of the probabilities: logits,
+    probabilities, k-NN votes) and multi-hot targets -> (K,) float64, NaN where the class has no positive
+    sample. ``mAP_macro`` is its mean over the non-NaN entries."""
+    scores, y_true = _numpy(scores).astype(np.float64), (_numpy(targets) > 0.5).astype(np.int64)
+    if scores.shape != y_true.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and targets {y_true.shape} must both be (N, K)")
+    return np.array([average_precision_score(y_true[:, k], scores[:, k]) if y_true[:, k].any() else np.nan
+                     for k in range(y_true.shape[1])])
+
+
 def multilabel_metrics(logits: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray,
                        threshold: float = THRESHOLD) -> dict[str, float | int]:
     """BigEarthNet metrics (see the module docstring for the rule on absent classes).
@@ -50,7 +61,7 @@ def multilabel_metrics(logits: torch.Tensor | np.ndarray, targets: torch.Tensor 
     present = np.flatnonzero(y_true.sum(axis=0) > 0)
     out = {"n_classes_present": len(present)}
     if len(present):
-        out["mAP_macro"] = float(np.mean([average_precision_score(y_true[:, k], scores[:, k]) for k in present]))
+        out["mAP_macro"] = float(np.nanmean(per_class_ap(scores, y_true)))
         out["f1_macro"] = float(f1_score(y_true[:, present], y_pred[:, present], average="macro",
                                          zero_division=0))
         out["precision_macro"] = float(precision_score(y_true[:, present], y_pred[:, present],
