@@ -220,8 +220,8 @@ def per_class_table(runs: pd.DataFrame) -> pd.DataFrame:
     columns = [c for c in runs.columns if c.startswith("ap_")]
     if not columns:
         return pd.DataFrame(columns=["arm", "protocol", "fraction", "class", "name", "mean", "std", "n"])
-    long = runs.dropna(subset=columns, how="all").melt(id_vars=["arm", "protocol", "fraction", "seed"],
-                                                       value_vars=columns, var_name="class", value_name="ap")
+    long = runs.melt(id_vars=["arm", "protocol", "fraction", "seed"], value_vars=columns, var_name="class",
+                     value_name="ap")
     long["class"] = long["class"].str.removeprefix("ap_").astype(int)
     table = long.dropna(subset=["ap"]).groupby(["arm", "protocol", "fraction", "class"], sort=False)["ap"].agg(
         ["mean", "std", "count"]).reset_index().rename(columns={"count": "n"})
