@@ -128,7 +128,7 @@ def probe_rows(study: Study, arm: str, feats: dict[str, np.ndarray], seeds: tupl
     """Linear-probe and k-NN test metrics of one feature set per labelled fraction and seed: mAP macro and
     micro, and the average precision of each class ``k`` as ``ap_k`` (NaN where the test split has no
     positive)."""
-    from util.metrics import multilabel_metrics, per_class_ap
+    from util.metrics import average_precision
     from util.probe import knn_scores, linear_probe_scores
     from util.subsets import fraction_indices
 
@@ -140,14 +140,12 @@ def probe_rows(study: Study, arm: str, feats: dict[str, np.ndarray], seeds: tupl
             x, y = feats["train_x"][keep], feats["train_y"][keep]
             scores = {"linear": linear_probe_scores(x, y, feats["test_x"], c=study.scale.probe_c, seed=seed,
                                                     solver=study.scale.probe_solver)}
-            # k-NN votes lie in [0, 1]; the sigmoid of the metrics keeps their order, and AP needs only that.
             scores["knn"] = knn_scores(x, y, feats["test_x"], k=min(20, len(keep)))
             for protocol, score in scores.items():
-                metrics = multilabel_metrics(score, feats["test_y"])
-                per_class = {f"ap_{k}": ap for k, ap in enumerate(per_class_ap(score, feats["test_y"]))}
+                ap = average_precision(score, feats["test_y"])
                 rows.append({"arm": arm, "protocol": protocol, "fraction": fraction, "seed": seed,
-                             "n_labels": len(keep), "mAP_macro": metrics["mAP_macro"],
-                             "mAP_micro": metrics["mAP_micro"], **per_class})
+                             "n_labels": len(keep), "mAP_macro": ap["mAP_macro"], "mAP_micro": ap["mAP_micro"],
+                             **{f"ap_{k}": v for k, v in enumerate(ap["per_class"])}})
     return rows
 
 

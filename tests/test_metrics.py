@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from util.metrics import BEN_METRICS, binary_metrics, multilabel_metrics, per_class_ap
+from util.metrics import BEN_METRICS, average_precision, binary_metrics, multilabel_metrics
 
 # 4 samples, 3 classes; class 2 never occurs in y_true.
 LOGITS = np.array([[2.0, -1.0, -3.0],
@@ -41,14 +41,20 @@ def test_multilabel_by_hand():
     assert list(m)[: len(BEN_METRICS)] == list(BEN_METRICS)
 
 
-def test_per_class_ap_by_hand_and_its_mean_is_the_macro_map():
-    ap = per_class_ap(LOGITS, TARGETS)  # the classes worked out in test_multilabel_by_hand
+def test_average_precision_by_hand_and_as_in_multilabel_metrics():
+    result = average_precision(LOGITS, TARGETS)  # the classes worked out in test_multilabel_by_hand
+    ap = result["per_class"]
     assert ap[:2] == pytest.approx([1.0, 0.5]) and math.isnan(ap[2])
+    assert result["mAP_macro"] == np.nanmean(ap) == multilabel_metrics(LOGITS, TARGETS)["mAP_macro"]
+    assert result["mAP_micro"] == multilabel_metrics(LOGITS, TARGETS)["mAP_micro"]
     # Average precision reads only the ranking: probabilities give the same values as logits.
-    np.testing.assert_array_equal(per_class_ap(1 / (1 + np.exp(-np.asarray(LOGITS))), TARGETS), ap)
-    assert np.nanmean(ap) == multilabel_metrics(LOGITS, TARGETS)["mAP_macro"]
+    probs = average_precision(1 / (1 + np.exp(-np.asarray(LOGITS))), TARGETS)
+    np.testing.assert_array_equal(probs["per_class"], ap)
+    assert probs["mAP_micro"] == result["mAP_micro"]
+    empty = average_precision(np.zeros((2, 3)), np.zeros((2, 3)))
+    assert np.isnan(empty["per_class"]).all() and math.isnan(empty["mAP_macro"]) and math.isnan(empty["mAP_micro"])
     with pytest.raises(ValueError, match="must both be"):
-        per_class_ap(np.zeros((4, 2)), TARGETS)
+        average_precision(np.zeros((4, 2)), TARGETS)
 
 
 def test_multilabel_torch_input_and_perfect_scores():

@@ -30,15 +30,27 @@ def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def per_class_ap(scores: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Average precision of each class: (N, K) scores (any monotone transform of the probabilities: logits,
-    probabilities, k-NN votes) and multi-hot targets -> (K,) float64, NaN where the class has no positive
-    sample. ``mAP_macro`` is its mean over the non-NaN entries."""
+def average_precision(scores: torch.Tensor | np.ndarray,
+                      targets: torch.Tensor | np.ndarray) -> dict[str, np.ndarray | float]:
+    """Average precision of multi-label scores, each class's and pooled.
+
+    Args:
+        scores: (N, K) any strictly increasing transform of the probabilities (logits, probabilities, k-NN
+            votes): average precision reads only the ranking.
+        targets: (N, K) multi-hot 0/1.
+    Returns:
+        ``per_class``: (K,) float64, NaN where the class has no positive sample; ``mAP_macro``: its mean over
+        the other classes; ``mAP_micro``: AP of all N*K scores pooled. Both NaN when no class is present.
+    """
     scores, y_true = _numpy(scores).astype(np.float64), (_numpy(targets) > 0.5).astype(np.int64)
     if scores.shape != y_true.shape or scores.ndim != 2:
         raise ValueError(f"scores {scores.shape} and targets {y_true.shape} must both be (N, K)")
-    return np.array([average_precision_score(y_true[:, k], scores[:, k]) if y_true[:, k].any() else np.nan
-                     for k in range(y_true.shape[1])])
+    per_class = np.array([average_precision_score(y_true[:, k], scores[:, k]) if y_true[:, k].any() else np.nan
+                          for k in range(y_true.shape[1])])
+    if not y_true.any():
+        return {"per_class": per_class, "mAP_macro": float("nan"), "mAP_micro": float("nan")}
+    return {"per_class": per_class, "mAP_macro": float(np.nanmean(per_class)),
+            "mAP_micro": float(average_precision_score(y_true.ravel(), scores.ravel()))}
 
 
 def multilabel_metrics(logits: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray,
@@ -60,16 +72,15 @@ def multilabel_metrics(logits: torch.Tensor | np.ndarray, targets: torch.Tensor 
     y_pred = (scores > threshold).astype(np.int64)
     present = np.flatnonzero(y_true.sum(axis=0) > 0)
     out = {"n_classes_present": len(present)}
+    ap = average_precision(scores, y_true)
+    out.update(mAP_macro=ap["mAP_macro"], mAP_micro=ap["mAP_micro"])
     if len(present):
-        out["mAP_macro"] = float(np.nanmean(per_class_ap(scores, y_true)))
         out["f1_macro"] = float(f1_score(y_true[:, present], y_pred[:, present], average="macro",
                                          zero_division=0))
         out["precision_macro"] = float(precision_score(y_true[:, present], y_pred[:, present],
                                                        average="macro", zero_division=0))
-        out["mAP_micro"] = float(average_precision_score(y_true.ravel(), scores.ravel()))
     else:
-        out.update(mAP_macro=float("nan"), f1_macro=float("nan"), precision_macro=float("nan"),
-                   mAP_micro=float("nan"))
+        out.update(f1_macro=float("nan"), precision_macro=float("nan"))
     out["f1_micro"] = float(f1_score(y_true, y_pred, average="micro", zero_division=0))
     out["precision_micro"] = float(precision_score(y_true, y_pred, average="micro", zero_division=0))
     return {**{k: out[k] for k in BEN_METRICS}, "n_classes_present": out["n_classes_present"]}

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from sarwmix.datasets import build_dataset
 from util.augment import normalize
-from util.metrics import multilabel_metrics
+from util.metrics import average_precision
 
 log = logging.getLogger("sarwmix")
 
@@ -263,16 +263,6 @@ def _torch_logistic(xs: np.ndarray, y: np.ndarray, xt: np.ndarray, c: float, max
         return torch.sigmoid(xt_t @ w + b).cpu().numpy()
 
 
-def _average_precision(scores: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
-    """mAP macro and micro of probability scores by the project's multi-label rule.
-
-    ``multilabel_metrics`` takes logits and applies a sigmoid; average precision depends only on the order
-    of the scores, and the sigmoid is strictly increasing, so probabilities can be passed as they are.
-    """
-    m = multilabel_metrics(scores, targets)
-    return m["mAP_macro"], m["mAP_micro"]
-
-
 def probe_metrics(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
                   k: int = 20, c: float = 1.0, seed: int = 0, solver: str = "sklearn",
                   device: torch.device | str = "cpu") -> dict[str, float]:
@@ -283,10 +273,10 @@ def probe_metrics(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, 
     Returns:
         ``{"knn_mAP_macro", "knn_mAP_micro", "linear_mAP_macro", "linear_mAP_micro"}`` as floats.
     """
-    knn = _average_precision(knn_scores(train_x, train_y, test_x, k=k), test_y)
-    lin = _average_precision(linear_probe_scores(train_x, train_y, test_x, c=c, seed=seed, solver=solver,
-                                                 device=device), test_y)
-    return dict(zip(PROBE_METRICS, (*knn, *lin)))
+    knn = average_precision(knn_scores(train_x, train_y, test_x, k=k), test_y)
+    lin = average_precision(linear_probe_scores(train_x, train_y, test_x, c=c, seed=seed, solver=solver,
+                                                device=device), test_y)
+    return dict(zip(PROBE_METRICS, (knn["mAP_macro"], knn["mAP_micro"], lin["mAP_macro"], lin["mAP_micro"])))
 
 
 def handcrafted_features(sar_db: np.ndarray, bins: int = 16, lo: float = -35.0, hi: float = 5.0) -> np.ndarray:
