@@ -72,6 +72,9 @@ def make_pretrain_step(device: torch.device, mean: list[float], std: list[float]
         loss, _, mask = model(normalize(sar_db, mean_t, std_t), weights=w, generator=gen)
         extras = {"weight_mean": float(w.mean()) if w is not None else 1.0,
                   "mask_ratio": float(mask.float().mean())}
+        terms = getattr(getattr(model, "module", model), "loss_terms", {})
+        if "spectral_loss" in terms:  # the loss has two terms: log each (unweighted)
+            extras.update({k: float(v) for k, v in terms.items()})
         return loss, extras, sar_db.shape[0]
 
     return step

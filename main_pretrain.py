@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 import torch
 
@@ -26,7 +27,8 @@ log = logging.getLogger("sarwmix")
 PRETRAIN_MODES = ("mixmim", "simmim")
 DEFAULT_MASK_RATIO = {"mixmim": 0.5, "simmim": 0.6}
 # Flags that only one mode reads; config.yaml of a run leaves out those of the other mode.
-MODE_ONLY_FLAGS = {"mixmim": ("range_mask_ratio", "norm_pix_loss"), "simmim": ("mask_patch_size", "loss")}
+MODE_ONLY_FLAGS = {"mixmim": ("range_mask_ratio", "norm_pix_loss", "spectral_weight", "spectral_bins"),
+                   "simmim": ("mask_patch_size", "loss")}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,6 +43,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", default="l1", choices=("l1", "mse"), help="SimMIM loss on masked pixels")
     g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="MixMIM: standardise each target patch (released recipe: on)")
+    g.add_argument("--spectral_weight", type=float, default=0.0,
+                   help="MixMIM: weight of a phase-free texture target, each hidden cell's log power spectrum "
+                        "(0: off, the published loss)")
+    g.add_argument("--spectral_bins", type=int, nargs=2, default=[8, 4], metavar=("RADIAL", "ANGULAR"),
+                   help="MixMIM: radial x orientation bins of the spectral target")
     g.add_argument("--weighting", default="per_channel", choices=WEIGHTINGS,
                    help="polarisation-aware weights from linear backscatter")
     g.add_argument("--weight_exp_scale", type=float, default=1.0, help="s in w = exp(s * (1 - x~))")
@@ -75,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_weight_norm(args.weight_norm, args.weight_norm_low, args.weight_norm_high)
     except ValueError as e:
         raise ConfigError(f"--weight_norm {args.weight_norm}: {e}") from None
+    if not (math.isfinite(args.spectral_weight) and args.spectral_weight >= 0) or min(args.spectral_bins) < 1:
+        raise ConfigError(f"--spectral_weight {args.spectral_weight} --spectral_bins {args.spectral_bins}: expected "
+                          f"a finite weight >= 0 (0: off) and at least one bin each way")
+    if args.mode == "simmim" and args.spectral_weight > 0:
+        raise ConfigError(f"--spectral_weight {args.spectral_weight} with --mode simmim: the spectral target is "
+                          f"MixMIM's (its decoder predicts every hidden cell); leave it at 0 for SimMIM")
     for name, low in (("probe_every", 0), ("probe_samples", 8), ("probe_knn_k", 1)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name} {getattr(args, name)}: expected an integer >= {low}")
@@ -86,7 +99,8 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     if args.mode == "simmim":
         kwargs = {"mask_patch_size": args.mask_patch_size, "loss": args.loss}
     else:
-        kwargs = {"range_mask_ratio": args.range_mask_ratio, "norm_pix_loss": args.norm_pix_loss}
+        kwargs = {"range_mask_ratio": args.range_mask_ratio, "norm_pix_loss": args.norm_pix_loss,
+                  "spectral_weight": args.spectral_weight, "spectral_bins": tuple(args.spectral_bins)}
     return backbones.build_pretrain(args.mode, args.model, args.input_size, len(args.channels),
                                     mask_ratio=args.mask_ratio, **kwargs)
 

@@ -19,6 +19,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models.vision_transformer import Block as ViTBlock
 from torch.utils.checkpoint import checkpoint
 
+from sarwmix import spectra
 from sarwmix.errors import ConfigError
 from sarwmix.masking import flip_batch, pixel_mask, sample_mixing_mask, upsample_mask
 from util.pos_embed import relative_position_index, sincos_2d
@@ -298,6 +299,22 @@ def denorm_patches(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return rec * std + mean
 
 
+def unmix(pred: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The two decoder branches (2B, L, D) -> (B, L, D): each cell of image i from the branch where it was
+    hidden, the first branch of i where ``m`` (1, L, 1) is 1, the second branch of its partner elsewhere."""
+    first, second = pred.chunk(2, dim=0)
+    return first * m + flip_batch(second) * (1 - m)
+
+
+def spectral_bins_arg(bins) -> tuple[int, int]:
+    """(radial, angular) bin counts from a pair of positive integers; ConfigError otherwise."""
+    try:
+        n_radial, n_angular = (int(b) for b in bins)
+    except (TypeError, ValueError):
+        raise ConfigError(f"spectral_bins {bins!r}: expected two integers (radial, angular)") from None
+    return n_radial, n_angular
+
+
 def unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
     """(B, L, p*p*C) -> (B, C, H, W); inverse of ``patchify`` for a square grid."""
     b, n, _ = x.shape
@@ -311,11 +328,18 @@ class MixMIM(SwinEncoder):
 
     ``forward(x, weights, mask)`` returns ``(loss, pred, mask)``: ``pred`` (B, L, stride^2*C) is the
     unmixed reconstruction of every cell of every image, ``mask`` (1, L) the mixing mask on the final grid.
+    ``loss_terms`` holds the detached terms of the last loss (``pixel_loss``, and ``spectral_loss`` with
+    ``spectral_weight``).
+
+    ``spectral_weight`` > 0 adds a phase-free texture target (``sarwmix.spectra``): a linear head on the
+    decoder predicts each hidden cell's standardised log power spectrum in ``spectral_bins`` (radial,
+    angular) bins, and ``spectral_weight`` times its mean squared error is added to the pixel loss. At 0 (the
+    published recipe) the head does not exist and the state dict is the released one.
     """
 
     def __init__(self, decoder_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  norm_pix_loss: bool = True, mask_ratio: float = 0.5, range_mask_ratio: float = 0.0,
-                 **encoder_kwargs) -> None:
+                 spectral_weight: float = 0.0, spectral_bins: tuple[int, int] = (8, 4), **encoder_kwargs) -> None:
         super().__init__(**encoder_kwargs)
         if not (0.0 < mask_ratio < 1.0 and range_mask_ratio >= 0.0 and mask_ratio + range_mask_ratio <= 1.0):
             raise ConfigError(f"mask_ratio {mask_ratio} with range_mask_ratio {range_mask_ratio}: expected "
@@ -332,6 +356,15 @@ class MixMIM(SwinEncoder):
         ])
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.encoder_stride**2 * self.in_chans)
+        if not (math.isfinite(spectral_weight) and spectral_weight >= 0.0):
+            raise ConfigError(f"spectral_weight {spectral_weight}: expected a finite number >= 0 (0: off)")
+        self.spectral_weight = spectral_weight
+        self.decoder_spec = None
+        if spectral_weight > 0:
+            bins = spectra.spectral_bins(self.encoder_stride, *spectral_bins_arg(spectral_bins))
+            self.register_buffer("spectral_bin_matrix", bins, persistent=False)
+            self.decoder_spec = nn.Linear(decoder_dim, bins.shape[1] * self.in_chans)
+        self.loss_terms: dict[str, torch.Tensor] = {}
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -356,31 +389,42 @@ class MixMIM(SwinEncoder):
         tokens = tokens * (1 - m0) + flip_batch(tokens) * m0
         return self.forward_tokens(tokens, masks)
 
-    def forward_decoder(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Unmix into two branches and decode: (B, L, D) -> (2B, L, stride^2 * C)."""
+    def forward_decoder(self, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unmix into two branches and decode: (B, L, D) -> pixels (2B, L, stride^2 * C), and the log spectra
+        (2B, L, C * K) with ``spectral_weight`` (else None)."""
         z = self.decoder_embed(z)
         m = mask.unsqueeze(-1).to(z.dtype)
         tok = self.mask_token.to(z.dtype)
         x = torch.cat([z * (1 - m) + tok * m, z * m + tok * (1 - m)], dim=0) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))
+        x = self.decoder_norm(x)
+        return self.decoder_pred(x), (self.decoder_spec(x) if self.decoder_spec is not None else None)
 
     def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
-                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted MSE over every pixel of every image. Returns (loss, unmixed reconstruction)."""
+                     weights: torch.Tensor | None = None,
+                     spec_pred: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted MSE over every pixel of every image, plus ``spectral_weight`` times the MSE of the
+        predicted log spectra of every cell. Returns (loss, unmixed reconstruction)."""
         target = patchify(x, self.encoder_stride)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as MAE
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        rec1, rec2 = pred.float().chunk(2, dim=0)
         m = mask.unsqueeze(-1).float()
-        rec = rec1 * m + flip_batch(rec2) * (1 - m)
+        rec = unmix(pred.float(), m)
         err = (rec - target) ** 2
         if weights is not None:
             err = err * patchify(weights.float(), self.encoder_stride)
-        return err.mean(), rec
+        loss = err.mean()
+        self.loss_terms = {"pixel_loss": loss.detach()}
+        if spec_pred is not None:
+            spec_target = spectra.standardise(spectra.cell_log_spectra(x, self.encoder_stride,
+                                                                       self.spectral_bin_matrix))
+            spec_loss = ((unmix(spec_pred.float(), m) - spec_target) ** 2).mean()
+            self.loss_terms["spectral_loss"] = spec_loss.detach()
+            loss = loss + self.spectral_weight * spec_loss
+        return loss, rec
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -393,8 +437,8 @@ class MixMIM(SwinEncoder):
             raise ValueError(f"mask of shape {tuple(mask.shape)}: expected (1, {n_cells}), one mixing mask "
                              f"shared by the batch")
         z = self.forward_encoder(x, mask)
-        pred = self.forward_decoder(z, mask)
-        loss, rec = self.forward_loss(x, pred, mask, weights)
+        pred, spec_pred = self.forward_decoder(z, mask)
+        loss, rec = self.forward_loss(x, pred, mask, weights, spec_pred)
         return loss, rec, mask
 
     @torch.no_grad()

@@ -150,7 +150,9 @@ def check_checkpoint(path: str | Path, patches: np.ndarray, *, weighting: str = 
                 losses.append(float(loss[0] if isinstance(loss, tuple) else loss))
             else:
                 net = model if name == "model" else random_model
-                losses.append(float(net(x, weights=weights, mask=mask)[0]))
+                loss = net(x, weights=weights, mask=mask)[0]
+                # the pixel term only: a spectral target's term has no counterpart in the mean predictor
+                losses.append(float(getattr(net, "loss_terms", {}).get("pixel_loss", loss)))
         rows.append({"checkpoint": str(path), "mode": args.mode, "model": args.model, "predictor": name,
                      "loss_unweighted": losses[0], "loss_weighted": losses[1], "n_patches": len(x)})
     return rows

@@ -38,6 +38,22 @@ def test_run_writes_all_outputs(tmp_path):
     assert {"model", "optimizer", "epoch", "scaler", "args"} <= ckpt.keys()
 
 
+def test_spectral_target_run_logs_both_terms_saves_its_head_and_resumes_exactly(tmp_path):
+    spectral = ["--spectral_weight", "2", "--spectral_bins", "6", "3", "--vis_samples", "0", "--save_freq", "1"]
+    _run(tmp_path / "full", *spectral)
+    epochs = [json.loads(x) for x in (tmp_path / "full" / "log.txt").read_text().splitlines()]
+    for e in epochs:
+        assert e["train_loss"] == pytest.approx(e["train_pixel_loss"] + 2 * e["train_spectral_loss"], rel=1e-4)
+    ckpt = load_checkpoint(tmp_path / "full" / "checkpoint.pth")
+    assert ckpt["args"]["spectral_weight"] == 2.0 and ckpt["args"]["spectral_bins"] == [6, 3]
+    assert "decoder_spec.weight" in ckpt["model"] and "spectral_bin_matrix" not in ckpt["model"]
+    # stopped after epoch 1 and resumed: the same weights as the uninterrupted run
+    _run(tmp_path / "split", *spectral, "--stop_epoch", "1")
+    _run(tmp_path / "split", *spectral, "--resume", "auto")
+    resumed = _weights(tmp_path / "split" / "checkpoint.pth")
+    assert all(torch.equal(resumed[k], ckpt["model"][k]) for k in ckpt["model"])
+
+
 def test_stop_epoch_saves_numbered_checkpoint_and_stops(tmp_path):
     _run(tmp_path, "--epochs", "8", "--stop_epoch", "1", "--vis_samples", "0")
     assert (tmp_path / "checkpoint_1.pth").exists()
@@ -219,6 +235,9 @@ def test_kill_right_after_a_checkpoint_keeps_its_epoch_log(tmp_path, monkeypatch
     (["--resume", "/nonexistent/checkpoint.pth"], "checkpoint not found"),
     (["--num_samples", "3"], "data set of 3 samples is smaller than one global batch of 4"),
     (["--stop_epoch", "0"], "--stop_epoch 0: expected a positive integer"),
+    (["--spectral_weight", "-1"], "expected a finite weight >= 0"),
+    (["--spectral_weight", "1", "--spectral_bins", "0", "4"], "at least one bin each way"),
+    (["--mode", "simmim", "--spectral_weight", "1"], "the spectral target is MixMIM's"),
 ])
 def test_bad_input_one_line_and_exit_code(tmp_path, argv, message):
     proc = run_py(["main_pretrain.py", *TINY_PRETRAIN, "--output_dir", str(tmp_path), *argv], check=False)

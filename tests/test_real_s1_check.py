@@ -56,6 +56,22 @@ def test_mixmim_rows_and_the_norm_pix_mean_baseline(tmp_path):
     assert all(np.isfinite([r["loss_unweighted"], r["loss_weighted"]]).all() for r in rows.values())
 
 
+def test_a_spectral_checkpoint_is_scored_on_its_pixel_loss(tmp_path):
+    patches, _ = R.read_real_patches(_fake_real_data(tmp_path / "data"))
+    path = _checkpoint(tmp_path, "--spectral_weight", "100", "--spectral_bins", "4", "2")
+    rows = {r["predictor"]: r for r in R.check_checkpoint(path, patches)}
+    # its own model, rebuilt from the recorded flags, with the spectral head; the pixel term alone is reported
+    model, _, stats = R.build_from_checkpoint(path)
+    assert model.decoder_spec is not None
+    x = R.normalize(torch.stack([R.resize_db(torch.from_numpy(p), 64) for p in patches]),
+                    torch.tensor(stats["mean"]), torch.tensor(stats["std"]))
+    with torch.no_grad():
+        full, _, _ = model(x, mask=model(x, generator=torch.Generator().manual_seed(0))[2])
+    assert rows["model"]["loss_unweighted"] == pytest.approx(float(model.loss_terms["pixel_loss"]), rel=1e-5)
+    assert float(full) > rows["model"]["loss_unweighted"] + 1.0  # the weight-100 spectral term left out
+    assert rows["mean"]["loss_unweighted"] == pytest.approx(1.0, abs=1e-3)  # the same scale as the model's
+
+
 def test_simmim_mean_baseline_is_the_visible_mean(tmp_path):
     ckpt = _checkpoint(tmp_path, "--mode", "simmim", "--loss", "l1")
     model, args, stats = R.build_from_checkpoint(ckpt)
