@@ -73,7 +73,8 @@ def prepare_data(study: Study) -> dict[str, tuple[str, str | None]]:
     s = study.scale
     # Worker processes pay off from a few hundred patches on (each imports the generator once).
     workers = max(1, study.jobs * max(1, study.threads)) if s.n_pretrain + s.n_train + s.n_test > 1000 else 1
-    paths = write_study_data(study.out / "data", s.n_pretrain, s.n_train, s.n_val, s.n_test, workers=workers)
+    paths = write_study_data(study.out / "data", s.n_pretrain, s.n_train, s.n_val, s.n_test, workers=workers,
+                             data_seed=study.data_seed)
     return {name: ("packed", str(path)) for name, path in paths.items()}
 
 
@@ -261,7 +262,8 @@ def write_figures(study: Study, summary: pd.DataFrame, ckpts: dict[str, Path]) -
         written += write_outputs(study.out, "probe_curves", draw_probe_curves(curves), {}, dpi=110)
     runs = [study.out / "pretrain" / arm for arm in ckpts]
     if runs:
-        figure, epochs, steps = plot_pretrain_loss(runs, labels=list(ckpts))
+        # the arms' losses differ in scale by construction (weights, SimMIM's L1, the spectral term): log axis
+        figure, epochs, steps = plot_pretrain_loss(runs, labels=list(ckpts), logy=True)
         tables = {"_epoch": epochs, "_step": steps}
         probes = getattr(figure, "probes", None)  # the monitor's probe metrics per epoch, when it ran
         if probes is not None and not probes.empty:
@@ -294,6 +296,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("--num_workers", type=int, default=0, help="data loader workers of every run")
     parser.add_argument("--pretrain_seed", type=int, default=0)
+    parser.add_argument("--data_seed", type=int, default=0,
+                        help="synthetic data: another disjoint draw of scenes (0: the study's own), a replication")
     parser.add_argument("--extra_pretrain", default="", help="more main_pretrain.py flags (split on spaces)")
     parser.add_argument("--extra_finetune", default="", help="more main_finetune.py flags (split on spaces)")
     g = parser.add_argument_group("overrides of the scale's fields")
@@ -328,11 +332,14 @@ def build_study(args: argparse.Namespace) -> Study:
 
     if scale.probe_pooling not in POOLINGS:
         raise ConfigError(f"--probe_pooling {scale.probe_pooling}: expected one of {', '.join(POOLINGS)}")
+    if args.data_seed < 0:
+        raise ConfigError(f"--data_seed {args.data_seed}: expected an integer >= 0")
     if args.dataset == "synthetic" and min(scale.n_pretrain, scale.n_train, scale.n_val, scale.n_test) < 1:
         raise ConfigError(f"--scale {args.scale} with synthetic data needs --n_pretrain/--n_train/--n_val/--n_test")
     return Study(out=args.out, scale=scale, dataset=args.dataset, data_path=args.data_path,
                  launcher=tuple(args.launcher.split()), jobs=args.jobs, threads=args.threads, amp=args.amp,
                  device=args.device, num_workers=args.num_workers, pretrain_seed=args.pretrain_seed,
+                 data_seed=args.data_seed,
                  extra_pretrain=tuple(args.extra_pretrain.split()), extra_finetune=tuple(args.extra_finetune.split()))
 
 

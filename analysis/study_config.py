@@ -19,6 +19,9 @@ ARMS: dict[str, list[str]] = {
     "mixmim_shared_avg": ["--weighting", "shared_avg"],
     "simmim": ["--mode", "simmim", "--weighting", "none"],
     "mixmim_per_channel_pct": ["--weighting", "per_channel", "--weight_norm", "percentile"],
+    # The phase-free texture target (each hidden cell's log power spectrum) besides the pixels; its weight
+    # was chosen on the validation split among 1, 4, 16, 64, 256 (docs/RESULTS.md).
+    "mixmim_per_channel_spectral": ["--weighting", "per_channel", "--spectral_weight", "64"],
 }
 ALL_ARMS: tuple[str, ...] = (RANDOM_INIT, *ARMS, HANDCRAFTED)
 PROTOCOLS: tuple[str, ...] = ("linear", "knn", "finetune")
@@ -98,6 +101,7 @@ class Study:
     device: str = "auto"
     num_workers: int = 0
     pretrain_seed: int = 0
+    data_seed: int = 0  # synthetic data: 0 the study's scenes, N > 0 a fresh disjoint draw
     extra_pretrain: tuple[str, ...] = ()
     extra_finetune: tuple[str, ...] = ()
     data: dict = dataclasses.field(default_factory=dict)

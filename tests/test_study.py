@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from analysis import study, study_config, study_probes
-from analysis.study_data import write_packed
+from analysis.study_data import write_packed, write_study_data
+from sarwmix.errors import DataError
 from sarwmix.packed_format import PackedDataset
 from sarwmix.synthetic import generate_patch
 
@@ -102,12 +103,24 @@ def test_packed_study_data_holds_the_seeded_structured_patches(tmp_path):
     assert len(PackedDataset(path, "train")) == 3
 
 
+def test_a_data_seed_draws_fresh_scenes_and_a_folder_of_other_data_is_refused(tmp_path):
+    own = write_study_data(tmp_path / "own", 2, 2, 1, 1)
+    fresh = write_study_data(tmp_path / "fresh", 2, 2, 1, 1, data_seed=1)
+    for name in ("pretrain", "labelled"):
+        a, b = PackedDataset(own[name], "train"), PackedDataset(fresh[name], "train")
+        assert not np.array_equal(a.read_patch(0)[0], b.read_patch(0)[0])
+    assert write_study_data(tmp_path / "own", 2, 2, 1, 1) == own  # the same data: kept as it is
+    with pytest.raises(DataError, match="seed=101,.* not synthetic:scene=structured,seed=1101"):
+        write_study_data(tmp_path / "own", 2, 2, 1, 1, data_seed=1)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--arms", "random_init mae"], "--arms mae"),
     (["--seeds", ""], "--seeds must not be empty"),
     (["--finetune_fractions", "0"], "every fraction must lie in"),
     (["--dataset", "benv1"], "--dataset benv1 needs --data_path"),
     (["--probe_pooling", "median"], "--probe_pooling median: expected one of mean, meanmax, stages"),
+    (["--data_seed", "-1"], "--data_seed -1: expected an integer >= 0"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, capsys, argv, message):
     assert study.main(["--out", str(tmp_path), "--scale", "smoke", *argv]) == 2
