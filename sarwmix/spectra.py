@@ -9,8 +9,9 @@ which scale, along which direction. ``MixMIM`` can predict it for every hidden c
 
 Bins: the DC term is left out (each cell's mean is removed first); radial frequency in ``n_radial``
 log-spaced bins from one cycle per cell (1/p) to the corner of the spectrum (sqrt(1/2) cycles per pixel),
-orientation in ``n_angular`` equal bins of [-pi/2, pi/2). Bins that hold no frequency of a p x p grid (the
-lowest radial bins are sparse) are dropped, so every returned feature is informative.
+orientation (defined modulo pi) in ``n_angular`` equal bins of [0, pi), starting at frequencies along the
+vertical axis. Bins that hold no frequency of a p x p grid (the lowest radial bins are sparse) are dropped, so
+every returned feature is informative.
 """
 from __future__ import annotations
 
