@@ -142,11 +142,17 @@ def test_every_doc_is_linked_from_the_readmes_map():
 
 
 def _arm_table(text: str) -> dict[str, dict[str, str]]:
-    """The study table of a document: arm -> column header -> cell."""
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
-            if line.startswith("| arm |") or line.startswith("| random_init |")
-            or re.match(r"^\| (mixmim_\w+|simmim|handcrafted) \|", line)]
-    header, *body = rows
+    """The first study table of a document (the one under its first ``| arm |`` header, not the later ones such
+    as a replication's): arm -> column header -> cell."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| arm |"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    header, *body = table
     return {row[0]: dict(zip(header[1:], row[1:])) for row in body}
 
 
