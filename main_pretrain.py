@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 
 import torch
 
@@ -18,6 +17,7 @@ import backbones
 from engine_pretrain import Trainer, TrainSettings, make_pretrain_step, save_reconstructions
 from sarwmix.datasets import DATASET_NAMES
 from sarwmix.errors import ConfigError
+from sarwmix.spectra import check_settings as check_spectral
 from sarwmix.weighting import GRANULARITIES, WEIGHT_NORMS, WEIGHTINGS, check_weight_norm
 from util import runner
 from util.config import parse_with_config, run_cli
@@ -82,9 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_weight_norm(args.weight_norm, args.weight_norm_low, args.weight_norm_high)
     except ValueError as e:
         raise ConfigError(f"--weight_norm {args.weight_norm}: {e}") from None
-    if not (math.isfinite(args.spectral_weight) and args.spectral_weight >= 0) or min(args.spectral_bins) < 1:
-        raise ConfigError(f"--spectral_weight {args.spectral_weight} --spectral_bins {args.spectral_bins}: expected "
-                          f"a finite weight >= 0 (0: off) and at least one bin each way")
+    try:
+        check_spectral(args.spectral_weight, args.spectral_bins)
+    except ConfigError as e:
+        raise ConfigError(f"--{e}") from None
     if args.mode == "simmim" and args.spectral_weight > 0:
         raise ConfigError(f"--spectral_weight {args.spectral_weight} with --mode simmim: the spectral target is "
                           f"MixMIM's (its decoder predicts every hidden cell); leave it at 0 for SimMIM")

@@ -306,15 +306,6 @@ def unmix(pred: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return first * m + flip_batch(second) * (1 - m)
 
 
-def spectral_bins_arg(bins) -> tuple[int, int]:
-    """(radial, angular) bin counts from a pair of positive integers; ConfigError otherwise."""
-    try:
-        n_radial, n_angular = (int(b) for b in bins)
-    except (TypeError, ValueError):
-        raise ConfigError(f"spectral_bins {bins!r}: expected two integers (radial, angular)") from None
-    return n_radial, n_angular
-
-
 def unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
     """(B, L, p*p*C) -> (B, C, H, W); inverse of ``patchify`` for a square grid."""
     b, n, _ = x.shape
@@ -356,12 +347,11 @@ class MixMIM(SwinEncoder):
         ])
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.encoder_stride**2 * self.in_chans)
-        if not (math.isfinite(spectral_weight) and spectral_weight >= 0.0):
-            raise ConfigError(f"spectral_weight {spectral_weight}: expected a finite number >= 0 (0: off)")
+        n_bins = spectra.check_settings(spectral_weight, spectral_bins)
         self.spectral_weight = spectral_weight
         self.decoder_spec = None
         if spectral_weight > 0:
-            bins = spectra.spectral_bins(self.encoder_stride, *spectral_bins_arg(spectral_bins))
+            bins = spectra.spectral_bins(self.encoder_stride, *n_bins)
             self.register_buffer("spectral_bin_matrix", bins, persistent=False)
             self.decoder_spec = nn.Linear(decoder_dim, bins.shape[1] * self.in_chans)
         self.loss_terms: dict[str, torch.Tensor] = {}

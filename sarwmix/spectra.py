@@ -22,6 +22,20 @@ import torch
 from sarwmix.errors import ConfigError
 
 
+def check_settings(weight: float, bins) -> tuple[int, int]:
+    """The (radial, angular) bin counts of a spectral target of ``weight`` (0: off), validated: ConfigError
+    naming the bad value otherwise. The one check of ``MixMIM`` and of ``main_pretrain.py``'s flags."""
+    if not (math.isfinite(weight) and weight >= 0.0):
+        raise ConfigError(f"spectral_weight {weight}: expected a finite number >= 0 (0: off)")
+    try:
+        n_radial, n_angular = (int(b) for b in bins)
+    except (TypeError, ValueError):
+        raise ConfigError(f"spectral_bins {bins!r}: expected two integers (radial, angular)") from None
+    if n_radial < 1 or n_angular < 1:
+        raise ConfigError(f"spectral_bins {bins!r}: expected at least one bin each way")
+    return n_radial, n_angular
+
+
 def spectral_bins(p: int, n_radial: int, n_angular: int) -> torch.Tensor:
     """Averaging matrix (p * (p // 2 + 1), K) from the half-plane power spectrum of ``torch.fft.rfft2`` of a
     p x p cell to its K non-empty bins (each column sums to 1)."""

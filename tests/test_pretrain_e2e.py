@@ -235,8 +235,9 @@ def test_kill_right_after_a_checkpoint_keeps_its_epoch_log(tmp_path, monkeypatch
     (["--resume", "/nonexistent/checkpoint.pth"], "checkpoint not found"),
     (["--num_samples", "3"], "data set of 3 samples is smaller than one global batch of 4"),
     (["--stop_epoch", "0"], "--stop_epoch 0: expected a positive integer"),
-    (["--spectral_weight", "-1"], "expected a finite weight >= 0"),
-    (["--spectral_weight", "1", "--spectral_bins", "0", "4"], "at least one bin each way"),
+    (["--spectral_weight", "-1"], "--spectral_weight -1.0: expected a finite number >= 0"),
+    (["--spectral_weight", "1", "--spectral_bins", "0", "4"],
+     "--spectral_bins [0, 4]: expected at least one bin each way"),
     (["--mode", "simmim", "--spectral_weight", "1"], "the spectral target is MixMIM's"),
 ])
 def test_bad_input_one_line_and_exit_code(tmp_path, argv, message):
