@@ -1,6 +1,6 @@
 """Finetuning: the step for the shared training loop, distributed evaluation, results.
 
-Training runs in ``engine_pretrain.train_one_epoch`` (through ``engine_pretrain.Trainer``); this file only
+Training runs in ``engine.train_one_epoch`` (through ``engine.Trainer``); this file only
 says how a batch becomes a loss (``make_finetune_step``) and how a split is scored (``evaluate``). What
 differs between tasks (loss, target dtype, metrics) is asked of the task object (``tasks``), given as
 the object or by name.
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from engine_pretrain import StepFn
+from engine import StepFn
 from tasks import Task, get_task
 from util.augment import check_finite, normalize, random_flips
 from util.misc import json_safe, write_text_atomic

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 import backbones
 import engine_finetune as E
-from engine_pretrain import Trainer, TrainSettings
+from engine import Trainer, TrainSettings
 from models_mixmim import SWIN_WINDOWS, check_input_size
 from models_sen12_ft import PATCH_OPS
 from sarwmix.datasets import build_dataset

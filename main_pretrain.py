@@ -14,7 +14,8 @@ import logging
 import torch
 
 import backbones
-from engine_pretrain import Trainer, TrainSettings, make_pretrain_step, save_reconstructions
+from engine import Trainer, TrainSettings
+from engine_pretrain import make_pretrain_step, save_reconstructions
 from sarwmix.datasets import DATASET_NAMES
 from sarwmix.errors import ConfigError
 from sarwmix.spectra import check_settings as check_spectral

@@ -6,7 +6,7 @@ needs no download. One thread, one process, warm page cache (each format is read
 
     python benchmarks/bench_data.py [--n 500] [--min_seconds 2]
 
-``--workers N ...`` measures instead what the training loader (``engine_pretrain.make_loader``: batches of
+``--workers N ...`` measures instead what the training loader (``engine.make_loader``: batches of
 raw dB patches, the weight map being computed on the device) delivers from the packed format with N worker
 processes, against the rate at which one GPU's step consumes images: ``--step_img_s`` or the fastest row
 of a ``bench_pretrain.py`` table (``--step_table``). The packed set is ``--packed_path`` or ``--n`` synthetic
@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_pretrain import make_loader  # noqa: E402
+from engine import make_loader  # noqa: E402
 from sarwmix.bigearthnetv2 import load_metadata, select_split, targets_from_labels  # noqa: E402
 from sarwmix.constants import BEN_19_CLASSES  # noqa: E402
 from sarwmix.datasets import build_dataset  # noqa: E402

@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import device_timing as dev  # noqa: E402  (same folder)
 
 import backbones  # noqa: E402
-from engine_pretrain import adamw, make_pretrain_step  # noqa: E402
+from engine import adamw  # noqa: E402
+from engine_pretrain import make_pretrain_step  # noqa: E402
 from sarwmix.constants import CHANNELS  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
 from util.misc import CPU_MEMORY_MODES, cpu_supports_bf16, time_round_robin, tune_cpu_memory  # noqa: E402

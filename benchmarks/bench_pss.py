@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_pretrain import DTYPES, count_flops  # noqa: E402  (same folder)
 
+from engine import adamw  # noqa: E402
 from engine_finetune import make_finetune_step  # noqa: E402
-from engine_pretrain import adamw  # noqa: E402
 from models_vit import VIT_CONFIGS, build_vit  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
 from util.misc import CPU_MEMORY_MODES, time_round_robin, tune_cpu_memory  # noqa: E402

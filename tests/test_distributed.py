@@ -176,7 +176,7 @@ def test_ddp_does_not_rebroadcast_buffers_and_models_have_only_constant_ones(mon
     import types
 
     import backbones
-    import engine_pretrain as trainer
+    import engine as trainer
     import models_mixmim
 
     seen = {}
@@ -196,7 +196,7 @@ def test_ddp_wrapper_emits_no_warning(tmp_path):
 
     import torch.distributed as dist
 
-    import engine_pretrain as trainer
+    import engine as trainer
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch built without gloo")

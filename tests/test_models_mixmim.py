@@ -277,7 +277,7 @@ def test_fused_adamw_matches_for_loop_adamw():
 
     Both get the same seeded gradients each step, so only the optimiser implementations are compared.
     """
-    from engine_pretrain import adamw
+    from engine import adamw
     from util.lr_decay import param_groups
 
     models = [tiny().train(), tiny().train()]

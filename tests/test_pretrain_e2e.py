@@ -212,7 +212,7 @@ def test_resume_from_another_layout_matches_the_optimizer_state_by_name(tmp_path
 
 def test_kill_right_after_a_checkpoint_keeps_its_epoch_log(tmp_path, monkeypatch):
     """Killed after checkpoint.pth of epoch 0 is written: the resumed run's log.txt still has epoch 0."""
-    from engine_pretrain import Trainer
+    from engine import Trainer
 
     real = Trainer._save
 
@@ -331,7 +331,7 @@ class _SkippingScaler:
 def test_fp16_skipped_steps_and_accumulation_keep_the_epoch_grad_norm_finite(monkeypatch):
     """Epoch grad_norm: the mean over the updates the scaler took (not NaN with --accum_iter, not inf after a
     skipped fp16 step); the scaler unscales before the norm is measured; no_sync on all but the last micro-batch."""
-    import engine_pretrain
+    import engine
 
     norms = []
     real_clip = torch.nn.utils.clip_grad_norm_
@@ -345,9 +345,9 @@ def test_fp16_skipped_steps_and_accumulation_keep_the_epoch_grad_norm_finite(mon
     model, scaler = _FakeDDP(), _SkippingScaler(skip={0})
     loader = [torch.full((3,), float(k + 1)) for k in range(6)]  # 3 updates of 2 micro-batches
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = engine_pretrain.train_one_epoch(model, loader, opt, lambda m, x, g: (m(x), {}, 1), epoch=0,
-                                            lr_fn=lambda e: 0.1, device=torch.device("cpu"), scaler=scaler,
-                                            accum_iter=2, progress=False)
+    stats = engine.train_one_epoch(model, loader, opt, lambda m, x, g: (m(x), {}, 1), epoch=0,
+                                   lr_fn=lambda e: 0.1, device=torch.device("cpu"), scaler=scaler,
+                                   accum_iter=2, progress=False)
     assert scaler.calls == ["unscale_", "clip", "step", "update"] * 3
     assert model.synced == [False] * 3  # micro-batches 0, 2, 4 of 6
     assert norms[0] == float("inf") and all(n < float("inf") for n in norms[1:])

@@ -9,7 +9,7 @@ from torch import nn
 import backbones
 import engine_finetune as E
 import main_finetune
-from engine_pretrain import Trainer, TrainSettings
+from engine import Trainer, TrainSettings
 from sarwmix.datasets import DATASET_NAMES
 from sarwmix.errors import ConfigError, SarwmixError
 from tasks import TASKS, Task, get_task, task_for_dataset
