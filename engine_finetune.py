@@ -12,6 +12,7 @@ every sample counts exactly once whatever the number of processes.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,11 +23,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from engine import StepFn
+from sarwmix.bad_patches import BadPatch, Collate, GuardedBatch, GuardedData, stop_message, unpack
+from sarwmix.errors import DataError
 from tasks import Task, get_task
 from util.augment import check_finite, normalize, random_flips
 from util.misc import json_safe, write_text_atomic
 from util.pss import keep_count
 from util.sampler import StridedEvalSampler
+from util.watchdog import heartbeat
+
+log = logging.getLogger("sarwmix")
 
 
 def prepare_input(x: torch.Tensor, device: torch.device, mean: torch.Tensor, std: torch.Tensor,
@@ -79,33 +85,41 @@ def make_finetune_step(device: torch.device, mean: Sequence[float], std: Sequenc
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, world_size: int = 1, rank: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    """Loader over this rank's share of ``dataset`` (every sample once over all ranks, in index order)."""
+                pin_memory: bool = False, skip_bad: bool = False) -> DataLoader:
+    """Loader over this rank's share of ``dataset`` (every sample once over all ranks, in index order).
+
+    A bad patch stops the evaluation with one line naming it; with ``skip_bad`` it is left out (a
+    replacement would count another sample twice) and counted as ``n_bad``.
+    """
     sampler = StridedEvalSampler(len(dataset), world_size, rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False)
+    mode = "drop" if skip_bad else "stop"
+    return DataLoader(GuardedData(dataset, mode), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=False, collate_fn=Collate(mode))
 
 
-def gather_predictions(indices: Sequence[int], logits: torch.Tensor,
-                       targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collect (logits, targets) of every rank and sort them by sample index.
+def gather_predictions(indices: Sequence[int], logits: torch.Tensor, targets: torch.Tensor,
+                       bad: Sequence[BadPatch] = ()) -> tuple[torch.Tensor, torch.Tensor, list[BadPatch]]:
+    """Collect (logits, targets) of every rank and sort them by sample index; the bad patches of every rank.
 
     Args:
-        indices: the data-set index of each local row (the sampler's indices, in loader order).
+        indices: the data-set index of each local row (in loader order).
         logits, targets: local rows, CPU tensors.
+        bad: the patches this rank could not read.
     Returns:
-        all rows of all ranks in index order.
+        all rows of all ranks in index order, and all ranks' bad patches.
     """
+    bad = list(bad)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (list(indices), logits.numpy(), targets.numpy()))
+        dist.all_gather_object(parts, (list(indices), logits.numpy(), targets.numpy(), bad))
+        bad = [b for p in parts for b in p[3]]
         parts = [p for p in parts if len(p[0])] or parts[:1]  # ranks left without samples (W > N)
         indices = [i for p in parts for i in p[0]]
         logits = torch.cat([torch.from_numpy(p[1]) for p in parts])
         targets = torch.cat([torch.from_numpy(p[2]) for p in parts])
     assert len(set(indices)) == len(indices), "evaluation sample seen twice"
-    order = torch.argsort(torch.tensor(list(indices)))
-    return logits[order], targets[order]
+    order = torch.argsort(torch.tensor(list(indices), dtype=torch.int64))
+    return logits[order], targets[order], bad
 
 
 @torch.no_grad()
@@ -121,14 +135,26 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: T
             scores the whole split itself.
         rho: ViT only: keep this fraction of the patch tokens (``util.pss``); None: the model as is.
     Returns:
-        ``{"loss": ..., **metrics, "n_samples": N}`` (the same on every rank; counts are ints).
+        ``{"loss": ..., **metrics, "n_samples": N}`` (the same on every rank; counts are ints), and
+        ``n_bad`` when bad patches were left out (``eval_loader(skip_bad=True)``).
+    Raises:
+        DataError: a bad patch, unless the loader skips them (on every rank, naming the patch).
     """
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
     std_t = torch.tensor(std, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
-    outs, tgts = [], []
-    for x, y in loader:
+    outs, tgts, indices, bad = [], [], [], []
+    for k, batch in enumerate(loader):
+        heartbeat(f"evaluation batch {k} of {len(loader)}")
+        data, met, fatal = unpack(batch)
+        bad += met
+        if fatal is not None:
+            break  # the other ranks still reach the gather below, and stop with this one
+        if data is None:  # every item of the batch was left out
+            continue
+        x, y = data
+        indices += batch.indices if isinstance(batch, GuardedBatch) else range(len(indices), len(indices) + len(y))
         x = prepare_input(x, device, mean_t, std_t, input_size)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outs.append((model(x) if rho is None else model(x, rho=rho)).float().cpu())
@@ -138,10 +164,18 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: T
     empty_logits, empty_targets = task.empty_predictions()
     logits = torch.cat(outs) if outs else empty_logits
     targets = torch.cat(tgts) if tgts else empty_targets
-    indices = getattr(loader.sampler, "indices", range(len(logits)))
+    if not isinstance(loader.dataset, GuardedData):
+        indices = getattr(loader.sampler, "indices", range(len(logits)))
     if gather:
-        logits, targets = gather_predictions(indices, logits, targets)
-    return {"loss": task.loss(logits, targets), **task.scores(logits, targets), "n_samples": len(targets)}
+        logits, targets, bad = gather_predictions(indices, logits, targets, bad)
+    if bad and getattr(loader.dataset, "mode", "stop") != "drop":
+        raise DataError(stop_message(bad[0]))
+    scores = {"loss": task.loss(logits, targets), **task.scores(logits, targets), "n_samples": len(targets)}
+    if bad:
+        log.warning("evaluation: %d bad patches left out (--skip_bad): %s", len(bad),
+                    "; ".join(b.line() for b in bad[:3]) + (" ..." if len(bad) > 3 else ""))
+        scores["n_bad"] = len(bad)
+    return scores
 
 
 # --- results --------------------------------------------------------------------------------------

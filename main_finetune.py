@@ -172,7 +172,7 @@ def build_split(args: Config, split: str):
     n = args.num_samples if split == "train" else args.num_eval_samples
     return build_dataset(args.dataset, data_path=args.data_path, split=split, input_size=args.input_size,
                          channels=tuple(args.channels), split_file=split_file_of(args, split),
-                         skip_bad=args.skip_bad, num_samples=n, seed=args.seed, label_set=args.label_set,
+                         num_samples=n, seed=args.seed, label_set=args.label_set,
                          scene=args.synthetic_scene)
 
 
@@ -286,7 +286,7 @@ def evaluator(args: Config, run: runner.Run, dataset):
     """``score(model) -> metrics`` of one split (a ViT at ``--eval_rho``); sharded with --dist_eval."""
     shard = args.dist_eval and run.info.distributed
     world, rank = (run.info.world_size, run.info.rank) if shard else (1, 0)
-    loader = E.eval_loader(dataset, args.batch_size, args.num_workers, world, rank)
+    loader = E.eval_loader(dataset, args.batch_size, args.num_workers, world, rank, skip_bad=args.skip_bad)
     stats = dataset.stats
     rho = args.eval_rho if is_vit(args.model) else None
 

@@ -260,14 +260,13 @@ class BenV1Folder(PatchDataset):
         split: ``train | val | test``.
         split_file: explicit split list (S2 names, S1 names, or two-column S2,S1 CSV).
         include_snow_cloud: keep patches of the seasonal-snow and cloud/shadow lists.
-        input_size, channels, label_set, skip_bad: see ``sarwmix.patches.PatchDataset``.
+        input_size, channels, label_set: see ``sarwmix.patches.PatchDataset``.
     """
 
     def __init__(self, data_path: str | Path, split: str, *, input_size: int = 128,
                  channels: tuple[str, ...] = CHANNELS, split_file: str | None = None,
-                 include_snow_cloud: bool = False, label_set: int = 19, skip_bad: bool = False) -> None:
-        super().__init__(input_size=input_size, channels=channels, stats_name="benv1", label_set=label_set,
-                         skip_bad=skip_bad)
+                 include_snow_cloud: bool = False, label_set: int = 19) -> None:
+        super().__init__(input_size=input_size, channels=channels, stats_name="benv1", label_set=label_set)
         self.root = find_patch_root(data_path)
         available = list_subdirs(self.root)
         self.names = resolve_split(available, self.root, split, split_file,
@@ -311,9 +310,8 @@ class BenV1Zarr(PatchDataset):
 
     def __init__(self, data_path: str | Path, split: str, *, input_size: int = 128,
                  channels: tuple[str, ...] = CHANNELS, split_file: str | None = None,
-                 include_snow_cloud: bool = False, label_set: int = 19, skip_bad: bool = False) -> None:
-        super().__init__(input_size=input_size, channels=channels, stats_name="benv1", label_set=label_set,
-                         skip_bad=skip_bad)
+                 include_snow_cloud: bool = False, label_set: int = 19) -> None:
+        super().__init__(input_size=input_size, channels=channels, stats_name="benv1", label_set=label_set)
         self.path = Path(data_path)
         if (self.path / f"{V1_FOLDER}.zarr").is_dir():
             self.path = self.path / f"{V1_FOLDER}.zarr"

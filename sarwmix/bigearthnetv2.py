@@ -141,11 +141,10 @@ class _BenV2Base(PatchDataset):
     """Shared index building: metadata -> split rows -> present rows -> names and targets."""
 
     def __init__(self, data_path: str | Path, split: str, *, metadata_file: str | None, input_size: int,
-                 channels: tuple[str, ...], include_snow_cloud: bool, label_set: int, skip_bad: bool) -> None:
+                 channels: tuple[str, ...], include_snow_cloud: bool, label_set: int) -> None:
         if label_set != 19:
             raise ConfigError(f"label_set {label_set}: BigEarthNet v2 has 19-class labels only")
-        super().__init__(input_size=input_size, channels=channels, stats_name="benv2", label_set=19,
-                         skip_bad=skip_bad)
+        super().__init__(input_size=input_size, channels=channels, stats_name="benv2", label_set=19)
         self.data_path = Path(data_path)
         meta_path = find_metadata(self.data_path, metadata_file)
         meta = load_metadata(meta_path)
@@ -179,19 +178,18 @@ class BenV2Folder(_BenV2Base):
         split: ``train | validation | test`` (``val`` accepted).
         metadata_file: explicit metadata parquet/CSV.
         include_snow_cloud: also read the snow/cloud metadata file and keep flagged patches.
-        input_size, channels, label_set, skip_bad: see ``sarwmix.patches.PatchDataset``.
+        input_size, channels, label_set: see ``sarwmix.patches.PatchDataset``.
     """
 
     def __init__(self, data_path: str | Path, split: str, *, metadata_file: str | None = None,
                  input_size: int = 128, channels: tuple[str, ...] = CHANNELS,
-                 include_snow_cloud: bool = False, label_set: int = 19, skip_bad: bool = False) -> None:
+                 include_snow_cloud: bool = False, label_set: int = 19) -> None:
         path = Path(data_path)
         self.root = path / S1_FOLDER if (path / S1_FOLDER).is_dir() else path
         if not self.root.is_dir():
             raise DataError(f"{self.root}: BigEarthNet-S1 folder not found")
         super().__init__(path, split, metadata_file=metadata_file, input_size=input_size,
-                         channels=channels, include_snow_cloud=include_snow_cloud, label_set=label_set,
-                         skip_bad=skip_bad)
+                         channels=channels, include_snow_cloud=include_snow_cloud, label_set=label_set)
 
     @staticmethod
     def product_folder(s1_name: str) -> str:
@@ -261,11 +259,11 @@ class BenV2Lmdb(_BenV2Base):
 
     def __init__(self, data_path: str | Path, split: str, *, metadata_file: str | None = None,
                  input_size: int = 128, channels: tuple[str, ...] = CHANNELS,
-                 include_snow_cloud: bool = False, label_set: int = 19, skip_bad: bool = False) -> None:
+                 include_snow_cloud: bool = False, label_set: int = 19) -> None:
         path = Path(data_path)
         self.lmdb_path = find_lmdb(path)
         super().__init__(path, split, metadata_file=metadata_file, input_size=input_size, channels=channels,
-                         include_snow_cloud=include_snow_cloud, label_set=label_set, skip_bad=skip_bad)
+                         include_snow_cloud=include_snow_cloud, label_set=label_set)
 
     def _open(self):
         """The LMDB environment of this process (LMDB allows one per path per process, and its handles

@@ -35,7 +35,7 @@ def _normalise_split(name: str, split: str) -> str:
 
 def build_dataset(name: str, *, data_path: str | None, split: str, input_size: int,
                   channels: tuple[str, ...] = CHANNELS, split_file: str | None = None,
-                  skip_bad: bool = False, num_samples: int | None = None, seed: int = 0,
+                  num_samples: int | None = None, seed: int = 0,
                   include_snow_cloud: bool = False, label_set: int = 19,
                   scene: str = "mosaic") -> torch.utils.data.Dataset:
     """Build any data set of the project by name.
@@ -48,7 +48,6 @@ def build_dataset(name: str, *, data_path: str | None, split: str, input_size: i
         channels: subset and order of ``CHANNELS``, e.g. ("VV",) for one-channel SimMIM.
         split_file: explicit split list (v1: S2 or S1 names, or two-column S2,S1 CSV) or metadata
             file (v2: parquet/CSV); default: found next to the data.
-        skip_bad: skip (and count) bad patches instead of raising ``DataError``.
         num_samples: ``synthetic`` only: number of patches (default 512 train, 128 val/test).
         seed: ``synthetic`` only: base seed; each split uses a different one.
         include_snow_cloud: keep patches flagged with seasonal snow or cloud/shadow.
@@ -72,8 +71,7 @@ def build_dataset(name: str, *, data_path: str | None, split: str, input_size: i
         if tuple(channels) != CHANNELS:  # the pair files hold both polarisations of both dates
             raise ConfigError(f"dataset 'sen12flood' has channels {CHANNELS}; got {tuple(channels)}")
         return Sen12FloodPairs(root=data_path, split=split)
-    common = {"input_size": input_size, "channels": tuple(channels), "skip_bad": skip_bad,
-              "label_set": label_set}
+    common = {"input_size": input_size, "channels": tuple(channels), "label_set": label_set}
     if name in ("benv1", "benv1_zarr"):
         cls = bigearthnetv1.BenV1Folder if name == "benv1" else bigearthnetv1.BenV1Zarr
         return cls(data_path, split, split_file=split_file, include_snow_cloud=include_snow_cloud, **common)

@@ -75,16 +75,16 @@ class PackedDataset(PatchDataset):
     Args:
         data_path: the packed folder.
         split: ``train | val | test`` (``validation`` accepted).
-        input_size, channels, label_set, skip_bad: see ``sarwmix.patches.PatchDataset``. ``label_set=19``
+        input_size, channels, label_set: see ``sarwmix.patches.PatchDataset``. ``label_set=19``
             works for every packed source; 43 only for v1 sources (stored with 43 classes).
     """
 
     def __init__(self, data_path: str | Path, split: str, *, input_size: int = 128,
-                 channels: tuple[str, ...] = CHANNELS, label_set: int = 19, skip_bad: bool = False) -> None:
+                 channels: tuple[str, ...] = CHANNELS, label_set: int = 19) -> None:
         self.root = Path(data_path)
         self.meta = read_meta(self.root)
         super().__init__(input_size=input_size, channels=channels, stats_name=self.meta["stats"],
-                         label_set=label_set, skip_bad=skip_bad)
+                         label_set=label_set)
         split = "val" if split == "validation" else split
         index, targets = _read_index(self.root)
         self.rows = np.flatnonzero(index["split"].to_numpy() == split)
@@ -93,7 +93,7 @@ class PackedDataset(PatchDataset):
                             f"{sorted(index['split'].unique())})")
         self.names = index["name"].to_numpy()[self.rows].tolist()
         self.targets = self._targets(targets[self.rows])
-        self._shards: tuple[int, list[np.ndarray]] | None = None
+        self._shards: tuple[int, dict[int, np.ndarray | str]] | None = None  # (pid, shard -> map or error)
 
     def _targets(self, stored: np.ndarray) -> np.ndarray:
         """Stored multi-hot (rows, stored label set) -> float32 (rows, label_set)."""
@@ -105,17 +105,24 @@ class PackedDataset(PatchDataset):
         raise ConfigError(f"{self.root}: stores {stored.shape[1]}-class labels; label_set {self.num_classes} "
                           "cannot be derived from them")
 
-    def _shard_arrays(self) -> list[np.ndarray]:
-        """Memory maps of every shard, opened once per process."""
+    def _shard(self, k: int) -> np.ndarray:
+        """Memory map of shard ``k``, opened on first use in each process.
+
+        Shards open one by one, so a truncated or missing shard makes only its own patches bad (each read of
+        one raises ``DataError`` naming the shard) while the other shards stay readable.
+        """
         if self._shards is None or self._shards[0] != os.getpid():
-            arrays = []
-            for name in self.meta["shards"]:
-                try:
-                    arrays.append(np.load(self.root / name, mmap_mode="r"))
-                except (OSError, ValueError) as err:
-                    raise DataError(f"{self.root / name}: unreadable shard ({err})") from err
-            self._shards = (os.getpid(), arrays)
-        return self._shards[1]
+            self._shards = (os.getpid(), {})
+        opened = self._shards[1]
+        if k not in opened:
+            path = self.root / self.meta["shards"][k]
+            try:
+                opened[k] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as err:
+                opened[k] = f"{path}: unreadable shard ({err})"
+        if isinstance(opened[k], str):
+            raise DataError(opened[k])
+        return opened[k]
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -126,7 +133,7 @@ class PackedDataset(PatchDataset):
         """Patch ``i``: (sar_db float32 (2, 120, 120) [VH, VV], target float32 (label_set,))."""
         g = int(self.rows[i])
         size = self.meta["shard_size"]
-        sar_db = np.array(self._shard_arrays()[g // size][g % size], dtype=np.float32)
+        sar_db = np.array(self._shard(g // size)[g % size], dtype=np.float32)
         if not np.isfinite(sar_db).all():
             raise DataError(f"{self.root / self.meta['shards'][g // size]}: patch {self.names[i]} (row "
                             f"{g % size}) has NaN/Inf pixels")

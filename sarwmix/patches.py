@@ -7,16 +7,12 @@ resumed run sees exactly the same augmentations.
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, CHANNELS, DATASET_STATS
-from sarwmix.errors import ConfigError, DataError
-
-logger = logging.getLogger(__name__)
+from sarwmix.errors import ConfigError
 
 
 def channel_indices(channels: tuple[str, ...]) -> tuple[int, ...]:
@@ -52,32 +48,32 @@ class PatchDataset(torch.utils.data.Dataset):
 
     Subclasses fill ``self.names`` (one entry per item) and implement ``read_patch(i)`` returning the
     full-size ``(2, H, W)`` float32 dB array in ``CHANNELS`` order and the float32 target; they raise
-    ``DataError`` for a bad patch. With ``skip_bad`` a bad item is replaced by the next good one, counted
-    in ``n_skipped`` and logged (each DataLoader worker counts its own skips).
+    ``DataError`` naming the file for a bad patch (``sarwmix.bad_patches`` stops, skips or drops it).
 
     Args:
         input_size: side of the returned tensors.
         channels: subset and order of ``CHANNELS`` to return.
         stats_name: key of ``DATASET_STATS`` that normalises this data.
         label_set: 19 or 43 (length of the target).
-        skip_bad: skip and count bad patches instead of raising.
     """
 
-    def __init__(self, *, input_size: int, channels: tuple[str, ...], stats_name: str, label_set: int,
-                 skip_bad: bool) -> None:
+    def __init__(self, *, input_size: int, channels: tuple[str, ...], stats_name: str, label_set: int) -> None:
         if label_set not in (19, 43):
             raise ConfigError(f"label_set {label_set}: expected 19 or 43")
-        self.input_size, self.skip_bad = input_size, skip_bad
+        self.input_size = input_size
         self.channels = tuple(channels)
         self._channel_index = list(channel_indices(self.channels))
         self.stats = channel_stats(stats_name, self.channels)
         self.num_classes = label_set
         self.class_names = BEN_19_CLASSES if label_set == 19 else BEN_43_CLASSES
         self.names: list[str] = []
-        self.n_skipped = 0
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def patch_name(self, i: int) -> str:
+        """The name of patch ``i`` (its folder, key or row name)."""
+        return self.names[i]
 
     def read_patch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Full-size patch ``i``: (sar_db float32 (2, H, W) [VH, VV], target float32 (num_classes,))."""
@@ -87,18 +83,6 @@ class PatchDataset(torch.utils.data.Dataset):
         """Returns (sar_db float32 (C, input_size, input_size), target float32 (num_classes,))."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {type(self).__name__} of length {len(self)}")
-        i %= len(self)
-        for step in range(len(self)):
-            j = (i + step) % len(self)
-            try:
-                sar_db, target = self.read_patch(j)
-            except DataError as err:
-                if not self.skip_bad:
-                    raise
-                self.n_skipped += 1
-                logger.warning("skip_bad: skipped %s (%d skipped so far in this process): %s",
-                               self.names[j], self.n_skipped, err)
-                continue
-            x = torch.from_numpy(np.ascontiguousarray(sar_db[self._channel_index]))
-            return resize_db(x, self.input_size), torch.from_numpy(target)
-        raise DataError(f"{type(self).__name__}: all {len(self)} patches are bad (see the log)")
+        sar_db, target = self.read_patch(i % len(self))
+        x = torch.from_numpy(np.ascontiguousarray(sar_db[self._channel_index]))
+        return resize_db(x, self.input_size), torch.from_numpy(target)

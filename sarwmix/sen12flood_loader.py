@@ -103,6 +103,10 @@ class Sen12FloodPairs(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def patch_name(self, index: int) -> str:
+        """The pair file of item ``index`` (``<seq>__<file1>__<file2>__<label>.npy``)."""
+        return self.files[index].name
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = self.files[index]
         power = load_pair(path)

@@ -272,8 +272,7 @@ class SyntheticS1(PatchDataset):
                  channels: tuple[str, ...] = CHANNELS, scene: str = "mosaic") -> None:
         if scene not in SCENES:
             raise ConfigError(f"synthetic scene {scene!r}: expected one of {SCENES}")
-        super().__init__(input_size=input_size, channels=channels, stats_name="benv1", label_set=19,
-                         skip_bad=False)
+        super().__init__(input_size=input_size, channels=channels, stats_name="benv1", label_set=19)
         self.n, self.seed, self.patch_size, self.scene = n, seed, patch_size, scene
         self.names = [f"synthetic_{seed}_{i}" for i in range(n)]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import rasterio
 import zarr
 
+from sarwmix.bad_patches import GuardedData
 from sarwmix.bigearthnetv1 import (
     LABELS_JSON_KEYS,
     BenV1Folder,
@@ -157,18 +159,15 @@ def test_empty_split_list(copy: Path) -> None:
     (lambda f: f["json"].write_text("{not json"), "labels_metadata.json: not a readable JSON"),
     (lambda f: set_json(f["json"], labels=["Pastures", "Lava"]), "unknown label 'Lava'"),
 ])
-def test_bad_patch_raises_or_is_skipped(copy: Path, damage, message: str,
-                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_patch_raises_or_is_skipped(copy: Path, damage, message: str) -> None:
     # The two-column list names the S1 patches directly, so no labels JSON is read at index time.
     names, pairs = expected_names("train"), str(copy / "splits" / "train_s2_s1.csv")
     damage(v1_files(copy / "BigEarthNet-S1-v1.0", names[0]))
     with pytest.raises(DataError, match=message) as err:
         BenV1Folder(copy, "train", split_file=pairs)[0]
     assert names[0] in str(err.value)
-    data = BenV1Folder(copy, "train", split_file=pairs, skip_bad=True)
-    with caplog.at_level(logging.WARNING):
-        x, _ = data[0]
-    assert data.n_skipped == 1 and names[0] in caplog.text
+    _, (x, _), met = GuardedData(BenV1Folder(copy, "train", split_file=pairs), "skip")[0]
+    assert [b.name for b in met] == [names[0]] and re.search(message, met[0].reason)
     np.testing.assert_array_equal(x.numpy(), BenV1Folder(copy, "train", split_file=pairs)[1][0].numpy())
 
 

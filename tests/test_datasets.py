@@ -1,13 +1,13 @@
-"""sarwmix.datasets and sarwmix.patches: every format, channel subsets, split names, resize, skip_bad."""
+"""sarwmix.datasets and sarwmix.patches: every format, channel subsets, split names, resize, bad patches."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from sarwmix.bad_patches import GuardedData
 from sarwmix.constants import DATASET_STATS
 from sarwmix.datasets import DATASET_NAMES, build_dataset
 from sarwmix.errors import ConfigError, DataError
@@ -91,9 +91,8 @@ def test_resize_db() -> None:
 class _Flaky(PatchDataset):
     """Items whose index is in ``bad`` raise DataError."""
 
-    def __init__(self, n: int, bad: set[int], skip_bad: bool) -> None:
-        super().__init__(input_size=8, channels=("VH", "VV"), stats_name="benv1", label_set=19,
-                         skip_bad=skip_bad)
+    def __init__(self, n: int, bad: set[int]) -> None:
+        super().__init__(input_size=8, channels=("VH", "VV"), stats_name="benv1", label_set=19)
         self.names, self.bad = [f"p{i}" for i in range(n)], bad
 
     def read_patch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,18 +101,17 @@ class _Flaky(PatchDataset):
         return np.full((2, 8, 8), float(i), np.float32), np.zeros(19, np.float32)
 
 
-def test_skip_bad_replaces_counts_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_patch_raises_and_the_guard_replaces_it() -> None:
     with pytest.raises(DataError, match="p1.tif: broken"):
-        _Flaky(4, {1}, skip_bad=False)[1]
-    data = _Flaky(4, {1, 2}, skip_bad=True)
-    with caplog.at_level(logging.WARNING):
-        assert data[1][0][0, 0, 0] == 3.0
-    assert data.n_skipped == 2 and "p1" in caplog.text and "p2" in caplog.text
-    assert data[3][0][0, 0, 0] == 3.0 and data[-1][0][0, 0, 0] == 3.0
-    with pytest.raises(DataError, match="all 3 patches are bad"):
-        _Flaky(3, {0, 1, 2}, skip_bad=True)[0]
+        _Flaky(4, {1})[1]
+    data = GuardedData(_Flaky(4, {1, 2}), "skip")
+    index, (x, _), met = data[1]
+    assert x[0, 0, 0] == 3.0 and [b.name for b in met] == ["p1", "p2"]
+    assert data[3][1][0][0, 0, 0] == 3.0 and _Flaky(4, set())[-1][0][0, 0, 0] == 3.0
+    with pytest.raises(DataError, match="all 3 patches of the data set are bad"):
+        GuardedData(_Flaky(3, {0, 1, 2}), "skip")[0]
     with pytest.raises(IndexError):
-        data[4]
+        _Flaky(4, set())[4]
 
 
 def test_sen12flood_is_delegated(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ is allow-listed for loading. Either way it is read back through ``checkpoint_arg
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
+import os
 import pickle
 import re
 import zipfile
@@ -37,11 +39,75 @@ def save_atomic(obj: dict, path: str | Path) -> Path:
 
 def save_linked(obj: dict, path: str | Path, *aliases: str | Path) -> Path:
     """``save_atomic`` to ``path``, then the same file under each of ``aliases`` (hard links where the file
-    system allows, copies elsewhere): the bytes are written once."""
-    save_atomic(obj, path)
-    for alias in aliases:
-        link_or_copy_atomic(path, alias)
+    system allows, copies elsewhere): the bytes are written once.
+
+    Raises:
+        CheckpointError: the disk is full, the quota or a file-size limit is reached: one line naming the file,
+            the space it needed and the space free. The previous file of every name is left as it was, and no
+            temporary file is left behind.
+    """
+    target = Path(path)
+    try:
+        save_atomic(obj, target)
+        for alias in aliases:
+            target = Path(alias)
+            link_or_copy_atomic(path, alias)
+    except (OSError, RuntimeError) as failure:
+        err = _no_space(failure)
+        if err is None:
+            raise
+        limit = " (a file-size limit: see ulimit -f)" if err.errno == errno.EFBIG else ""
+        raise CheckpointError(f"could not write {target}: {err.strerror}{limit}; the checkpoint needs about "
+                              f"{_size(state_nbytes(obj))} and {target.parent} has {_size(free_bytes(target.parent))} "
+                              f"free; the previous {target.name} is intact") from None
     return Path(path)
+
+
+# errno values of a write that failed for want of space: a full disk, a quota, a file-size limit
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _no_space(err: BaseException | None) -> OSError | None:
+    """The out-of-space OSError behind ``err`` (torch.save reports it as a RuntimeError whose context it is)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def state_nbytes(obj) -> int:
+    """Bytes of the tensors in a checkpoint dict (nested dicts, lists and tuples), about its size on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(state_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(state_nbytes(v) for v in obj)
+    return 0
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Free bytes for this user in ``folder`` (or its nearest existing parent)."""
+    folder = Path(folder).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    stat = os.statvfs(folder)
+    return stat.f_bavail * stat.f_frsize
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def space_warning(folder: str | Path, checkpoint_bytes: int, files: int) -> str | None:
+    """A warning when ``folder`` has less free space than ``files`` checkpoints of ``checkpoint_bytes`` need."""
+    need, free = checkpoint_bytes * files, free_bytes(folder)
+    if free >= need:
+        return None
+    return (f"{Path(folder)} has {_size(free)} free, but this run's checkpoints need about {_size(need)} "
+            f"({files} files of {_size(checkpoint_bytes)}, a temporary one while writing included): free some "
+            f"space, write elsewhere (--output_dir) or keep fewer numbered checkpoints (--save_freq)")
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -16,7 +16,8 @@ from types import MappingProxyType
 import yaml
 
 from sarwmix.errors import ConfigError, SarwmixError
-from util.misc import write_text_atomic
+from util.misc import cleanup_distributed, is_main_process, write_text_atomic
+from util.preemption import EXIT_PREEMPTED, Preempted
 
 
 def str2bool(v: str | bool) -> bool:
@@ -206,9 +207,16 @@ class RunConfig(Mapping):
 
 
 def run_cli(main: Callable[[argparse.Namespace], object], parse: Callable[[], argparse.Namespace]) -> None:
-    """Parse and run; a user error (SarwmixError) ends with one line on stderr and exit code 2."""
+    """Parse and run; a user error (SarwmixError) ends with one line on stderr and exit code 2; a run stopped
+    by a preemption signal after its checkpoint ends with one line and ``EXIT_PREEMPTED`` (75)."""
     try:
         main(parse())
     except SarwmixError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        if is_main_process():  # every rank stops alike: one line for the job
+            print(f"preempted: {e}; checkpoint.pth holds the position: run again with --resume auto to "
+                  f"continue (exit code {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+        cleanup_distributed()
+        sys.exit(EXIT_PREEMPTED)

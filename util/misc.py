@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import datetime
 import hashlib
 import json
 import logging
@@ -116,12 +117,17 @@ def spans_nodes(env: Mapping[str, str], world_size: int) -> bool:
     return int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1) > 1
 
 
-def init_distributed(device_arg: str = "auto", dist_url: str = "env://") -> tuple[DistInfo, torch.device]:
+def init_distributed(device_arg: str = "auto", dist_url: str = "env://",
+                     timeout_s: float = 300.0) -> tuple[DistInfo, torch.device]:
     """Start the process group if launched by torchrun/mpirun/srun; pick this rank's device.
 
     NCCL on GPU, gloo on CPU. mpirun sets no MASTER_ADDR/PORT: the launch scripts export them; without
     them a single-host default (127.0.0.1:29500) is used, and a job across hosts is refused (its other
-    hosts would wait for a rendezvous on their own 127.0.0.1 until the 10-30 min timeout).
+    hosts would wait for a rendezvous on their own 127.0.0.1 until the rendezvous timeout).
+
+    ``timeout_s`` (``--dist_timeout``) bounds the rendezvous and every collective: a rank that waits longer
+    for another raises instead of hanging (torch's default is 10 minutes for NCCL, 30 for gloo). On NCCL,
+    ``nccl_fail_fast`` makes a timed-out or failed collective abort the process.
     """
     info = dist_env(os.environ)
     if device_arg == "cuda" and not torch.cuda.is_available():
@@ -138,10 +144,39 @@ def init_distributed(device_arg: str = "auto", dist_url: str = "env://") -> tupl
                               f"them to every rank (mpirun -x MASTER_ADDR -x MASTER_PORT), as scripts/qsub_run.sh does")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=dist_url,
-                                rank=info.rank, world_size=info.world_size)
+        if use_cuda:
+            nccl_fail_fast(os.environ, timeout_s)
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=dist_url, rank=info.rank,
+                                world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
         dist.barrier()
     return info, device
+
+
+# ProcessGroupNCCL's settings (torch reads them when the group starts). A value the job sets wins.
+NCCL_FAIL_FAST = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a timed-out or failed collective aborts the communicator and
+                                             # ends the process (torch's default 3 ends it without the abort)
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # the flight recorder: the last collectives of each rank ...
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",       # ... written out when a collective times out
+    "TORCH_NCCL_ENABLE_MONITORING": "1",     # a hung NCCL watchdog thread ends the process too
+}
+
+
+def nccl_fail_fast(env: dict, timeout_s: float) -> dict:
+    """Set (where unset) the NCCL variables that make collectives fail instead of hang; returns what was set.
+
+    The heartbeat of NCCL's own watchdog gets the collective timeout plus a minute, so a slow but live
+    collective is never cut short by it.
+    """
+    wanted = {**NCCL_FAIL_FAST, "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(int(timeout_s) + 60)}
+    applied = {k: v for k, v in wanted.items() if k not in env}
+    env.update(applied)
+    return applied
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or a process outside any group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def cleanup_distributed() -> None:
@@ -267,6 +302,20 @@ def truncate_jsonl(path: Path, keep: callable) -> None:
             continue  # a line cut by a kill
         if keep(rec):
             lines.append(line)
+    write_text_atomic(path, "".join(x + "\n" for x in lines))
+
+
+def truncate_lines(path: Path, keep: callable) -> None:
+    """Rewrite a text file keeping the lines for which ``keep(line)`` holds (unparsable lines are dropped)."""
+    if not path.exists():
+        return
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if keep(line):
+                lines.append(line)
+        except (ValueError, IndexError):
+            continue  # a line cut by a kill
     write_text_atomic(path, "".join(x + "\n" for x in lines))
 
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from sarwmix.datasets import build_dataset
 from util.augment import normalize
 from util.metrics import average_precision
+from util.watchdog import heartbeat
 
 log = logging.getLogger("sarwmix")
 
@@ -134,7 +135,8 @@ def pooled_features(encoder: torch.nn.Module, dataset, mean: Sequence[float], st
     try:
         encoder.eval()
         with _RandomState(device), torch.no_grad():
-            for sar_db, target in loader:
+            for k, (sar_db, target) in enumerate(loader):
+                heartbeat(f"probe features, batch {k} of {len(loader)}")
                 x = normalize(sar_db.to(device).float(), mean_t, std_t)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     f = _forward_pooled(encoder, x, pooling)

@@ -59,7 +59,11 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic_scene", default="mosaic", choices=("mosaic", "structured"),
                    help="synthetic: fields differing in level and fine texture, or with each cover's spatial "
                         "structure (street grids, parcels with rows, canopy, rivers, lakes)")
-    g.add_argument("--skip_bad", action="store_true", help="skip (and count) unreadable patches")
+    g.add_argument("--skip_bad", action="store_true",
+                   help="skip bad patches (unreadable, NaN/Inf, wrong shape): counted per epoch in log.txt, listed "
+                        "in bad_patches.txt (default: stop with one line naming the patch)")
+    g.add_argument("--max_bad", type=float, default=0.001,
+                   help="with --skip_bad: stop when more than this fraction of an epoch's samples is bad")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=64, help="per process")
     g.add_argument("--epochs", type=int, default=400)
@@ -81,6 +85,14 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto' (output_dir/checkpoint.pth)")
     g.add_argument("--start_epoch", type=int, default=0)
     g.add_argument("--save_freq", type=int, default=0, help="also keep checkpoint_<N>.pth every N epochs")
+    g.add_argument("--save_every_minutes", type=float, default=0.0,
+                   help="also write checkpoint.pth inside an epoch every M minutes, at the position reached "
+                        "(0: at epoch ends only)")
+    g.add_argument("--save_every_steps", type=int, default=0,
+                   help="also write checkpoint.pth inside an epoch every N optimizer updates (0: off)")
+    g.add_argument("--dist_timeout", type=float, default=300.0,
+                   help="seconds a collective may wait for another rank, and a rank may go without finishing "
+                        "a step, before the run reports the stall and stops")
     g.add_argument("--num_workers", type=int, default=2)
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--num_threads", type=int, default=0, help="torch CPU threads per process (0: torch default)")
@@ -200,7 +212,7 @@ def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] =
     of the ``--finetune`` file) passes False and calls ``record_config`` once they are settled.
     """
     validate_common(args)
-    info, device = init_distributed(args.device, args.dist_url)
+    info, device = init_distributed(args.device, args.dist_url, args.dist_timeout)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     memory = tune_cpu_memory(args.cpu_memory) if device.type == "cpu" else "device memory"
@@ -244,13 +256,20 @@ def validate_common(args: argparse.Namespace) -> None:
     for name in ("batch_size", "epochs", "accum_iter", "stop_epoch"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)}: expected a positive integer")
+    for name in ("save_every_minutes", "save_every_steps"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name} {getattr(args, name)}: expected 0 (off) or a positive number")
+    if not args.dist_timeout > 0:
+        raise ConfigError(f"--dist_timeout {args.dist_timeout}: expected a positive number of seconds")
+    if not 0 <= args.max_bad < 1:
+        raise ConfigError(f"--max_bad {args.max_bad}: expected a fraction of the epoch, 0 <= fraction < 1")
     if args.dataset != "synthetic" and not args.data_path:
         raise ConfigError(f"--dataset {args.dataset} needs --data_path (the folder or file of the data set)")
 
 
 def build_train_data(args: argparse.Namespace, run: Run, split: str = "train"):
     return build_dataset(args.dataset, data_path=args.data_path, split=split, input_size=args.input_size,
-                         channels=tuple(args.channels), split_file=args.split_file, skip_bad=args.skip_bad,
+                         channels=tuple(args.channels), split_file=args.split_file,
                          num_samples=args.num_samples if split == "train" else None, seed=args.seed,
                          scene=args.synthetic_scene)
 

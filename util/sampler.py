@@ -22,17 +22,21 @@ class BlockShardSampler(Sampler[int]):
     def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, accum_iter: int = 1,
                  seed: int = 0, shuffle: bool = True) -> None:
         self.n, self.batch_size, self.world, self.rank = n, batch_size, world_size, rank
-        self.accum, self.seed, self.shuffle, self.epoch = accum_iter, seed, shuffle, 0
+        self.accum, self.seed, self.shuffle, self.epoch, self.start = accum_iter, seed, shuffle, 0, 0
         per_update = batch_size * world_size * accum_iter
         self.updates = n // per_update
         if self.updates == 0:
             raise ValueError(f"data set of {n} samples is smaller than one global batch of {per_update} "
                              f"(batch_size {batch_size} x world {world_size} x accum_iter {accum_iter})")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch to draw, from its micro-batch ``start`` on (a run resumed inside the epoch)."""
+        if start % self.accum:
+            raise ValueError(f"start {start} is inside an update of {self.accum} micro-batches")
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
+        """Samples of a whole epoch for this rank (a resumed epoch draws those from ``start`` on)."""
         return self.updates * self.accum * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
@@ -42,7 +46,7 @@ class BlockShardSampler(Sampler[int]):
         else:
             order = list(range(self.n))
         b, w, a = self.batch_size, self.world, self.accum
-        for u in range(self.updates):
+        for u in range(self.start // a, self.updates):
             for k in range(a):
                 block = u * w * a + self.rank * a + k
                 yield from order[block * b:(block + 1) * b]

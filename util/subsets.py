@@ -6,6 +6,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from sarwmix.bad_patches import patch_name
+
 
 class SubsetView(Dataset):
     """Some items of a data set, keeping the attributes the run needs (``stats``, ``num_classes``)."""
@@ -19,6 +21,10 @@ class SubsetView(Dataset):
 
     def __getitem__(self, i: int):
         return self.base[self.indices[i]]
+
+    def patch_name(self, i: int) -> str:
+        """The name of item ``i`` as its data set knows it (``sarwmix.bad_patches.patch_name``)."""
+        return patch_name(self.base, self.indices[i])
 
 
 def fraction_indices(n: int, fraction: float, seed: int) -> list[int]:
