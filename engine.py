@@ -287,7 +287,8 @@ class Trainer:
         (``util.watchdog``).
         """
         self._open_logs()
-        self.control.preemption = PreemptionSignal().install()
+        own_handler = self.run.preemption is None  # a Run from util.runner.start has installed one already
+        self.control.preemption = PreemptionSignal().install() if own_handler else self.run.preemption
         self.control.watchdog = StallWatchdog(self.args.dist_timeout, self.run.info.rank).start()
         try:
             return self._epochs()
@@ -298,7 +299,8 @@ class Trainer:
             raise
         finally:
             self.control.watchdog.stop()
-            self.control.preemption.restore()
+            if own_handler:
+                self.control.preemption.restore()
             self.val_log.close()
             if self.run.tb is not None:
                 self.run.tb.flush()

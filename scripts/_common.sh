@@ -13,7 +13,14 @@
 
 TASK_TYPES=(pretrain finetune test)
 MODELS=(tiny small base large huge)
-LAUNCHERS=(mpirun torchrun)
+LAUNCHERS=(mpirun torchrun srun)
+# The entry points' exit code for "stopped by a preemption signal after writing checkpoint.pth: run again
+# with --resume auto" (EX_TEMPFAIL of sysexits.h). The cluster launchers resubmit or requeue on it.
+EXIT_PREEMPTED=75
+# The settings a resubmitted or requeued job needs again (saved by save_settings, read by load_settings).
+SETTING_NAMES=(TASK_TYPE MODEL EPOCH DATASET DATA_PATH CONFIG OUTPUT_DIR PRETRAIN_DATASET PRETRAIN_CKPT
+  FINETUNE_CKPT THREADS EXTRA_ARGS LAUNCHER MPI_IMPL MPI_ARGS PYTHON GPUS_PER_NODE USE_CPU CPU_RANKS_PER_NODE
+  MODULES VENV CONDA_ENV PREEMPT_MARGIN MAX_RESUBMITS RESUBMIT)
 
 die() {
   echo "error: $*" >&2
@@ -21,8 +28,8 @@ die() {
 }
 
 print_usage() {
-  # The leading comment block of the script $1, without the shebang and the #PBS directives.
-  awk 'NR == 1 || /^#PBS/ {next} /^#/ {sub(/^# ?/, ""); print; seen = 1; next} seen {exit}' "$1"
+  # The leading comment block of the script $1, without the shebang and the #PBS / #SBATCH directives.
+  awk 'NR == 1 || /^#(PBS|SBATCH)/ {next} /^#/ {sub(/^# ?/, ""); print; seen = 1; next} seen {exit}' "$1"
 }
 
 check_choice() {
@@ -218,6 +225,14 @@ launch_prefix() {
   local np=$1 per_node=$2 name
   shift 2
   pass_vars
+  if [[ $LAUNCHER == srun ]]; then
+    # srun starts the tasks of the allocation (one per GPU); every task inherits this environment. A task that
+    # fails ends the step.
+    LAUNCH=(srun --kill-on-bad-exit=1)
+    append_words "${SRUN_ARGS:-}"
+    LAUNCH+=("$PYTHON")
+    return 0
+  fi
   if [[ $LAUNCHER == torchrun ]]; then
     (($# <= 1)) || die "LAUNCHER=torchrun runs on one host; use mpirun for $# hosts"
     LAUNCH=(env)
@@ -297,22 +312,101 @@ task_program() {
 }
 
 run_line() {
-  # Print the exact command (shell-quoted, copy-pastable), then run it unless DRY_RUN=1.
+  # Print the exact command (shell-quoted, copy-pastable), then run it unless DRY_RUN=1; returns its status.
   local arg words=()
   for arg in "$@"; do
     # Quote only what the shell would split or expand, so that the line stays readable.
     if [[ $arg =~ ^[A-Za-z0-9_./,:=+@%-]+$ ]]; then words+=("$arg"); else words+=("$(printf '%q' "$arg")"); fi
   done
   echo "+ ${words[*]}"
-  if [[ $DRY_RUN != 1 ]]; then "$@"; fi
+  if [[ $DRY_RUN == 1 ]]; then return 0; fi
+  run_preemptible "$@"
+}
+
+run_preemptible() {
+  # Run "$@" in the background and wait for it, turning SIGTERM and SIGUSR1 sent to this script into one
+  # SIGUSR1 to the command: the ranks finish their step, write checkpoint.pth and exit with EXIT_PREEMPTED.
+  # (Open MPI's mpirun forwards SIGUSR1 to every rank, but kills them about a second after a SIGTERM of its
+  # own; torchrun and srun pass signals on.) Returns the command's exit status.
+  local rc
+  "$@" &
+  CHILD=$!
+  trap 'forward_stop' TERM USR1
+  while :; do
+    rc=0
+    wait "$CHILD" || rc=$?
+    # a status above 128 with the command still there: wait was interrupted by a trapped signal
+    if ((rc > 128)) && kill -0 "$CHILD" 2>/dev/null; then continue; fi
+    break
+  done
+  trap - TERM USR1
+  return "$rc"
+}
+
+forward_stop() {
+  if [[ -z ${STOP_SENT:-} ]]; then
+    STOP_SENT=1
+    echo "$(basename "$0"): stop signal received: SIGUSR1 to the run (it saves and exits with $EXIT_PREEMPTED)" >&2
+    kill -USR1 "$CHILD" 2>/dev/null || true
+  fi
 }
 
 run_task() {
-  # One run per checkpoint epoch of EPOCH (finetune / test); pretraining runs once.
-  local epoch epochs=$EPOCH
+  # One run per checkpoint epoch of EPOCH (finetune / test); pretraining runs once. Returns the status of the
+  # first run that fails (EXIT_PREEMPTED: preempted after its checkpoint), 0 when all succeed.
+  local epoch epochs=$EPOCH rc
   if [[ $TASK_TYPE == pretrain || -n ${PRETRAIN_CKPT:-}${FINETUNE_CKPT:-} ]]; then epochs=${EPOCH%% *}; fi
   for epoch in $epochs; do
     task_program "$epoch"
-    run_line "${LAUNCH[@]}" "${PROG[@]}"
+    rc=0
+    run_line "${LAUNCH[@]}" "${PROG[@]}" || rc=$?
+    if ((rc != 0)); then return "$rc"; fi
   done
+}
+
+save_settings() {
+  # save_settings FILE: the launcher settings that are set, as shell assignments (for a resubmitted job).
+  local name
+  mkdir -p "$(dirname "$1")"
+  : >"$1"
+  for name in "${SETTING_NAMES[@]}" $(compgen -e | grep -E '^(NCCL_|UCX_|TORCH_NCCL_)' || true); do
+    if [[ -n ${!name+x} ]]; then printf '%s=%q\n' "$name" "${!name}" >>"$1"; fi
+  done
+}
+
+load_settings() {
+  # Settings saved by save_settings for a resubmitted job (SARWMIX_SETTINGS=FILE), before any default applies.
+  if [[ -n ${SARWMIX_SETTINGS:-} ]]; then
+    [[ -f $SARWMIX_SETTINGS ]] || die "SARWMIX_SETTINGS=$SARWMIX_SETTINGS: no such file"
+    # shellcheck disable=SC1090 # written by save_settings
+    source "$SARWMIX_SETTINGS"
+  fi
+}
+
+walltime_seconds() {
+  # walltime_seconds HH:MM:SS (or MM:SS, or S) -> REPLY seconds; '' when the text is not a duration.
+  local text=$1 total=0 part parts
+  REPLY=""
+  [[ $text =~ ^[0-9]+(:[0-9]+){0,2}$ ]] || return 0
+  IFS=: read -r -a parts <<<"$text"
+  for part in "${parts[@]}"; do total=$((total * 60 + 10#$part)); done
+  REPLY=$total
+}
+
+start_stop_timer() {
+  # start_stop_timer SECONDS: SIGUSR1 to this script after SECONDS (the run then saves and exits with
+  # EXIT_PREEMPTED); TIMER holds the timer's pid (0: none).
+  TIMER=0
+  if (($1 <= 0)); then return 0; fi
+  (
+    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+    sleep "$1" &
+    sleeper=$!
+    wait "$sleeper" && kill -USR1 $$
+  ) &
+  TIMER=$!
+}
+
+stop_stop_timer() {
+  if ((${TIMER:-0} > 0)); then kill "$TIMER" 2>/dev/null || true; fi
 }

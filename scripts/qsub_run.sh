@@ -5,6 +5,7 @@
 #PBS -P gXXXXXXXX
 #PBS -N sarwmix
 #PBS -j oe
+#PBS -r y
 # PBS job for ABCI H200 nodes (rt_HF: 8 GPUs, 192 cores per node): pretrain, finetune or test on N nodes,
 # one rank per GPU, NCCL, launched by mpirun with the same command builder as scripts/run_local.sh.
 #
@@ -26,6 +27,11 @@
 #   USE_CPU=1      CPU ranks and gloo instead of GPUs and NCCL (CPU_RANKS_PER_NODE per node, default 2)
 #   MASTER_PORT    rendezvous port on the first host (default: a free one); MASTER_ADDR is the first host
 #   PBS_NODEFILE   the allocated hosts (one line per host or per chunk; repeated names count once)
+# preemption and resubmission (docs/RELIABILITY.md):
+#   PREEMPT_MARGIN seconds before the walltime at which the run is told to save and stop (default 300; 0: off)
+#   RESUBMIT=1     when a run stops that way (exit 75), submit this job again to continue (default 1; 0: off)
+#   MAX_RESUBMITS  at most this many resubmissions in a chain (default 20)
+#   qsig -s USR1 <job>  (or SIGTERM to this script) stops the run the same way now, and the job resubmits
 # site-specific settings (edit below or set them in the environment):
 #   MODULES        modules loaded when the `module` command exists
 #   VENV           a virtualenv folder to activate, or CONDA_ENV: a conda environment name
@@ -52,6 +58,7 @@ else
 fi
 # shellcheck source=scripts/_common.sh
 source "$REPO/scripts/_common.sh"
+load_settings # a resubmitted job: the settings of the job it continues
 
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
   print_usage "${BASH_SOURCE[0]}"
@@ -124,4 +131,54 @@ trap 'rm -f "$HOSTFILE"' EXIT
 echo "qsub_run: $TASK_TYPE mixmim_$MODEL on $DATASET, $NNODES node(s) x $PER_NODE $DEVICE rank(s)" \
   "(${HOSTS[*]}), rendezvous $MASTER_ADDR:$MASTER_PORT"
 launch_prefix "$((NNODES * PER_NODE))" "$PER_NODE" "${HOSTS[@]}"
-run_task
+
+job_attribute() {
+  # job_attribute NAME -> REPLY: NAME's value in `qstat -f $PBS_JOBID` ('' outside PBS or when qstat fails).
+  REPLY=""
+  if [[ -n ${JOB_INFO+x} ]]; then :; elif [[ -n ${PBS_JOBID:-} ]] && command -v qstat >/dev/null 2>&1; then
+    JOB_INFO=$(qstat -f "$PBS_JOBID" 2>/dev/null || true)
+  else
+    JOB_INFO=""
+  fi
+  REPLY=$(awk -v key="$1" '$1 == key && $2 == "=" {sub(/^[^=]*= */, ""); print; exit}' <<<"$JOB_INFO")
+}
+
+resubmit() {
+  # Submit this job again with its resources and settings; it resumes from checkpoint.pth (--resume auto).
+  local count=${RESUBMIT_COUNT:-0} settings args=()
+  if [[ ${RESUBMIT:-1} != 1 ]]; then
+    echo "qsub_run: RESUBMIT=${RESUBMIT}: not resubmitting; submit the job again to continue" >&2
+    return "$EXIT_PREEMPTED"
+  fi
+  if ((count >= ${MAX_RESUBMITS:-20})); then
+    echo "qsub_run: resubmitted $count times already (MAX_RESUBMITS=${MAX_RESUBMITS:-20}): not again" >&2
+    return "$EXIT_PREEMPTED"
+  fi
+  settings="$OUTPUT_DIR/.qsub_run/${PBS_JOBID:-job$$}.env"
+  save_settings "$settings"
+  args=(-v "SARWMIX_SETTINGS=$(realpath "$settings"),RESUBMIT_COUNT=$((count + 1))")
+  local spec flag name prefix
+  for spec in "-q queue" "-P project" "-N Job_Name" "-l Resource_List.select select=" \
+    "-l Resource_List.walltime walltime="; do
+    read -r flag name prefix <<<"$spec"
+    job_attribute "$name"
+    if [[ -n $REPLY ]]; then args+=("$flag" "${prefix:-}$REPLY"); fi
+  done
+  echo "qsub_run: preempted; resubmission $((count + 1)) of at most ${MAX_RESUBMITS:-20}:"
+  run_line qsub "${args[@]}" "$REPO/scripts/qsub_run.sh"
+}
+
+# The walltime's end is a preemption announced in advance: tell the run to save PREEMPT_MARGIN s before it.
+job_attribute Resource_List.walltime
+walltime_seconds "$REPLY"
+if [[ -n $REPLY && $DRY_RUN != 1 ]] && ((${PREEMPT_MARGIN:-300} > 0)); then
+  start_stop_timer $((REPLY - ${PREEMPT_MARGIN:-300} - SECONDS))
+  echo "qsub_run: walltime ${REPLY} s: the run is told to save and stop ${PREEMPT_MARGIN:-300} s before it"
+fi
+status=0
+run_task || status=$?
+stop_stop_timer
+if ((status == EXIT_PREEMPTED)) && resubmit; then
+  status=0 # resubmitted: this job's part is done
+fi
+exit "$status"

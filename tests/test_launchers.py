@@ -19,11 +19,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RUN_LOCAL = REPO / "scripts" / "run_local.sh"
 QSUB_RUN = REPO / "scripts" / "qsub_run.sh"
+SBATCH_RUN = REPO / "scripts" / "sbatch_run.sh"
 # Settings of the scripts: cleared from the inherited environment so that each test states its own.
 SETTINGS = ("TASK_TYPE", "MODEL", "EPOCH", "DATASET", "DATA_PATH", "CONFIG", "OUTPUT_DIR", "PRETRAIN_DATASET",
             "PRETRAIN_CKPT", "FINETUNE_CKPT", "NPROC", "USE_CPU", "THREADS", "LAUNCHER", "MPI_IMPL", "MASTER_ADDR",
             "MASTER_PORT", "EXTRA_ARGS", "MPI_ARGS", "DRY_RUN", "GPUS_PER_NODE", "CPU_RANKS_PER_NODE", "PBS_NODEFILE",
-            "PBS_O_WORKDIR", "PBS_JOBID", "GLOO_SOCKET_IFNAME", "VENV", "CONDA_ENV", "MODULES")
+            "PBS_O_WORKDIR", "PBS_JOBID", "GLOO_SOCKET_IFNAME", "VENV", "CONDA_ENV", "MODULES", "SRUN_ARGS",
+            "PREEMPT_MARGIN", "MAX_RESUBMITS", "RESUBMIT", "RESUBMIT_COUNT", "SARWMIX_SETTINGS")
 TINY_PRETRAIN = "--epochs 1 --num_samples 8 --input_size 64 --batch_size 2 --num_workers 0 --no-progress " \
                 "--vis_samples 0"
 TINY_FINETUNE = "--epochs 1 --num_samples 8 --num_eval_samples 4 --input_size 64 --batch_size 2 " \
@@ -33,7 +35,8 @@ needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun
 
 def run_script(script: Path, timeout: int = 30, **settings: str) -> subprocess.CompletedProcess:
     """``bash SCRIPT`` with only ``settings`` (plus PATH-like variables) set among the launcher settings."""
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("NCCL_")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in SETTINGS and not k.startswith(("NCCL_", "SLURM_"))}
     env.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1", **settings)
     return subprocess.run(["bash", str(script)], check=False, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -61,7 +64,7 @@ def two_hosts(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("script", [RUN_LOCAL, QSUB_RUN], ids=["run_local", "qsub_run"])
+@pytest.mark.parametrize("script", [RUN_LOCAL, QSUB_RUN, SBATCH_RUN], ids=["run_local", "qsub_run", "sbatch_run"])
 @pytest.mark.parametrize("name,value", [("TASK_TYPE", "train"), ("MODEL", "gigantic"), ("EPOCH", "last")])
 def test_bad_setting_is_one_line_error(script, name, value):
     proc = run_script(script, DATASET="synthetic", DRY_RUN="1", **{name: value})
@@ -111,13 +114,15 @@ def test_blank_epoch_is_one_line_error():
     assert "+ " not in proc.stdout
 
 
-@pytest.mark.parametrize("script", [RUN_LOCAL, QSUB_RUN], ids=["run_local", "qsub_run"])
+@pytest.mark.parametrize("script", [RUN_LOCAL, QSUB_RUN, SBATCH_RUN], ids=["run_local", "qsub_run", "sbatch_run"])
 def test_help_lists_the_settings(script):
     proc = subprocess.run(["bash", str(script), "-h"], check=False, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0
     for name in ("TASK_TYPE", "MODEL", "EPOCH", "DRY_RUN"):
         assert name in proc.stdout
-    assert not any(line.startswith("#PBS") for line in proc.stdout.splitlines())
+    assert not any(line.startswith(("#PBS", "PBS -", "SBATCH -")) for line in proc.stdout.splitlines())
+    if script != RUN_LOCAL:  # the cluster launchers: what preemption does
+        assert "exit" in proc.stdout and "75" in proc.stdout
 
 
 def test_qsub_dry_run_multi_node_line(tmp_path, two_hosts):
@@ -146,6 +151,24 @@ def test_qsub_dry_run_multi_node_line(tmp_path, two_hosts):
     assert "--device" not in program  # GPUs: the entry point picks cuda:<local rank>
     # the node's cores shared by its 8 GPU ranks, not one thread per core in each
     assert flag_value(program, "--num_threads") == str(max(1, len(os.sched_getaffinity(0)) // 8))
+
+
+def test_sbatch_dry_run_starts_one_task_per_slot_with_srun(tmp_path):
+    """srun starts the tasks (ranks) of the allocation; MASTER_ADDR is its first host; threads per task from
+    SLURM_CPUS_PER_TASK."""
+    fake = tmp_path / "scontrol"
+    fake.write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
+    fake.chmod(0o755)
+    proc = run_script(SBATCH_RUN, PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-[a-b]",
+                      SLURM_NTASKS="16", SLURM_CPUS_PER_TASK="12", SLURM_SUBMIT_DIR=str(REPO), DRY_RUN="1",
+                      DATA_PATH="/data/ben", MASTER_PORT="29614")
+    assert proc.returncode == 0, proc.stderr
+    assert "16 gpu task(s) on 2 node(s) (node-a node-b), rendezvous node-a:29614" in proc.stdout
+    [argv] = command_lines(proc.stdout)
+    assert argv[:2] == ["srun", "--kill-on-bad-exit=1"] and argv[2] == sys.executable
+    program = argv[2:]
+    assert Path(program[1]).name == "main_pretrain.py" and "--resume" in program
+    assert flag_value(program, "--num_threads") == "12" and "--device" not in program
 
 
 def test_run_local_gpu_ranks_fit_the_visible_gpus():

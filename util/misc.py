@@ -146,8 +146,10 @@ def init_distributed(device_arg: str = "auto", dist_url: str = "env://",
         os.environ.setdefault("MASTER_PORT", "29500")
         if use_cuda:
             nccl_fail_fast(os.environ, timeout_s)
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=dist_url, rank=info.rank,
-                                world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = restart_store(os.environ, info, timeout) if dist_url == "env://" else None
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=None if store else dist_url,
+                                store=store, rank=info.rank, world_size=info.world_size, timeout=timeout)
         dist.barrier()
     return info, device
 
@@ -177,6 +179,24 @@ def nccl_fail_fast(env: dict, timeout_s: float) -> dict:
 def is_main_process() -> bool:
     """Rank 0 of the process group, or a process outside any group."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def restart_store(env: Mapping[str, str], info: DistInfo, timeout: datetime.timedelta):
+    """The rendezvous store of a worker that torchrun restarted, with keys of its own attempt; None otherwise.
+
+    torchrun's agent keeps serving its store across restarts (``--max-restarts``), and the process group's
+    keys carry no attempt: restarted workers could read the addresses of the workers they replace and fail
+    to connect ("Connection refused"). A prefix per attempt (``TORCHELASTIC_RESTART_COUNT``) keeps the rounds
+    apart, as torch's own env:// handler does for its default store.
+    """
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent serves it: every rank a client
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), info.world_size,
+                          is_master=not agent_store and info.rank == 0, timeout=timeout,
+                          multi_tenant=not agent_store)
+    return dist.PrefixStore(f"sarwmix/attempt_{attempt}", store)
 
 
 def cleanup_distributed() -> None:

@@ -28,6 +28,7 @@ from util.misc import (
     setup_logging,
     tune_cpu_memory,
 )
+from util.preemption import PreemptionSignal
 
 log = logging.getLogger("sarwmix")
 
@@ -188,6 +189,7 @@ class Run:
     amp_dtype: torch.dtype | None
     tb: object = None
     config: RunConfig | None = None  # set by record_config once every value is settled
+    preemption: PreemptionSignal | None = None  # SIGTERM / SIGUSR1 recorded from start-up on
     epoch_log: JsonLines = field(default_factory=lambda: JsonLines(None))
     step_log: JsonLines = field(default_factory=lambda: JsonLines(None))
 
@@ -220,7 +222,8 @@ def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] =
     derive(args, info.world_size)
     torch.manual_seed(args.seed + info.rank)
     out = Path(args.output_dir)
-    run = Run(info, device, out, resolve_amp(args.amp, device))
+    # A stop signal during start-up (indexing the data, building the model) is kept: the first step saves.
+    run = Run(info, device, out, resolve_amp(args.amp, device), preemption=PreemptionSignal().install())
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter
@@ -275,6 +278,8 @@ def build_train_data(args: argparse.Namespace, run: Run, split: str = "train"):
 
 
 def finish(run: Run) -> None:
+    if run.preemption is not None:
+        run.preemption.restore()
     if run.tb is not None:
         run.tb.close()
     run.epoch_log.close()
