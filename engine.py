@@ -325,7 +325,7 @@ class Trainer:
                                         ("epoch_time_s", "img_per_s")},
                       "epoch_time_s": stats["epoch_time_s"], "img_per_s": stats["img_per_s"],
                       "n_parameters": self.n_parameters, **self._bad_patches(position)}
-            self.control.at(f"the evaluation after epoch {epoch}")
+            self.control.at(f"the evaluation after epoch {epoch}", collective=run.info.distributed)
             metrics = self.evaluate(self.raw_model, epoch) if self.evaluate else {}
             record.update({f"val_{k}": v for k, v in metrics.items()})
             if metrics:
@@ -368,7 +368,7 @@ class Trainer:
         """The ``on_epoch_end`` scalars of this epoch, also written to TensorBoard (rank 0)."""
         if self.on_epoch_end is None:
             return {}
-        self.control.at(f"the end-of-epoch hook after epoch {epoch}")
+        self.control.at(f"the end-of-epoch hook after epoch {epoch}", collective=self.run.info.distributed)
         scalars = self.on_epoch_end(epoch, epoch + 1 == self.end_epoch)
         if self.run.tb is not None:
             for key, value in scalars.items():

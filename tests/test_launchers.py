@@ -262,7 +262,7 @@ def test_missing_inputs_fail_clearly(tmp_path):
     assert proc.returncode == 2 and "needs DATA_PATH" in proc.stderr
 
 
-@pytest.mark.manual
+@pytest.mark.heavy
 @needs_mpirun
 def test_run_local_pretrain_finetune_test(tmp_path):
     common = {"USE_CPU": "1", "NPROC": "2", "MODEL": "tiny", "EPOCH": "1", "OUTPUT_DIR": str(tmp_path)}
@@ -283,7 +283,7 @@ def test_run_local_pretrain_finetune_test(tmp_path):
     assert tested["evaluated_checkpoint"].endswith("finetune_synthetic_tiny_ep1/checkpoint_best.pth")
 
 
-@pytest.mark.manual
+@pytest.mark.heavy
 @needs_mpirun
 def test_qsub_run_under_fake_pbs(tmp_path):
     nodefile = tmp_path / "nodefile"

@@ -257,7 +257,7 @@ def test_unknown_config_key_names_nearest(tmp_path):
     assert args.batch_size == 4 and args.epochs == 5  # explicit flag wins over the file
 
 
-@pytest.mark.manual
+@pytest.mark.heavy
 @pytest.mark.timeout(900)  # the run's own limit below, above the suite's 600 s per test
 def test_quickstart_command_runs(tmp_path):
     """`python main_pretrain.py` with no flags, from a fresh working directory."""

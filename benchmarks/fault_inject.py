@@ -1,6 +1,6 @@
 """Run an entry point with a fault injected at a given training step, the same on any machine however loaded.
 
-    python tests/_fault_inject.py main_pretrain.py ARGS...        (or main_finetune.py)
+    python benchmarks/fault_inject.py main_pretrain.py ARGS...    (or main_finetune.py)
 
 Environment:
     FAULT_AT      the 1-based call of the training step at whose start the fault happens (unset: no fault)
