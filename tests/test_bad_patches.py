@@ -4,6 +4,8 @@ in both modes (stop with one line naming the patch; --skip_bad: skip, count per 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,12 +94,11 @@ def _wrong_shape(root: Path, name: str) -> None:
 
 
 def _undecodable_lmdb(root: Path, name: str) -> None:
-    import lmdb
-
-    env = lmdb.open(str(root / LMDB_FOLDER), map_size=2**26)
-    with env.begin(write=True) as txn:
-        txn.put(name.encode(), b"\x17not a safetensors value")
-    env.close()
+    # In a process of its own: this one may still hold an environment of an earlier test's deleted copy, and
+    # LMDB refuses a second environment on a recycled inode ("already open in this process").
+    code = ("import lmdb, sys; env = lmdb.open(sys.argv[1], map_size=2**26); "
+            "txn = env.begin(write=True); txn.put(sys.argv[2].encode(), b'not a safetensors value'); txn.commit()")
+    subprocess.run([sys.executable, "-c", code, str(root / LMDB_FOLDER), name], check=True, timeout=60)
 
 
 KINDS = {  # kind: (format, writer, damage of one patch, what the one-line error says)
