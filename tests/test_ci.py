@@ -4,13 +4,15 @@ import re
 from conftest import REPO
 
 
-def test_default_run_excludes_heavy_and_ci_runs_them():
+def test_default_run_excludes_heavy_and_faults_and_ci_runs_them():
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert re.search(r"""^addopts = ".*-m 'not heavy and not manual'.*"$""", pyproject, flags=re.MULTILINE)
+    assert re.search(r"""^addopts = ".*-m 'not heavy and not manual and not faults'.*"$""", pyproject,
+                     flags=re.MULTILINE)
     assert re.search(r'^    "heavy: ', pyproject, flags=re.MULTILINE)
+    assert re.search(r'^    "faults: ', pyproject, flags=re.MULTILINE)
     ci = (REPO / ".ci" / "run").read_text()
-    heavy = re.search(r"^pytest .*-m heavy.*$", ci, flags=re.MULTILINE)
-    assert heavy and "[ $? -eq 5 ]" in heavy.group(0)  # exit code 5: nothing selected, not a failure
+    extra = re.search(r"""^pytest .*-m "heavy or faults".*$""", ci, flags=re.MULTILINE)
+    assert extra and "[ $? -eq 5 ]" in extra.group(0)  # exit code 5: nothing selected, not a failure
 
 
 def test_docs_state_both_commands():

@@ -191,8 +191,9 @@ def test_two_process_evaluation_counts_every_sample_once(tmp_path):
 
 
 def test_gather_restores_data_set_order_in_one_process():
-    logits, targets = E.gather_predictions([2, 0, 1], torch.tensor([[2.0], [0.0], [1.0]]), torch.tensor([2, 0, 1]))
-    assert logits[:, 0].tolist() == [0.0, 1.0, 2.0] and targets.tolist() == [0, 1, 2]
+    logits, targets, bad = E.gather_predictions([2, 0, 1], torch.tensor([[2.0], [0.0], [1.0]]),
+                                                torch.tensor([2, 0, 1]))
+    assert logits[:, 0].tolist() == [0.0, 1.0, 2.0] and targets.tolist() == [0, 1, 2] and bad == []
 
 
 def test_task_and_flags_are_checked_before_anything_runs():
