@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import torch
 from tqdm import tqdm
 
@@ -39,6 +40,10 @@ from util.quicklook import NO_CLASS, class_colours, save_quicklook
 log = logging.getLogger("sarwmix")
 CHUNK_WINDOWS = 64  # windows read together along a row of windows: bounds memory whatever the scene's width
 BLOCK_ROWS = 32  # rows of output cells between two restart points
+# GDAL's block cache (MB). Its default, 5 % of the RAM, fills up as a large scene is read and makes the peak
+# memory grow with the scene; windows are read in order, each pixel row in consecutive strips, so a small
+# cache loses nothing.
+GDAL_CACHE_MB = 64
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -285,8 +290,6 @@ def open_scenes(args: argparse.Namespace, predictor: Predictor) -> list[Scene]:
 def write_quicklook(args: argparse.Namespace, predictor: Predictor, scene: Scene, grid: WindowGrid,
                     out: Path) -> Path:
     """``<out>.png``: the scene's VV in dB over the map's extent and the map drawn over it."""
-    import rasterio
-
     rows, cols = grid.shape
     db = scene.overview(rows * grid.stride, cols * grid.stride)[CHANNELS.index("VV")]
     scale = max(rows, cols) / 1024
@@ -306,6 +309,12 @@ def write_quicklook(args: argparse.Namespace, predictor: Predictor, scene: Scene
 
 
 def main(args: argparse.Namespace) -> dict:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The command (``main``) inside its GDAL environment."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
