@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from predictor import Predictor, load_predictor
 from sarwmix.constants import CHANNELS
-from sarwmix.errors import ConfigError
+from sarwmix.errors import ConfigError, DataError
 from sarwmix.scene import UNITS, MapWriter, Scene, WindowGrid, block_mean, check_same_grid, fill_nodata
 from util.config import run_cli
 from util.quicklook import NO_CLASS, class_colours, save_quicklook
@@ -327,6 +327,9 @@ def run(args: argparse.Namespace) -> dict:
     scenes = open_scenes(args, predictor)
     try:
         window = args.window or predictor.default_window
+        if window > min(scenes[0].height, scenes[0].width):
+            raise DataError(f"{scenes[0].name}: {scenes[0].height} x {scenes[0].width} px, smaller than one window "
+                            f"of {window} px (--window)")
         grid = WindowGrid(scenes[0].height, scenes[0].width, window, args.stride or window)
         if args.class_map and predictor.kind == "encoder":
             raise ConfigError("--class_map: a pretraining checkpoint gives embeddings, not classes")
@@ -335,6 +338,11 @@ def run(args: argparse.Namespace) -> dict:
                     "after": [str(Path(p).resolve()) for p in args.after or []], "units": scenes[0].units,
                     "window": grid.window, "stride": grid.stride, "max_nodata": args.max_nodata,
                     "model_input_size": predictor.input_size, "channels": list(predictor.channels)}
+        pixel = scenes[0].pixel_size_m()
+        if pixel is not None and not 8.0 <= pixel <= 12.5:
+            log.warning("%s: pixels of about %.0f m; the models learnt from 10 m Sentinel-1 GRD pixels (a window of "
+                        "120 px is 1.2 km there): resample the scene to 10 m, or expect other results",
+                        scenes[0].name, pixel)
         out = Path(args.out)
         outputs = Outputs(out, scenes[0], grid, predictor, args.class_map, settings, args.resume, args.overwrite)
         log.info("%s: %d x %d px, %s; %s model (%s) on %d x %d windows every %d px -> %d x %d cells", scenes[0].name,

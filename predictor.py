@@ -113,11 +113,14 @@ def checkpoint_kind(state: dict[str, torch.Tensor], args: StoredArgs, path: str 
                           f"decoder or mask token); expected a main_finetune.py or main_pretrain.py checkpoint")
 
 
-def _in_chans(state: dict[str, torch.Tensor], path: str | Path) -> int:
+def _in_chans(state: dict[str, torch.Tensor], args: StoredArgs, path: str | Path) -> int:
+    """Input channels: as recorded, else from the Swin's patch-embedding convolution (released files)."""
+    if args.channels is not None:
+        return len(args.channels)
     proj = next((v for k, v in state.items() if k.endswith("patch_embed.proj.weight")), None)
     if proj is None or proj.ndim != 4:
-        raise CheckpointError(f"{path}: no patch embedding (patch_embed.proj.weight) found; not a model of this "
-                              f"project's backbones")
+        raise CheckpointError(f"{path}: records no channels and has no patch-embedding convolution "
+                              f"(patch_embed.proj.weight) to read them from; not a model of this project?")
     return int(proj.shape[1])
 
 
@@ -199,7 +202,7 @@ def load_predictor(path: str | Path, *, task: str | None = None, stats: str | No
     if task is not None and task != kind:
         raise CheckpointError(f"{path}: a {KINDS[kind]} checkpoint ({kind}), but --task {task} asks for a "
                               f"{KINDS[task]} one")
-    in_chans = _in_chans(state, path)
+    in_chans = _in_chans(state, args, path)
     channels = _channels(args, in_chans, path)
     mean, std = _stats(ckpt, stats, channels, path)
     name = _backbone_name(args, state, in_chans, args.input_size or 128)

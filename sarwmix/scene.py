@@ -250,6 +250,17 @@ class Scene:
             valid &= ok
         return out, valid
 
+    def pixel_size_m(self) -> float | None:
+        """The pixel's larger side in metres (degrees converted at the scene's centre latitude); None when
+        the CRS's unit is neither."""
+        t = self.transform
+        side = max(abs(t.a), abs(t.e))
+        if self.crs.is_geographic:
+            lat = np.radians(t.f + t.e * self.height / 2)
+            return max(abs(t.a) * 111_320 * np.cos(lat), abs(t.e) * 110_570)
+        factor = self.crs.linear_units_factor[1] if self.crs.is_projected else None
+        return side * factor if factor else None
+
     def grid(self) -> dict:
         """Size, CRS and transform (what ``check_same_grid`` compares)."""
         return {"size": (self.height, self.width), "crs": self.crs, "transform": self.transform}

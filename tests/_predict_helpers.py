@@ -65,11 +65,13 @@ def finetuned_checkpoint(path: Path, task: str = "ben", model: str = "mixmim_stu
     return _save(path, net, args)
 
 
-def pretrain_checkpoint(path: Path, model: str = "mixmim_study", input_size: int = 64, seed: int = 0) -> Path:
-    """A ``main_pretrain.py``-format checkpoint of a seeded MixMIM model (decoder and mask token included)."""
+def pretrain_checkpoint(path: Path, model: str = "mixmim_study", input_size: int = 64, mode: str = "mixmim",
+                        seed: int = 0) -> Path:
+    """A ``main_pretrain.py``-format checkpoint of a seeded MixMIM or SimMIM model (decoder and mask token
+    included)."""
     torch.manual_seed(seed)
-    net = backbones.build_pretrain("mixmim", model, input_size, 2)
-    args = {"mode": "mixmim", "model": model, "input_size": input_size, "channels": list(CHANNELS)}
+    net = backbones.build_pretrain(mode, model, input_size, 2)
+    args = {"mode": mode, "model": model, "input_size": input_size, "channels": list(CHANNELS)}
     return _save(path, net, args)
 
 

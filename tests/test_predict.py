@@ -216,7 +216,7 @@ def test_an_interrupted_run_resumes_to_the_same_file(ben_ckpt, tmp_path, monkeyp
     assert not (tmp_path / "cut.tif.progress.json").exists()
 
 
-def test_sen12flood_pairs_and_pretrained_embeddings(tmp_path):
+def test_sen12flood_model_gives_the_flood_probability_of_each_pair_of_windows(tmp_path):
     before, after = scene_db(128, 192, seed=6), scene_db(128, 192, seed=7)
     a, b = write_scene(tmp_path / "before.tif", before), write_scene(tmp_path / "after.tif", after)
     sen12 = finetuned_checkpoint(tmp_path / "sen12.pth", task="sen12flood", input_size=64, tile_size=32)
@@ -227,12 +227,19 @@ def test_sen12flood_pairs_and_pretrained_embeddings(tmp_path):
     pair = np.stack([before[:, 64:, 64:128], after[:, 64:, 64:128]])  # window (1, 1): rows 64-128, cols 64-128
     np.testing.assert_allclose(flood[:, 1, 1], model_alone(sen12, [pair])[0], atol=1e-5)
 
-    encoder = pretrain_checkpoint(tmp_path / "pretrain.pth")
-    predict(encoder, "--input", a, "--out", tmp_path / "emb.tif", "--window", 64)
+    assert (tmp_path / "flood.png").exists()
+
+
+@pytest.mark.parametrize("mode, model, dim", [("mixmim", "mixmim_study", 256), ("simmim", "vit_tiny", 192)])
+def test_a_pretraining_checkpoint_gives_the_pooled_embedding_of_each_window(tmp_path, mode, model, dim):
+    db = scene_db(128, 192, seed=6)
+    encoder = pretrain_checkpoint(tmp_path / "pretrain.pth", model=model, mode=mode)
+    predict(encoder, "--input", write_scene(tmp_path / "s.tif", db), "--out", tmp_path / "emb.tif", "--window", 64)
     emb, prof = read_map(tmp_path / "emb.tif")
-    assert emb.shape == (256, 2, 3) and prof["descriptions"][0] == "embedding_0"
-    np.testing.assert_allclose(emb[:, 1, 2], model_alone(encoder, [before[None, :, 64:, 128:]])[0], atol=1e-4)
-    assert (tmp_path / "emb.png").exists() and (tmp_path / "flood.png").exists()
+    assert emb.shape == (dim, 2, 3) and prof["descriptions"][0] == "embedding_0"
+    assert prof["tags"]["task"] == "encoder" and (tmp_path / "emb.png").exists()
+    np.testing.assert_allclose(emb[:, 1, 2], model_alone(encoder, [db[None, :, 64:, 128:]])[0], atol=1e-4)
+    assert emb[:, 0, 0].std() > 0 and not np.allclose(emb[:, 0, 0], emb[:, 1, 2])
 
 
 # --- bad input: one line each -------------------------------------------------------------------------
@@ -247,6 +254,7 @@ def _bad_inputs(tmp, ckpt):
     other_crs = write_scene(tmp / "crs" / "S1_VH.tif", db, order=("VH",), describe=False, crs="EPSG:32632")
     smaller = write_scene(tmp / "small" / "S1_VH.tif", db[:, :200], order=("VH",), describe=False)
     three = write_scene(tmp / "three.tif", np.concatenate([db, db[:1]]), order=("VH", "VV", "VH"))
+    good_moved = write_scene(tmp / "good_moved.tif", db, transform=ORIGIN @ Affine.translation(0, 5))
     bare = write_scene(tmp / "bare.tif", db, describe=False)
     ints = write_scene(tmp / "ints.tif", db, dtype="int16")
     no_crs = write_scene(tmp / "nocrs.tif", db, crs=None)
@@ -269,13 +277,14 @@ def _bad_inputs(tmp, ckpt):
         "no CRS": ([ckpt, "--input", no_crs, *out], ["has no CRS"]),
         "unknown units": ([ckpt, "--input", bright, *out], ["cannot tell dB from linear", "--units"]),
         "missing file": ([ckpt, "--input", tmp / "nowhere.tif", *out], ["nowhere.tif: file not found"]),
-        "scene under a window": ([ckpt, "--input", tiny, *out], ["smaller than one window of 120 px"]),
+        "scene under a window": ([ckpt, "--input", tiny, *out], ["tiny.tif: 100 x 100 px, smaller than one window of 120 px"]),
         "stride not dividing": ([ckpt, "--input", good, "--stride", 50, *out], ["multiple of the stride"]),
         "other task asked": ([ckpt, "--input", good, "--task", "sen12flood", *out],
                              ["a BigEarthNet checkpoint", "--task sen12flood"]),
         "pair model, one date": ([sen12, "--input", good, *out], ["compares two dates", "--after"]),
         "one-image model, two dates": ([ckpt, "--input", good, "--after", good, *out], ["takes no second date"]),
-        "dates on two grids": ([sen12, "--input", good, "--after", vv, moved, *out], ["transform", "same grid"]),
+        "dates on two grids": ([sen12, "--input", good, "--after", good_moved, *out],
+                               ["good_moved.tif: transform", "but", "good.tif has", "same grid"]),
         "not a checkpoint": ([tmp / "notes.pth", "--input", good, *out], ["not a readable torch checkpoint"]),
         "nodata fraction above 1": ([ckpt, "--input", good, "--max_nodata", 1.5, *out], ["--max_nodata 1.5"]),
         "no statistics": ([no_stats, "--input", good, *out], ["records no normalisation statistics", "--stats"]),
