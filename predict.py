@@ -137,13 +137,15 @@ class CellAverager:
                             "valid": np.zeros(self.cols)}
         return self.rows[i]
 
-    def add(self, row: int, cols: np.ndarray, values: np.ndarray) -> None:
-        """Windows ``(row, cols)`` (distinct columns) with values (len(cols), bands)."""
-        for dr in range(self.n):
-            acc = self._row(row + dr)
-            for dc in range(self.n):
-                acc["sum"][cols + dc] += values
-                acc["count"][cols + dc] += 1
+    def add(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+        """Windows ``(rows[k], cols[k])`` (distinct) with values (k, bands)."""
+        for r in np.unique(rows):
+            sel = rows == r
+            for dr in range(self.n):
+                acc = self._row(int(r) + dr)
+                for dc in range(self.n):
+                    acc["sum"][cols[sel] + dc] += values[sel]
+                    acc["count"][cols[sel] + dc] += 1
 
     def set_valid(self, row: int, col: int, frac: np.ndarray) -> None:
         """Valid fraction (n, k) of the cells ``(row.., col..)`` (the same value whichever window gives it)."""
@@ -234,22 +236,19 @@ def predict_scene(predictor: Predictor, scenes: list[Scene], grid: WindowGrid, o
     averager = CellAverager(n_cols, len(predictor.names), n)
     pending: list[tuple[int, int, np.ndarray]] = []
     counts = {"windows": 0, "predicted": 0, "skipped": 0, "rows": n_rows}
-    next_row = first
+    next_row = start
 
     def run_batch(items: list[tuple[int, int, np.ndarray]]) -> None:
-        values = predictor(np.stack([w for _, _, w in items]))
-        rows = np.array([r for r, _, _ in items])
-        cols = np.array([c for _, c, _ in items])
-        for r in np.unique(rows):
-            averager.add(int(r), cols[rows == r], values[rows == r])
+        rows, cols, windows = zip(*items)
+        averager.add(np.array(rows), np.array(cols), predictor(np.stack(windows)))
         counts["predicted"] += len(items)
 
     def write_upto(last: int) -> None:
         nonlocal next_row
-        for i in range(start, next_row):
-            averager.rows.pop(i, None)  # rows before the restart point: partial sums, already written
         while next_row <= last:
-            outputs.write(next_row, averager.pop(next_row, max_nodata))
+            values = averager.pop(next_row, max_nodata)
+            if next_row >= first:  # rows before the restart point hold partial sums and are written already
+                outputs.write(next_row, values)
             next_row += 1
 
     total = (grid.windows[0] - start) * grid.windows[1]
