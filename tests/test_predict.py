@@ -310,12 +310,20 @@ def test_every_bad_input_is_one_line(ben_ckpt, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def cover_model(tmp_path_factory):
-    """checkpoint_best.pth of mixmim_study finetuned at 64 px on 512 synthetic patches for 8 epochs."""
-    out = tmp_path_factory.mktemp("finetune")
-    main_finetune.main(main_finetune.parse_args([
-        "--model", "mixmim_study", "--input_size", "64", "--num_samples", "512", "--num_eval_samples", "16",
-        "--batch_size", "16", "--epochs", "8", "--warmup_epochs", "1", "--blr", "2e-2", "--drop_path", "0",
-        "--layer_decay", "1.0", "--num_workers", "0", "--no-progress", "--amp", "off", "--output_dir", str(out)]))
+    """checkpoint_best.pth of mixmim_study finetuned at 64 px on 512 synthetic patches for 8 epochs.
+
+    One thread: on a machine whose cores other jobs share, two threads of small operations wait on each other
+    (measured here: 8 minutes instead of 20 s); the suite's thread count is restored afterwards.
+    """
+    out, threads = tmp_path_factory.mktemp("finetune"), torch.get_num_threads()
+    try:
+        main_finetune.main(main_finetune.parse_args([
+            "--model", "mixmim_study", "--input_size", "64", "--num_samples", "512", "--num_eval_samples", "16",
+            "--batch_size", "16", "--epochs", "8", "--warmup_epochs", "1", "--blr", "2e-2", "--drop_path", "0",
+            "--layer_decay", "1.0", "--num_workers", "0", "--num_threads", "1", "--no-progress", "--amp", "off",
+            "--output_dir", str(out)]))
+    finally:
+        torch.set_num_threads(threads)
     return out / "checkpoint_best.pth"
 
 
