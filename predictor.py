@@ -151,8 +151,7 @@ def _stats(ckpt: dict, stats: str | None, channels: tuple[str, ...], path: str |
 def _backbone_name(args: StoredArgs, state: dict[str, torch.Tensor], in_chans: int, size: int) -> str:
     if args.model in backbones.BACKBONES:
         return args.model
-    encoder = {k: v for k, v in filter_state(state, keep_head=False)[0].items()}
-    return backbones.infer_swin_name(encoder, in_chans, size)
+    return backbones.infer_swin_name(filter_state(state, keep_head=False)[0], in_chans, size)
 
 
 def _class_names(kind: str, n: int) -> list[str]:

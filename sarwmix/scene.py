@@ -174,7 +174,8 @@ def detect_units(values: np.ndarray, where: str) -> str:
         raise DataError(f"{where}: no valid pixel in the sample read to detect the units; pass --units")
     if (values < 0).any():
         return "db"
-    if np.median(values[values > 0]) < 1.0 if (values > 0).any() else False:
+    positive = values[values > 0]
+    if positive.size and np.median(positive) < 1.0:
         return "linear"
     raise DataError(f"{where}: cannot tell dB from linear power (no negative value, median "
                     f"{np.median(values):.3g}); pass --units db or --units linear")
