@@ -156,13 +156,42 @@ def generate_patch(seed: int, size: int = 120, scene: str = "mosaic") -> tuple[n
     else:
         vh, vv, present = _mosaic_levels(rng, size)
     looks = S.STRUCTURED_LOOKS if scene == "structured" else _LOOKS
-    power = 10.0 ** (np.stack([vh, vv]) / 10.0) * _correlated_speckle(rng, size, looks)
-    sar_db = (10.0 * np.log10(np.maximum(power, 1e-5))).astype(np.float32)
+    sar_db = _speckled_db(rng, vh, vv, looks)
     present = sorted(present, key=BEN_43_CLASSES.index)
     target = np.zeros(len(BEN_19_CLASSES), np.float32)
     for name in present:
         target[BEN_43_TO_19[BEN_43_CLASSES.index(name)]] = 1.0
     return sar_db, target, present
+
+
+def _speckled_db(rng: np.random.Generator, vh: np.ndarray, vv: np.ndarray, looks: float = _LOOKS) -> np.ndarray:
+    """Noise-free VH and VV dB maps (size, size) -> float32 (2, size, size) dB [VH, VV] with speckle applied in
+    linear power."""
+    power = 10.0 ** (np.stack([vh, vv]) / 10.0) * _correlated_speckle(rng, vh.shape[-1], looks)
+    return (10.0 * np.log10(np.maximum(power, 1e-5))).astype(np.float32)
+
+
+COVERS: tuple[str, ...] = tuple(row[0] for row in _COVER)  # the 43-class names the generator draws
+
+
+def cover_patch(cover: str, seed: int, size: int = 120) -> np.ndarray:
+    """A patch of one land cover only: one field of ``cover`` with the level, fine texture and speckle a
+    mosaic patch gives it (``generate_patch``), deterministic in ``seed``. Test scenes of known covers are
+    laid out from such patches.
+
+    Args:
+        cover: one of ``COVERS`` (a 43-class name, e.g. ``"Sea and ocean"``).
+        size: side in pixels (any size: a field of a whole scene).
+    Returns:
+        float32 (2, size, size), channel order [VH, VV], dB.
+    """
+    if cover not in COVERS:
+        raise ConfigError(f"cover {cover!r}: expected one of the synthetic covers {list(COVERS)}")
+    rng = np.random.default_rng(seed)
+    field = np.zeros((size, size), dtype=int)
+    vh, vv, table = _field_levels(rng, np.array([COVERS.index(cover)]), field)
+    tex = _smooth_noise(rng, 3, size, max(size // 3, 1)) * (_TEXTURE_SCALE * table[0, 3])
+    return _speckled_db(rng, vh + tex[0] + 0.5 * tex[2], vv + tex[0] + 0.5 * tex[1])
 
 
 def _draw_classes(rng: np.random.Generator) -> np.ndarray:

@@ -107,6 +107,19 @@ def test_bench_pss_reports_each_rho():
     assert len(table) == 2, rows
 
 
+def test_bench_predict_times_the_pipeline_the_forward_and_the_reader():
+    rows = run("bench_predict.py", "--model", "mixmim_study", "--input_size", "64", "--size", "360",
+               "--batch_size", "4", "--rounds", "1")
+    table = {r[1]: r for r in rows if len(r) > 10 and r[1] in ("predict", "forward", "read")}
+    assert list(table) == ["predict", "forward", "read"], rows
+    for r in table.values():
+        median, low, high = map(float, (r[3], r[5], r[7]))
+        assert 0 < low <= median <= high
+    assert table["forward"][9] == "1.00x"
+    assert rows[0][:4] == ["scene", "360", "x", "360"] and rows[0][5:7] == ["9", "windows"]
+    assert rows[-1][0] == "reader" and "bottleneck;" in rows[-1]
+
+
 # --- the GPU benchmark, exercised on the CPU --------------------------------------------------------------
 
 def _bench_pretrain():
