@@ -30,6 +30,7 @@ import engine_finetune as E
 from engine_pretrain import Trainer, TrainSettings
 from models_mixmim import SWIN_WINDOWS, check_input_size
 from models_sen12_ft import PATCH_OPS
+from sarwmix.cli import ArgumentParser, count
 from sarwmix.datasets import build_dataset
 from sarwmix.errors import ConfigError
 from tasks import TASKS, get_task, task_for_dataset
@@ -46,8 +47,7 @@ Config = argparse.Namespace | RunConfig  # parsed flags while they settle, the f
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("SAR-W-MixMAE finetuning", parents=[runner.common_parser()],
-                                     allow_abbrev=False)
+    parser = ArgumentParser("SAR-W-MixMAE finetuning", parents=[runner.common_parser()], allow_abbrev=False)
     g = parser.add_argument_group("finetuning")
     g.add_argument("--task", default=None, choices=tuple(TASKS), help="default: from --dataset")
     g.add_argument("--finetune", default="", help="pretraining checkpoint to start from (ours or released)")
@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval", action="store_true", help="only evaluate the finetuned checkpoint --resume PATH")
     g.add_argument("--dist_eval", action=argparse.BooleanOptionalAction, default=True,
                    help="shard evaluation over processes (off: every process scores the whole split)")
-    g.add_argument("--nb_classes", type=int, default=None, help="head outputs (default: from the data set)")
+    g.add_argument("--nb_classes", type=count(1), default=None, help="head outputs (default: from the data set)")
     g.add_argument("--label_set", type=int, default=19, choices=(19, 43), help="BigEarthNet nomenclature")
     g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
     g.add_argument("--layer_decay", type=float, default=0.7, help="layer-wise lr decay (1.0: off)")
@@ -68,14 +68,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--tile_size", type=int, default=128, help="SEN12-FLOOD: encoder input side (tile)")
     g.add_argument("--val_fraction", type=float, default=0.1,
                    help="SEN12-FLOOD: share of training sequences held out for validation")
-    g.add_argument("--num_eval_samples", type=int, default=None,
+    g.add_argument("--num_eval_samples", type=count(1), default=None,
                    help="synthetic only: samples in each of val and test")
     g = parser.add_argument_group("patch sampling schedule (ViT backbones, BigEarthNet)")
     g.add_argument("--pss", default="none", choices=PSS_KINDS,
                    help="kept-token fraction rho per update: none (rho = 1), linear or cyclic")
     g.add_argument("--pss_min", type=float, default=0.2, help="lowest rho of the schedule")
     g.add_argument("--pss_max", type=float, default=1.0, help="highest rho of the schedule")
-    g.add_argument("--pss_period", type=int, default=None,
+    g.add_argument("--pss_period", type=count(1), default=None,
                    help="cyclic: updates per cycle (default: one epoch of updates)")
     g.add_argument("--eval_rho", type=float, default=1.0, help="kept-token fraction at evaluation")
     parser.set_defaults(model="mixmim_tiny", input_size=None, epochs=2, warmup_epochs=1, batch_size=16,

@@ -29,6 +29,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
+from sarwmix.cli import count
 from sarwmix.errors import ConfigError, DataError, SarwmixError
 
 EPOCH_LOG = "log.txt"
@@ -290,7 +291,7 @@ def output_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("analysis_out"),
                         help="folder for the PNG and CSV files (created if needed)")
     parser.add_argument("--name", default=None, help="file name stem of the outputs (default: per script)")
-    parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG")
+    parser.add_argument("--dpi", type=count(1), default=150, help="resolution of the PNG")
     parser.add_argument("--title", default=None, help="extra title above the figure")
     return parser
 

@@ -40,6 +40,7 @@ from analysis.logs import (
     task_title,
     write_outputs,
 )
+from sarwmix.cli import ArgumentParser  # noqa: E402
 from sarwmix.errors import DataError
 
 GROUP = ["model", "train_fraction", "hparams", "init", "pretrain_epoch"]
@@ -176,7 +177,7 @@ def plot_epoch_sweep(patterns: list[str], metrics: list[str] | None = None, spli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
     parser.add_argument("results", nargs="+", help="results.json files, globs (quote ** globs) or folders")
     parser.add_argument("--metric", nargs="+", default=None,
                         help="metric name(s), e.g. mAP_macro f1_micro (default: mAP_macro for ben, "

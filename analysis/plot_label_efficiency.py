@@ -35,6 +35,7 @@ from analysis.logs import (
     task_title,
     write_outputs,
 )
+from sarwmix.cli import ArgumentParser, count  # noqa: E402
 from sarwmix.errors import ConfigError
 
 GROUP = ["model", "init", "pretrain_epoch", "train_fraction"]
@@ -179,13 +180,13 @@ def plot_label_efficiency(patterns: list[str], metric: str | None = None, split:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
     parser.add_argument("results", nargs="+", help="results.json files, globs (quote ** globs) or folders")
     parser.add_argument("--metric", default=None,
                         help="metric name, e.g. mAP_micro (default: mAP_macro for ben, f1 for sen12flood)")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="results block to plot")
     parser.add_argument("--task", default=None, help="keep only this task (ben or sen12flood)")
-    parser.add_argument("--pretrain_epoch", type=int, default=None,
+    parser.add_argument("--pretrain_epoch", type=count(0), default=None,
                         help="keep only pretrained runs from checkpoints of this many epochs")
     return parser
 

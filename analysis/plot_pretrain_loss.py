@@ -35,6 +35,7 @@ from analysis.logs import (
     run_main,
     write_outputs,
 )
+from sarwmix.cli import ArgumentParser, count  # noqa: E402
 
 # Lines with this few points also get markers, so a one-epoch run still shows up.
 MARKER_MAX_POINTS = 30
@@ -160,10 +161,10 @@ def plot_pretrain_loss(run_dirs: list[Path], labels: list[str] | None = None, sm
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (with log.txt / train_log.json)")
     parser.add_argument("--labels", nargs="+", default=None, help="legend label per run (default: folder)")
-    parser.add_argument("--smooth", type=int, default=0,
+    parser.add_argument("--smooth", type=count(0), default=0,
                         help="moving-average window in iterations of the per-step curve (0: 1/50 of the run)")
     parser.add_argument("--logy", action="store_true", help="logarithmic loss axis")
     return parser

@@ -37,6 +37,7 @@ from analysis.logs import (
     run_main,
     write_outputs,
 )
+from sarwmix.cli import ArgumentParser  # noqa: E402
 from sarwmix.errors import DataError
 
 # (upper limit in seconds, divisor, unit): the first row whose limit exceeds the largest value is used.
@@ -136,7 +137,7 @@ def plot_time(run_dirs: list[Path], labels: list[str] | None = None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (with log.txt / train_log.json)")
     parser.add_argument("--labels", nargs="+", default=None, help="label per run (default: folder name)")
     return parser

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 import main_pretrain
+from sarwmix.cli import ArgumentParser
 from sarwmix.constants import CHANNELS
 from sarwmix.errors import CheckpointError, DataError
 from sarwmix.geotiff import read_band
@@ -166,7 +167,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", type=Path, help="pretraining checkpoint.pth files")
     parser.add_argument("--data", type=Path, default=None,
                         help=f"folder of the real Sentinel-1 patches (default: ${DATA_ENV})")

@@ -33,6 +33,7 @@ if __package__ in (None, ""):
 import engine_finetune as E  # noqa: E402
 from analysis.finetuned import Finetuned, load_finetuned, script_parser  # noqa: E402
 from analysis.logs import run_main, write_outputs  # noqa: E402
+from sarwmix.cli import count  # noqa: E402
 from sarwmix.errors import ConfigError  # noqa: E402
 from util.misc import time_round_robin  # noqa: E402
 from util.pss import keep_count  # noqa: E402
@@ -44,8 +45,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = script_parser(__doc__)
     g = p.add_argument_group("sweep")
     g.add_argument("--rho", type=float, nargs="+", default=list(DEFAULT_RHOS), help="kept fractions")
-    g.add_argument("--bench_batch", type=int, default=16, help="images per throughput pass")
-    g.add_argument("--bench_reps", type=int, default=5, help="timed passes per rho (after one warm-up)")
+    g.add_argument("--bench_batch", type=count(1), default=16, help="images per throughput pass")
+    g.add_argument("--bench_reps", type=count(1), default=5, help="timed passes per rho (after one warm-up)")
     p.set_defaults(name="sweep_drop")
     return p
 
@@ -114,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         ft = load_finetuned(get_parser(), argv)
         a = ft.args
         rhos = check_rhos(a.rho)
-        if a.bench_batch < 1 or a.bench_reps < 1:
-            raise ConfigError("--bench_batch and --bench_reps must be positive")
         table = sweep(ft, rhos, a.bench_batch, a.bench_reps)
         fig = figure(table, a.select_metric, a.model, a.split)
         return write_outputs(a.out, a.name, fig, {"": table}, a.dpi, a.title)

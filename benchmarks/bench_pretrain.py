@@ -43,6 +43,7 @@ import device_timing as dev  # noqa: E402  (same folder)
 
 import backbones  # noqa: E402
 from engine_pretrain import adamw, make_pretrain_step  # noqa: E402
+from sarwmix.cli import ArgumentParser, count  # noqa: E402
 from sarwmix.constants import CHANNELS  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
 from util.misc import CPU_MEMORY_MODES, cpu_supports_bf16, time_round_robin, tune_cpu_memory  # noqa: E402
@@ -304,18 +305,18 @@ def format_row(r: dict, batch: int, amp: str, peak: float, base_img_s: float, un
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["mixmim_base"])
     p.add_argument("--mode", default="mixmim", choices=("mixmim", "simmim"))
     p.add_argument("--device", default=dev.default_device(), choices=("cpu", "cuda"),
                    help="where the step runs (default: cuda when torch sees a GPU, else cpu)")
-    p.add_argument("--batch_size", nargs="+", type=int, default=[8])
-    p.add_argument("--max_batch", type=int, default=None,
+    p.add_argument("--batch_size", nargs="+", type=count(1), default=[8])
+    p.add_argument("--max_batch", type=count(1), default=None,
                    help="then double the last --batch_size up to this (or until memory runs out)")
     p.add_argument("--input_size", type=int, default=128)
     p.add_argument("--amp", nargs="+", default=["bf16"], choices=tuple(DTYPES))
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=count(1), default=5)
+    p.add_argument("--warmup", type=count(0), default=2)
     p.add_argument("--compare-eager", dest="compare_eager", action="store_true",
                    help="also run the plain eager path (manual softmax attention, for-loop AdamW)")
     p.add_argument("--compile", action="store_true", help="also run the optimised path under torch.compile")
@@ -327,15 +328,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true",
                    help="CPU: after each setting, time every ATen op of one optimised step (uncompiled) and "
                         "print where the time goes")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=count(0), default=0)
     p.add_argument("--cpu_memory", default="tuned", choices=CPU_MEMORY_MODES,
                    help="allocator setting of the training runs (util.misc.tune_cpu_memory)")
     p.add_argument("--peak_seconds", type=float, default=2.0, help="duration of each matmul-peak measurement")
-    p.add_argument("--peak_n", type=int, default=None, help="matmul side of the peaks (default: cpu 2048, cuda 8192)")
+    p.add_argument("--peak_n", type=count(1), default=None,
+                   help="matmul side of the peaks (default: cpu 2048, cuda 8192)")
     a = p.parse_args(argv)
-    if min(a.batch_size) < 1 or a.steps < 1 or a.warmup < 0:
-        p.error(f"--batch_size {a.batch_size} --steps {a.steps} --warmup {a.warmup}: batch sizes and steps must be "
-                ">= 1, warm-up >= 0")
     try:
         a.device = dev.resolve_device(a.device)
     except ValueError as e:

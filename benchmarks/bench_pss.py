@@ -24,6 +24,7 @@ from bench_pretrain import DTYPES, count_flops  # noqa: E402  (same folder)
 from engine_finetune import make_finetune_step  # noqa: E402
 from engine_pretrain import adamw  # noqa: E402
 from models_vit import VIT_CONFIGS, build_vit  # noqa: E402
+from sarwmix.cli import ArgumentParser, count  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
 from util.misc import CPU_MEMORY_MODES, time_round_robin, tune_cpu_memory  # noqa: E402
 from util.pss import keep_count  # noqa: E402
@@ -68,15 +69,15 @@ def measure(name: str, img: int, batch: int, amp: str, rhos: list[float], steps:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["vit_small_rel"], choices=tuple(VIT_CONFIGS))
     p.add_argument("--input_size", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=count(1), default=32)
     p.add_argument("--rho", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
     p.add_argument("--amp", nargs="+", default=["bf16", "fp32"], choices=tuple(DTYPES))
-    p.add_argument("--steps", type=int, default=5, help="timed steps per rho")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per rho first")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--steps", type=count(1), default=5, help="timed steps per rho")
+    p.add_argument("--warmup", type=count(0), default=1, help="untimed steps per rho first")
+    p.add_argument("--threads", type=count(0), default=0)
     p.add_argument("--cpu_memory", default="tuned", choices=CPU_MEMORY_MODES,
                    help="allocator setting, as in training (util.misc.tune_cpu_memory)")
     a = p.parse_args(argv)
