@@ -35,7 +35,7 @@ from sarwmix.datasets import build_dataset
 from sarwmix.errors import ConfigError
 from tasks import TASKS, get_task, task_for_dataset
 from util import runner
-from util.checkpoint import checkpoint_args, model_state
+from util.checkpoint import checkpoint_args, model_state, sha256_digest
 from util.config import RunConfig, parse_with_config, run_cli
 from util.lr_decay import param_groups
 from util.pretrained import checkpoint_epoch, load_pretrained, load_pretrained_file, read_pretrained
@@ -51,7 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("finetuning")
     g.add_argument("--task", default=None, choices=tuple(TASKS), help="default: from --dataset")
     g.add_argument("--finetune", default="", help="pretraining checkpoint to start from (ours or released)")
-    g.add_argument("--checkpoint_sha256", default=None, help="expected SHA-256 of the checkpoint loaded")
+    g.add_argument("--checkpoint_sha256", default=None, type=sha256_digest,
+                   help="expected SHA-256 of the checkpoint loaded (64 hex digits)")
     g.add_argument("--eval", action="store_true", help="only evaluate the finetuned checkpoint --resume PATH")
     g.add_argument("--dist_eval", action=argparse.BooleanOptionalAction, default=True,
                    help="shard evaluation over processes (off: every process scores the whole split)")
