@@ -35,10 +35,10 @@ from sarwmix.datasets import build_dataset
 from sarwmix.errors import ConfigError
 from tasks import TASKS, get_task, task_for_dataset
 from util import runner
-from util.checkpoint import checkpoint_args, model_state, sha256_digest
+from util.checkpoint import checkpoint_args, sha256_digest
 from util.config import RunConfig, parse_with_config, run_cli
 from util.lr_decay import param_groups
-from util.pretrained import checkpoint_epoch, load_pretrained, load_pretrained_file, read_pretrained
+from util.pretrained import checkpoint_epoch, load_pretrained_file, read_pretrained
 from util.pss import PSS_KINDS, PatchSchedule, keep_count
 from util.subsets import SubsetView, fraction_indices
 
@@ -350,13 +350,13 @@ def main(args: argparse.Namespace) -> dict:
     splits = build_splits(args, run.info.world_size)
     model = build_model(args, splits["train"].num_classes).to(run.device)
     if args.eval:
-        resized = load_pretrained(model, model_state(ckpt, chosen), chosen, keep_head=True)["resized"]
+        resized = backbones.load_weights(model, ckpt, chosen, args.model, keep_head=True)["resized"]
         if resized:  # legitimate, but the numbers are then those of another model than the one trained
             log.warning("--eval: %s was trained at another input size or window; resized to this run's: %s",
                         chosen, ", ".join(resized[:4]) + (" ..." if len(resized) > 4 else ""))
     else:
         if init is not None:
-            load_pretrained(model, model_state(init, args.finetune), args.finetune)
+            backbones.load_weights(model, init, args.finetune, args.model)
         chosen = train(args, run, model, splits)
         ckpt, _ = load_pretrained_file(model, chosen, keep_head=True, channels=tuple(args.channels))
     vit = {"pss": args.pss, "eval_rho": args.eval_rho} if is_vit(args.model) else {}
