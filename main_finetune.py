@@ -221,22 +221,26 @@ def optimizer_groups(args: Config, model) -> list[dict]:
 
 
 def provenance(args: Config, init: dict | None, evaluated: dict) -> dict:
-    """``finetune``, ``pretrain_epoch`` and ``train_fraction`` behind the reported model.
+    """``finetune``, ``pretrain_epoch``, ``train_fraction`` and ``freeze_encoder`` (the protocol: linear
+    probe or finetuning) behind the reported model.
 
     After training they come from this run (the epoch from the --finetune file). With --eval they come
-    from the evaluated checkpoint's stored args when this command line does not give them.
+    from the evaluated checkpoint's stored args when this command line does not give them (the protocol
+    always: an evaluation trains nothing; None when the checkpoint does not record it).
     """
     if init is not None:
         return {"finetune": args.finetune, "pretrain_epoch": checkpoint_epoch(args.finetune, init),
-                "train_fraction": args.train_fraction}
+                "train_fraction": args.train_fraction, "freeze_encoder": bool(args.freeze_encoder)}
     stored = checkpoint_args(evaluated if args.eval else {})
     source = args.finetune or stored.finetune
     epoch = checkpoint_epoch(source, {}) if source else None
     if not args.finetune and stored.pretrain_epoch is not None:  # recorded by the training run
         epoch = stored.pretrain_epoch
     fraction = stored.train_fraction
+    frozen = stored.get("freeze_encoder") if args.eval else args.freeze_encoder
     return {"finetune": source, "pretrain_epoch": epoch,
-            "train_fraction": float(args.train_fraction if fraction is None else fraction)}
+            "train_fraction": float(args.train_fraction if fraction is None else fraction),
+            "freeze_encoder": frozen if isinstance(frozen, bool) else None}
 
 
 def adopt_holdout(args: argparse.Namespace, evaluated: dict) -> None:

@@ -61,6 +61,7 @@ def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pret
     assert a["val"]["n_samples"] == 3 and a["test"]["n_samples"] == 3 and a["selection_metric"] == "mAP_macro"
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert saved["test"] == pytest.approx(a["test"]) and saved["best_epoch"] == a["best_epoch"]
+    assert saved["freeze_encoder"] is False and saved["dataset"] == "benv2"  # the protocol and the data
     # The best epoch is the first maximum of the validation metric logged per epoch.
     log = [json.loads(line) for line in (tmp_path / "a" / "log.txt").read_text().splitlines()]
     val = [r["val_mAP_macro"] for r in log]
@@ -88,6 +89,7 @@ def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pret
     assert c["best_epoch"] == a["best_epoch"]
     # Provenance read from the evaluated file's args.
     assert (c["finetune"], c["pretrain_epoch"], c["train_fraction"]) == (str(pretrained), 1, 0.4)
+    assert c["freeze_encoder"] is False
     assert not any(r.levelname == "WARNING" and "another input size" in r.message for r in caplog.records)
     caplog.set_level("INFO", logger="sarwmix")
     finetune("--eval", "--resume", str(path), "--input_size", "64", "--output_dir", str(tmp_path / "d"), *data)
@@ -241,9 +243,14 @@ def test_eval_reads_the_pretrain_epoch_the_training_run_recorded():
     args = main_finetune.parse_args(["--eval", "--resume", "x.pth"])
     stored = {"finetune": "output_dir/checkpoint.pth", "pretrain_epoch": 4, "train_fraction": 0.5}
     assert main_finetune.provenance(args, None, {"args": stored}) == {
-        "finetune": "output_dir/checkpoint.pth", "pretrain_epoch": 4, "train_fraction": 0.5}
+        "finetune": "output_dir/checkpoint.pth", "pretrain_epoch": 4, "train_fraction": 0.5, "freeze_encoder": None}
     older = {k: v for k, v in stored.items() if k != "pretrain_epoch"}  # before it was recorded: unknown
     assert main_finetune.provenance(args, None, {"args": older})["pretrain_epoch"] is None
+    # The protocol of the evaluated model is the one it was trained with, whatever this command line says.
+    probe = main_finetune.parse_args(["--eval", "--resume", "x.pth", "--freeze_encoder"])
+    for given, recorded in ((probe, False), (args, True)):
+        evaluated = {"args": {**stored, "freeze_encoder": recorded}}
+        assert main_finetune.provenance(given, None, evaluated)["freeze_encoder"] is recorded
 
 
 def test_a_flood_less_sen12_validation_split_is_warned(tmp_path, caplog):
