@@ -26,9 +26,16 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
+
+try:  # the project's first import of timm (and so of torchvision), whichever entry point runs
+    import timm
+except (ImportError, RuntimeError, AttributeError) as err:
+    from util.versions import exit_on_vision_mismatch
+
+    exit_on_vision_mismatch(err)  # a torchvision built for another torch: one line naming both, then exit
+    raise
 
 from models_mixmim import ENCODER_CONFIGS, SWIN_WINDOWS, SwinEncoder, build_mixmim, check_input_size, encoder_kwargs
 from models_mixmim import valid_input_sizes as swin_valid_sizes

@@ -30,6 +30,7 @@ from typing import Any
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from sarwmix.cli import count
 from sarwmix.errors import ConfigError, DataError, SarwmixError
@@ -318,6 +319,15 @@ def summarise(frame: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
     grouped = frame.groupby(by, dropna=False, sort=True)[value]
     table = grouped.agg(["mean", "std", "count"]).reset_index()
     return table.rename(columns={"count": "n"})
+
+
+def integer_epoch_axis(ax) -> None:
+    """Whole-number ticks on the x axis of ``ax`` (epochs), also when it holds a single epoch.
+
+    ``MaxNLocator(integer=True)`` alone falls back to fractional ticks (0.945, 0.960, ...) when fewer than
+    two whole numbers lie in view, as around the one point of a one-epoch run.
+    """
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def output_parser() -> argparse.ArgumentParser:

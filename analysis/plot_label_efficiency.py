@@ -31,6 +31,7 @@ from analysis.logs import (
     PRETRAINED,
     RANDOM_INIT,
     data_title,
+    integer_epoch_axis,
     metric_column,
     output_parser,
     read_results,
@@ -175,6 +176,7 @@ def draw_probe_curves(curves: pd.DataFrame, metric: str = "mAP_macro") -> Figure
             else:
                 ax.plot(rows["epoch"], rows[column], marker="o", markersize=3, color=f"C{index % 10}", label=arm)
         ax.set(title=f"{STUDY_PROTOCOLS[probe]} during pretraining", xlabel="pretraining epoch")
+        integer_epoch_axis(ax)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(f"probe {metric}")
     axes[1].legend(fontsize="small")

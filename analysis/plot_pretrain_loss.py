@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 if __package__ in (None, ""):
     # Run as `python analysis/plot_pretrain_loss.py`: make the repository root importable.
@@ -28,6 +27,7 @@ from analysis.logs import (
     EPOCH_LOG,
     STEP_LOG,
     RunLogs,
+    integer_epoch_axis,
     output_parser,
     read_run,
     require_columns,
@@ -105,7 +105,7 @@ def draw_probe(ax, probes: pd.DataFrame, labels: list[str]) -> None:
                 ax.plot(rows["epoch"], rows[column], style, color=f"C{index % 10}", marker="o",
                         label=f"{label} {column.split('_')[1]}")
     ax.set(xlabel="epoch", ylabel="probe mAP macro (held-out part)", title="Frozen-encoder probes")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_epoch_axis(ax)
     ax.grid(True, alpha=0.3)
     if ax.has_data():
         ax.legend(fontsize="small")
@@ -130,7 +130,7 @@ def draw(epochs: pd.DataFrame, steps: pd.DataFrame, labels: list[str], logy: boo
             ax_step.plot(rows["iter"], rows["loss"], color=color, alpha=0.25, linewidth=0.8)
             ax_step.plot(rows["iter"], rows["loss_smooth"], color=color, label=f"{label} (smoothed)")
     ax_epoch.set(xlabel="epoch", ylabel="training loss (mean over epoch)", title="Loss per epoch")
-    ax_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_epoch_axis(ax_epoch)
     ax_step.set(xlabel="iteration (global step)", ylabel="training loss", title="Loss per iteration")
     if steps.empty:
         ax_step.text(0.5, 0.5, f"no {STEP_LOG} found", ha="center", va="center", transform=ax_step.transAxes)

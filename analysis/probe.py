@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "probe.json").write_text(json.dumps({**meta, "rows": table.to_dict("records")}, indent=1) + "\n")
     print(table.pivot_table(index="checkpoint", columns=["protocol", "metric"], values="value", sort=False)
           .round(4).to_string())
+    for name in ("probe.csv", "probe.json"):  # as the other analysis scripts say where their files are
+        print(f"wrote {args.out / name}")
     return 0
 
 

@@ -177,6 +177,19 @@ def test_pretrain_loss_per_epoch_and_smoothed_per_step(tmp_path):
     assert steps["loss_smooth"].iloc[4] == pytest.approx(np.mean(long_run["step_loss"][:5]))
 
 
+def test_a_one_epoch_run_gets_whole_epoch_ticks(tmp_path):
+    """The smoke study pretrains for one epoch: its loss figure's epoch axis must not read 0.945, 0.960, ..."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    write_pretrain_run(tmp_path / "run", n_epochs=1, iters=4, seed=4)
+    figure, _, _ = plot_pretrain_loss.plot_pretrain_loss([tmp_path / "run"])
+    FigureCanvasAgg(figure).draw()
+    ax = figure.axes[0]
+    low, high = ax.get_xlim()
+    shown = [tick for tick in ax.get_xticks() if low <= tick <= high]
+    assert shown == [1.0]
+
+
 def test_pretrain_loss_epoch_curve_from_steps_without_log_txt(tmp_path):
     written = write_pretrain_run(tmp_path / "run", n_epochs=3, iters=8, seed=3)
     (tmp_path / "run" / "log.txt").unlink()

@@ -95,7 +95,7 @@ def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pret
     finetune("--eval", "--resume", str(path), "--input_size", "64", "--output_dir", str(tmp_path / "d"), *data)
     assert any(r.levelname == "WARNING" and "another input size" in r.message for r in caplog.records)
     [outputs] = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"outputs in {tmp_path / 'd'}")]
-    assert outputs.endswith(": config.yaml, results.json, TensorBoard events")  # --eval: no checkpoint
+    assert outputs.endswith(": config.yaml, results.json")  # --eval: no checkpoint, no scalar logged
 
 
 def test_sen12_finetune_from_a_released_format_checkpoint(pretrained, tmp_path):
@@ -163,6 +163,20 @@ def test_released_name_with_wrong_content_is_refused_with_both_hashes(tmp_path):
     with pytest.raises(CheckpointError) as err:
         finetune(*ben_args(fake, tmp_path / "out"))
     assert known_hashes()[name] in str(err.value) and sha256_of(fake) in str(err.value)
+
+
+def test_a_run_that_fails_at_start_leaves_no_output_folder(tmp_path, capsys):
+    """No folder holding only a TensorBoard events file: the writer is made with the first scalar."""
+    out = tmp_path / "out"
+    argv = [*FAST, "--finetune", str(tmp_path / "missing.pth"), "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main_finetune.main, lambda: main_finetune.parse_args(argv))
+    assert exit_info.value.code == 2 and "checkpoint not found" in capsys.readouterr().err
+    assert not out.exists()
+    argv = [*FAST, "--dataset", "benv1", "--data_path", str(tmp_path / "no_data"), "--output_dir", str(out)]
+    with pytest.raises(SystemExit):  # fails after the configuration is settled: config.yaml only
+        run_cli(main_pretrain.main, lambda: main_pretrain.parse_args(argv))
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
 def test_cli_refuses_a_truncated_checkpoint_in_one_line(pretrained, tmp_path, capsys):

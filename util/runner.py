@@ -29,6 +29,7 @@ from util.misc import (
     setup_logging,
     tune_cpu_memory,
 )
+from util.tb_writer import LazySummaryWriter
 
 log = logging.getLogger("sarwmix")
 
@@ -210,11 +211,8 @@ def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] =
     torch.manual_seed(args.seed + info.rank)
     out = Path(args.output_dir)
     run = Run(info, device, out, resolve_amp(args.amp, device))
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-
-        run.tb = SummaryWriter(log_dir=str(args.log_dir or out))
+    if info.is_main:  # the folder is made by the first file written to it (config.yaml): none for a failed start
+        run.tb = LazySummaryWriter(args.log_dir or out)  # its events file appears with the first scalar
     log.info("%s on %s x%d (%s launcher), amp=%s, %s, output %s", task, device, info.world_size,
              info.launcher, run.amp_dtype, memory, out.resolve())
     if record:
