@@ -276,7 +276,16 @@ def test_gpu_check_dry_run_lists_every_section(tmp_path):
     for flag in ("--device cuda", "--mode simmim", "--compare-eager", "--grad_ckpt", "--compile", "--max_batch",
                  "--workers", "main_pretrain.py", "main_finetune.py", "--eval"):
         assert flag in commands, flag
-    assert not list((tmp_path / "out").glob("*.log"))  # nothing ran
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+def test_gpu_check_dry_run_writes_nothing_where_it_is_started(tmp_path):
+    """Run from a folder (the repository, for a user) without OUT_DIR: no gpu_check_out/ appears there."""
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "OUT": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert f"{tmp_path}/gpu_check_out" in proc.stdout and "nothing was written" in proc.stdout
 
 
 GPU_CHECK_SECTIONS = ["install", "env", "bench_base", "bench_large", "bench_huge", "bench_simmim", "data_rate",
