@@ -10,7 +10,9 @@ the build has it), under the run's autocast dtype; the step, the optimizer and t
 training code itself. FLOPs are counted by ``torch.utils.flop_counter`` on one step (matmuls, convolutions,
 attention), so GFLOP/s (TFLOP/s on a GPU) is model work per second. The bf16 and fp32 matmul peaks are
 measured on the same device in the same run, so the result reads as a fraction of peak.
-On a CPU the paths of a setting are timed round-robin (their ratio holds on a loaded machine); on a GPU
+On a CPU the paths of a setting are timed round-robin (their ratio holds on a loaded machine): ``vs eager``
+is the median of the per-round ratios to the first path, ``rounds`` their range, and a warning follows a
+setting whose range is wider than the speed-up itself (the load changed too much to read it); on a GPU
 each path is built, timed with CUDA events after warm-up and freed in turn, so its peak memory
 (``torch.cuda.max_memory_allocated``, GiB) is its own. A setting that runs out of memory prints a row saying
 where the sweep stopped, frees the memory and the next setting runs; larger batches of that path are skipped.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -46,7 +49,8 @@ from engine_pretrain import adamw, make_pretrain_step  # noqa: E402
 from sarwmix.cli import ArgumentParser, count  # noqa: E402
 from sarwmix.constants import CHANNELS  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
-from util.misc import CPU_MEMORY_MODES, cpu_supports_bf16, time_round_robin, tune_cpu_memory  # noqa: E402
+from util.misc import CPU_MEMORY_MODES, cpu_supports_bf16, tune_cpu_memory  # noqa: E402
+from util.timing import noise_warning, round_robin_times, speedups  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 # Paths of one setting, in table order: the released code's step, the training default, and its variants.
@@ -204,7 +208,8 @@ def measure_round_robin(s: Setting, batch: int, paths: list[str], steps: int,
     """Wall-clock img/s of each path from the same weights and batch, timed round-robin (CPU).
 
     The paths are called in turn (eager step, optimised step, eager step, ...) and the median step time of
-    each is kept, so a change of load on the machine hits all alike and their ratios are meaningful.
+    each is kept, so a change of load on the machine hits all alike and their ratios are meaningful; each
+    row's ``rounds`` is its speed-up against the first path over the rounds (``util.timing.Speedup``).
     Also returns the last path's uncompiled step and its FLOPs, for ``op_breakdown``.
     """
     runs, flops, plain = {}, {}, None
@@ -214,13 +219,15 @@ def measure_round_robin(s: Setting, batch: int, paths: list[str], steps: int,
         for run in runs.values():
             run()
     before = resource.getrusage(resource.RUSAGE_SELF)  # page faults and kernel time of the timed steps
-    median = time_round_robin(runs, steps, 0)
+    times = round_robin_times(runs, steps, 0)
     after = resource.getrusage(resource.RUSAGE_SELF)
+    median = {path: statistics.median(t) for path, t in times.items()}
+    ups = speedups(times, reference=paths[0])
     n_steps = steps * len(paths)
     faults = (after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt) / n_steps
     out = [row(s, batch, path, img_s=batch / median[path], gflop_img=flops[path] / batch / 1e9,
                gflop_s=flops[path] / median[path] / 1e9, faults=faults,
-               sys_s=(after.ru_stime - before.ru_stime) / n_steps) for path in paths]
+               sys_s=(after.ru_stime - before.ru_stime) / n_steps, rounds=ups[path]) for path in paths]
     return out, plain, flops[paths[-1]]
 
 
@@ -284,7 +291,7 @@ def header(unit: str = "G") -> str:
     """The table's column names; ``unit`` G (GFLOP/s, a CPU) or T (TFLOP/s, a GPU)."""
     return (f"{'model':14s} {'mode':7s} {'batch':>5s} {'amp':5s} {'path':10s} {'img/s':>7s} {'GFLOP/img':>9s} "
             f"{unit + 'FLOP/s':>8s} {'of peak':>7s} {'vs eager':>8s} {'faults/step':>11s} {'sys s/step':>10s} "
-            f"{'mem GiB':>7s}")
+            f"{'mem GiB':>7s} {'rounds':>11s}")
 
 
 def format_row(r: dict, batch: int, amp: str, peak: float, base_img_s: float, unit: str = "G") -> str:
@@ -298,10 +305,13 @@ def format_row(r: dict, batch: int, amp: str, peak: float, base_img_s: float, un
         fit = f"largest that fit: {r['fit']}" if r.get("fit") else "nothing fit"
         return lead + f"stopped: out of memory at batch {batch} ({fit}); larger batches skipped: {r['stop']}"
     scale = 1e3 if unit == "T" else 1.0
+    rounds = r.get("rounds")  # round-robin (CPU): the median and range of the per-round ratios
+    vs_first = rounds.median if rounds is not None else r["img_s"] / base_img_s
+    spread = f"{rounds.low:.2f}-{rounds.high:.2f}" if rounds is not None else "-"
     return lead + (f"{significant(r['img_s'], 7)} {significant(r['gflop_img'], 9)} "
                    f"{significant(r['gflop_s'] / scale, 8)} {significant(r['gflop_s'] / peak, 7)} "
-                   f"{r['img_s'] / base_img_s:8.2f} {optional(r.get('faults'), 11, '.0f')} "
-                   f"{optional(r.get('sys_s'), 10, '.2f')} {optional(r.get('mem_gib'), 7, '.2f')}")
+                   f"{vs_first:8.2f} {optional(r.get('faults'), 11, '.0f')} "
+                   f"{optional(r.get('sys_s'), 10, '.2f')} {optional(r.get('mem_gib'), 7, '.2f')} {spread:>11s}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -378,6 +388,10 @@ def sweep(s: Setting, batches: list[int], paths: list[str], a: argparse.Namespac
             else:
                 fit[r["path"]] = max(batch, fit.get(r["path"], 0))
             print(format_row(r, batch, s.amp, peak, base, unit), flush=True)
+        warning = noise_warning({r["path"]: r["rounds"] for r in results if "rounds" in r},
+                                name=lambda path, at=f"batch {batch}": f"{path} ({at})")
+        if warning:
+            print(warning, flush=True)
         if a.breakdown and plain is not None:
             print("\n".join(op_breakdown(plain, flops, peak)), flush=True)
 

@@ -131,14 +131,14 @@ def test_device_cuda_without_a_gpu_is_one_clear_error(monkeypatch, capsys):
 def test_table_has_the_gpu_columns_and_a_stop_row():
     bench, _ = _bench_pretrain()
     head = bench.header("T").split()
-    assert "TFLOP/s" in head and head[-2:] == ["mem", "GiB"]
+    assert "TFLOP/s" in head and head[-3:] == ["mem", "GiB", "rounds"]
     r = {"model": "mixmim_base", "mode": "mixmim", "path": "optimised", "img_s": 3000.0, "gflop_img": 35.5,
          "gflop_s": 106_500.0, "mem_gib": 41.3}
     cols = bench.format_row(r, 256, "bf16", 900_000.0, 1500.0, unit="T").split()
     assert cols[:5] == ["mixmim_base", "mixmim", "256", "bf16", "optimised"]
     assert float(cols[7]) == pytest.approx(106.5, rel=0.01)  # TFLOP/s
     assert float(cols[8]) == pytest.approx(106_500 / 900_000, rel=0.01) and float(cols[9]) == 2.0
-    assert cols[10:13] == ["-", "-", "41.30"]  # no CPU page faults or kernel time on a GPU row
+    assert cols[10:14] == ["-", "-", "41.30", "-"]  # no CPU page faults, kernel time or rounds on a GPU row
     stop = bench.format_row({**r, "stop": "CUDA out of memory. Tried to allocate 2.00 GiB", "fit": 256},
                             512, "bf16", 900_000.0, 1500.0, unit="T")
     assert "stopped: out of memory at batch 512 (largest that fit: 256)" in stop and "Tried to allocate" in stop
