@@ -1,7 +1,7 @@
 """The pretraining study: what each pretraining arm buys downstream, by one command.
 
     python -m analysis.study --out /tmp/study                      # CPU scale, structured synthetic data
-    python -m analysis.study --scale smoke --out /tmp/study_smoke  # seconds: 2 arms, 1 epoch, 1 seed
+    python -m analysis.study --scale smoke --out /tmp/study_smoke  # 2 arms, 1 epoch, 1 seed (docs/RESULTS.md)
     python -m analysis.study --scale paper --model mixmim_base --dataset benv1 --data_path /data/BEN \\
         --launcher "torchrun --standalone --nproc_per_node 4" --out /scratch/study   # GPUs
 
