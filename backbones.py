@@ -26,9 +26,16 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
+
+try:  # the project's first import of timm (and so of torchvision), whichever entry point runs
+    import timm
+except (ImportError, RuntimeError, AttributeError) as err:
+    from util.versions import exit_on_vision_mismatch
+
+    exit_on_vision_mismatch(err)  # a torchvision built for another torch: one line naming both, then exit
+    raise
 
 from models_mixmim import ENCODER_CONFIGS, SWIN_WINDOWS, SwinEncoder, build_mixmim, check_input_size, encoder_kwargs
 from models_mixmim import valid_input_sizes as swin_valid_sizes
@@ -38,6 +45,7 @@ from models_simmim import SimMIMSwin, SimMIMTimmSwin, SimMIMViT
 from models_vit import VIT_CONFIGS, build_vit, vit_layer_id
 from sarwmix.errors import CheckpointError, ConfigError, SarwmixError
 from util.checkpoint import StoredArgs, checkpoint_args, load_checkpoint, model_state, save_atomic
+from util.pretrained import load_pretrained
 
 log = logging.getLogger("sarwmix")
 FULL_SUFFIX = "_full"
@@ -312,6 +320,76 @@ def infer_swin_name(enc: dict[str, torch.Tensor], in_chans: int, img_size: int) 
             continue
     raise CheckpointError(f"the encoder of this checkpoint matches none of {names('mixmim')} "
                           f"at in_chans={in_chans}, input_size={img_size}")
+
+
+def _blocks_per_stage(keys: list[str], pattern: str) -> tuple[int, ...]:
+    """Blocks per stage from state-dict keys: ``pattern`` captures (stage, block) or just (block,)."""
+    found: dict[int, int] = {}
+    for key in keys:
+        m = re.match(pattern, key)
+        if m:
+            stage, block = (int(m.group(1)), int(m.group(2))) if m.lastindex == 2 else (0, int(m.group(1)))
+            found[stage] = max(found.get(stage, 0), block + 1)
+    return tuple(found[s] for s in sorted(found))
+
+
+def model_of_state(state: dict[str, torch.Tensor]) -> str | None:
+    """The ``--model`` whose encoder has this state's width and depths (the project's Swins and ViTs), or None.
+
+    Read from the shapes alone: the patch embedding's output width and the number of blocks of each stage
+    (a pretraining state's ``encoder.``/decoder keys and a DDP ``module.`` prefix are looked through).
+    """
+    keys = [re.sub(r"^(module\.)?(encoder\.)?", "", k) for k in state]
+    proj = next((v for k, v in zip(keys, state.values()) if k == "patch_embed.proj.weight"), None)
+    if proj is None or proj.ndim not in (2, 4):
+        return None
+    # Swin: a 4x4 convolution (out, in, 4, 4); the ViT: a Linear over 16x16 patches (out, in * 256)
+    width, patch = proj.shape[0], (proj.shape[-1] if proj.ndim == 4 else 16)
+    swin_depths = _blocks_per_stage(keys, r"^layers\.(\d+)\.blocks\.(\d+)\.")
+    for name, cfg in ENCODER_CONFIGS.items():
+        if patch == 4 and cfg["embed_dim"] == width and tuple(cfg["depths"]) == swin_depths:
+            return name
+    vit_depth = _blocks_per_stage(keys, r"^blocks\.(\d+)\.")
+    rel = any(".rel_pos." in k for k in keys)
+    for name, cfg in VIT_CONFIGS.items():
+        if (patch == 16 and cfg["embed_dim"] == width and (cfg["depth"],) == vit_depth
+                and cfg.get("rel_pos", False) == rel):
+            return name
+    return None
+
+
+def checkpoint_model(ckpt: dict) -> tuple[str, str] | None:
+    """(``--model`` name, how it is known) of a checkpoint: its stored args when they name a backbone of the
+    table, else its tensors' shapes (``model_of_state``); None when neither tells."""
+    stored = checkpoint_args(ckpt).model
+    if stored in BACKBONES:
+        return stored, "its stored arguments"
+    try:
+        inferred = model_of_state(model_state(ckpt))
+    except CheckpointError:
+        return None
+    return (inferred, "the shapes of its tensors") if inferred else None
+
+
+def load_weights(model: nn.Module, ckpt: dict, path: str | Path, name: str, *, keep_head: bool = False) -> dict:
+    """``util.pretrained.load_pretrained`` of a checkpoint's model state into ``model`` (the backbone ``name``);
+    a checkpoint that does not fit and holds another backbone gets the flag to pass.
+
+    Returns:
+        the load report of ``load_pretrained``.
+    Raises:
+        CheckpointError: the state does not fit; ends with ``wrong --model NAME? ... pass --model OTHER`` when
+        the checkpoint's own model is known and differs.
+    """
+    try:
+        return load_pretrained(model, model_state(ckpt, path), path, keep_head=keep_head)
+    except CheckpointError as err:
+        theirs = checkpoint_model(ckpt)
+        if theirs is None or theirs[0] == name:
+            raise
+        detail = str(err).removeprefix(f"{path}: ")
+        raise CheckpointError(f"{path}: a {theirs[0]} checkpoint (by {theirs[1]}), but --model {name}: wrong --model? "
+                              f"pass --model {theirs[0]} (loading it into {name}: {detail})") from None
 
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> list[Path]:

@@ -30,14 +30,15 @@ import engine_finetune as E
 from engine import Trainer, TrainSettings
 from models_mixmim import SWIN_WINDOWS, check_input_size
 from models_sen12_ft import PATCH_OPS
+from sarwmix.cli import ArgumentParser, count
 from sarwmix.datasets import build_dataset
 from sarwmix.errors import ConfigError
 from tasks import TASKS, get_task, task_for_dataset
 from util import runner
-from util.checkpoint import checkpoint_args, model_state
+from util.checkpoint import checkpoint_args, sha256_digest
 from util.config import RunConfig, parse_with_config, run_cli
 from util.lr_decay import param_groups
-from util.pretrained import checkpoint_epoch, load_pretrained, load_pretrained_file, read_pretrained
+from util.pretrained import checkpoint_epoch, load_pretrained_file, read_pretrained
 from util.pss import PSS_KINDS, PatchSchedule, keep_count
 from util.subsets import SubsetView, fraction_indices
 
@@ -46,16 +47,16 @@ Config = argparse.Namespace | RunConfig  # parsed flags while they settle, the f
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("SAR-W-MixMAE finetuning", parents=[runner.common_parser()],
-                                     allow_abbrev=False)
+    parser = ArgumentParser("SAR-W-MixMAE finetuning", parents=[runner.common_parser()], allow_abbrev=False)
     g = parser.add_argument_group("finetuning")
     g.add_argument("--task", default=None, choices=tuple(TASKS), help="default: from --dataset")
     g.add_argument("--finetune", default="", help="pretraining checkpoint to start from (ours or released)")
-    g.add_argument("--checkpoint_sha256", default=None, help="expected SHA-256 of the checkpoint loaded")
+    g.add_argument("--checkpoint_sha256", default=None, type=sha256_digest,
+                   help="expected SHA-256 of the checkpoint loaded (64 hex digits)")
     g.add_argument("--eval", action="store_true", help="only evaluate the finetuned checkpoint --resume PATH")
     g.add_argument("--dist_eval", action=argparse.BooleanOptionalAction, default=True,
                    help="shard evaluation over processes (off: every process scores the whole split)")
-    g.add_argument("--nb_classes", type=int, default=None, help="head outputs (default: from the data set)")
+    g.add_argument("--nb_classes", type=count(1), default=None, help="head outputs (default: from the data set)")
     g.add_argument("--label_set", type=int, default=19, choices=(19, 43), help="BigEarthNet nomenclature")
     g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
     g.add_argument("--layer_decay", type=float, default=0.7, help="layer-wise lr decay (1.0: off)")
@@ -68,14 +69,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--tile_size", type=int, default=128, help="SEN12-FLOOD: encoder input side (tile)")
     g.add_argument("--val_fraction", type=float, default=0.1,
                    help="SEN12-FLOOD: share of training sequences held out for validation")
-    g.add_argument("--num_eval_samples", type=int, default=None,
+    g.add_argument("--num_eval_samples", type=count(1), default=None,
                    help="synthetic only: samples in each of val and test")
     g = parser.add_argument_group("patch sampling schedule (ViT backbones, BigEarthNet)")
     g.add_argument("--pss", default="none", choices=PSS_KINDS,
                    help="kept-token fraction rho per update: none (rho = 1), linear or cyclic")
     g.add_argument("--pss_min", type=float, default=0.2, help="lowest rho of the schedule")
     g.add_argument("--pss_max", type=float, default=1.0, help="highest rho of the schedule")
-    g.add_argument("--pss_period", type=int, default=None,
+    g.add_argument("--pss_period", type=count(1), default=None,
                    help="cyclic: updates per cycle (default: one epoch of updates)")
     g.add_argument("--eval_rho", type=float, default=1.0, help="kept-token fraction at evaluation")
     parser.set_defaults(model="mixmim_tiny", input_size=None, epochs=2, warmup_epochs=1, batch_size=16,
@@ -220,22 +221,26 @@ def optimizer_groups(args: Config, model) -> list[dict]:
 
 
 def provenance(args: Config, init: dict | None, evaluated: dict) -> dict:
-    """``finetune``, ``pretrain_epoch`` and ``train_fraction`` behind the reported model.
+    """``finetune``, ``pretrain_epoch``, ``train_fraction`` and ``freeze_encoder`` (the protocol: linear
+    probe or finetuning) behind the reported model.
 
     After training they come from this run (the epoch from the --finetune file). With --eval they come
-    from the evaluated checkpoint's stored args when this command line does not give them.
+    from the evaluated checkpoint's stored args when this command line does not give them (the protocol
+    always: an evaluation trains nothing; None when the checkpoint does not record it).
     """
     if init is not None:
         return {"finetune": args.finetune, "pretrain_epoch": checkpoint_epoch(args.finetune, init),
-                "train_fraction": args.train_fraction}
+                "train_fraction": args.train_fraction, "freeze_encoder": bool(args.freeze_encoder)}
     stored = checkpoint_args(evaluated if args.eval else {})
     source = args.finetune or stored.finetune
     epoch = checkpoint_epoch(source, {}) if source else None
     if not args.finetune and stored.pretrain_epoch is not None:  # recorded by the training run
         epoch = stored.pretrain_epoch
     fraction = stored.train_fraction
+    frozen = stored.get("freeze_encoder") if args.eval else args.freeze_encoder
     return {"finetune": source, "pretrain_epoch": epoch,
-            "train_fraction": float(args.train_fraction if fraction is None else fraction)}
+            "train_fraction": float(args.train_fraction if fraction is None else fraction),
+            "freeze_encoder": frozen if isinstance(frozen, bool) else None}
 
 
 def adopt_holdout(args: argparse.Namespace, evaluated: dict) -> None:
@@ -349,13 +354,13 @@ def main(args: argparse.Namespace) -> dict:
     splits = build_splits(args, run.info.world_size)
     model = build_model(args, splits["train"].num_classes).to(run.device)
     if args.eval:
-        resized = load_pretrained(model, model_state(ckpt, chosen), chosen, keep_head=True)["resized"]
+        resized = backbones.load_weights(model, ckpt, chosen, args.model, keep_head=True)["resized"]
         if resized:  # legitimate, but the numbers are then those of another model than the one trained
             log.warning("--eval: %s was trained at another input size or window; resized to this run's: %s",
                         chosen, ", ".join(resized[:4]) + (" ..." if len(resized) > 4 else ""))
     else:
         if init is not None:
-            load_pretrained(model, model_state(init, args.finetune), args.finetune)
+            backbones.load_weights(model, init, args.finetune, args.model)
         chosen = train(args, run, model, splits)
         ckpt, _ = load_pretrained_file(model, chosen, keep_head=True, channels=tuple(args.channels))
     vit = {"pss": args.pss, "eval_rho": args.eval_rho} if is_vit(args.model) else {}

@@ -16,6 +16,7 @@ import torch
 import backbones
 from engine import Trainer, TrainSettings
 from engine_pretrain import make_pretrain_step, save_reconstructions
+from sarwmix.cli import ArgumentParser, count
 from sarwmix.datasets import DATASET_NAMES
 from sarwmix.errors import ConfigError
 from sarwmix.spectra import check_settings as check_spectral
@@ -33,14 +34,13 @@ MODE_ONLY_FLAGS = {"mixmim": ("range_mask_ratio", "norm_pix_loss", "spectral_wei
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("SAR-W-MixMAE pretraining", parents=[runner.common_parser()],
-                                     allow_abbrev=False)
+    parser = ArgumentParser("SAR-W-MixMAE pretraining", parents=[runner.common_parser()], allow_abbrev=False)
     g = parser.add_argument_group("pretraining")
     g.add_argument("--mode", default="mixmim", choices=PRETRAIN_MODES, help="MixMIM mixing or SimMIM masking")
     g.add_argument("--mask_ratio", type=float, default=None,
                    help="masked fraction (default: MixMIM 0.5 as the paper, SimMIM 0.6)")
     g.add_argument("--range_mask_ratio", type=float, default=0.0, help="MixMIM: r = mask_ratio + U(0, this)")
-    g.add_argument("--mask_patch_size", type=int, default=32, help="SimMIM mask cell in pixels")
+    g.add_argument("--mask_patch_size", type=count(1), default=32, help="SimMIM mask cell in pixels")
     g.add_argument("--loss", default="l1", choices=("l1", "mse"), help="SimMIM loss on masked pixels")
     g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="MixMIM: standardise each target patch (released recipe: on)")
@@ -59,17 +59,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_norm_high", type=float, default=99.0, help="percentile norm: upper percentile")
     g.add_argument("--weight_zscore_compat", action="store_true",
                    help="reproduce the released code's defect: weights from z-scores, not raw dB")
-    g.add_argument("--stop_epoch", type=int, default=None,
+    g.add_argument("--stop_epoch", type=count(1), default=None,
                    help="stop after this many epochs of the --epochs schedule, saving checkpoint_<N>.pth")
-    g.add_argument("--vis_samples", type=int, default=4, help="samples in reconstructions.png (0: none)")
+    g.add_argument("--vis_samples", type=count(0), default=4, help="samples in reconstructions.png (0: none)")
     g = parser.add_argument_group("representation probe (k-NN and linear probe of the frozen encoder)")
-    g.add_argument("--probe_every", type=int, default=0, help="probe every N epochs and at the last (0: off)")
+    g.add_argument("--probe_every", type=count(0), default=0, help="probe every N epochs and at the last (0: off)")
     g.add_argument("--probe_dataset", default=None, choices=DATASET_NAMES,
                    help="labelled probe data (default: --dataset; synthetic: patches of another seed, "
                         "others: their validation split)")
     g.add_argument("--probe_data_path", default=None, help="root of the probe data (default: --data_path)")
-    g.add_argument("--probe_samples", type=int, default=1024, help="probe patches: 3/4 to fit, 1/4 held out")
-    g.add_argument("--probe_knn_k", type=int, default=20, help="neighbours of the cosine k-NN")
+    g.add_argument("--probe_samples", type=count(8), default=1024, help="probe patches: 3/4 to fit, 1/4 held out")
+    g.add_argument("--probe_knn_k", type=count(1), default=20, help="neighbours of the cosine k-NN")
     parser.set_defaults(model="mixmim_tiny", epochs=4, warmup_epochs=1, batch_size=32, blr=1.5e-4,
                         weight_decay=0.05, num_samples=192)
     return runner.document_defaults(parser)
@@ -90,9 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.mode == "simmim" and args.spectral_weight > 0:
         raise ConfigError(f"--spectral_weight {args.spectral_weight} with --mode simmim: the spectral target is "
                           f"MixMIM's (its decoder predicts every hidden cell); leave it at 0 for SimMIM")
-    for name, low in (("probe_every", 0), ("probe_samples", 8), ("probe_knn_k", 1)):
-        if getattr(args, name) < low:
-            raise ConfigError(f"--{name} {getattr(args, name)}: expected an integer >= {low}")
     return args
 
 

@@ -1,7 +1,7 @@
 """Finetuning model for BigEarthNet: the pretrained Swin encoder, average pooling and a Linear head.
 
 The encoder is ``models_mixmim.SwinEncoder`` used without a mixing mask (each image attends to itself
-only). Parameter names follow the released finetuned checkpoints (``shared/compat``), so
+only). Parameter names follow the released finetuned checkpoints (``tests/data/compat``), so
 ``benv1_finetune_checkpoint_best.pth`` loads into ``build_mixmim_ft("mixmim_base", num_classes=19)`` with
 ``strict=True``.
 

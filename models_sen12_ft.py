@@ -4,7 +4,7 @@ Each image of a pair (512x512 in the released setting) is cut into tiles of the 
 (16 tiles of 128). All tiles of both dates go through the one encoder in a single batch; each tile gives
 its average-pooled feature; the change signal of a tile is ``|f1 - f2|``; ``patch_op`` pools the tiles
 (``avg`` or ``max``); a Linear head gives the 2 logits (no flood, flood). The encoder is imported from
-``models_mixmim``; the state dict matches ``shared/compat/finetune_sen12flood_mixmim_base.json``.
+``models_mixmim``; the state dict matches ``tests/data/compat/finetune_sen12flood_mixmim_base.json``.
 """
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from predictor import Predictor, load_predictor
+from sarwmix.cli import ArgumentParser, count
 from sarwmix.constants import CHANNELS
 from sarwmix.errors import ConfigError, DataError
 from sarwmix.scene import UNITS, MapWriter, Scene, WindowGrid, block_mean, check_same_grid, fill_nodata
@@ -47,7 +48,7 @@ GDAL_CACHE_MB = 64
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python predict.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = ArgumentParser("python predict.py", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="main_finetune.py checkpoint (BigEarthNet, SEN12-FLOOD) or pretraining one")
     p.add_argument("--input", nargs="+", required=True, metavar="TIF",
                    help="one two-band GeoTIFF, or the VV and VH GeoTIFFs of one grid")
@@ -58,10 +59,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default: from band descriptions, then file names)")
     p.add_argument("--units", default="auto", choices=UNITS, help="backscatter units of the input (auto: detected)")
     p.add_argument("--out", required=True, help="output GeoTIFF")
-    p.add_argument("--window", type=int, default=None,
+    p.add_argument("--window", type=count(1), default=None,
                    help="window side in scene pixels (default: 120, the BigEarthNet patch, for one-image models; "
                         "the model's input size for SEN12-FLOOD)")
-    p.add_argument("--stride", type=int, default=None, help="pixels between windows (default: --window)")
+    p.add_argument("--stride", type=count(1), default=None, help="pixels between windows (default: --window)")
     p.add_argument("--max_nodata", type=float, default=0.5, help="skip windows (and blank cells) with more nodata")
     p.add_argument("--class_map", action="store_true",
                    help="also write <out>_class.tif: the most probable class, with a colour table")
@@ -70,10 +71,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="benv1, benv2 or sen12flood: statistics for a checkpoint that "
                                                  "records none (the released files)")
     p.add_argument("--checkpoint_sha256", default=None, help="expected SHA-256 of the checkpoint")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=count(1), default=32)
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"), help="auto: bf16 on a GPU")
-    p.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--num_threads", type=count(0), default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--resume", action="store_true", help="finish the interrupted run that wrote --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quicklook", action=argparse.BooleanOptionalAction, default=True, help="<out>.png beside --out")

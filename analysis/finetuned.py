@@ -17,6 +17,7 @@ import backbones
 import engine_finetune as E
 import main_finetune
 from analysis.logs import output_parser
+from sarwmix.cli import ArgumentParser
 from sarwmix.errors import ConfigError
 from util import runner
 from util.checkpoint import checkpoint_args, load_checkpoint, model_state
@@ -58,9 +59,9 @@ class Finetuned:
 
 def script_parser(description: str) -> argparse.ArgumentParser:
     """``main_finetune.py``'s parser plus the analysis output flags, ``CHECKPOINT`` and ``--split``."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False, conflict_handler="resolve",
-                                     parents=[main_finetune.get_args_parser(), output_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=description, allow_abbrev=False, conflict_handler="resolve",
+                            parents=[main_finetune.get_args_parser(), output_parser()],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("checkpoint")
     g.add_argument("checkpoint", type=Path, help="finetuned ViT checkpoint (e.g. checkpoint_best.pth)")
     g.add_argument("--split", default="val", choices=SPLITS, help="split of the data set to use")

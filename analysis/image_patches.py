@@ -33,6 +33,7 @@ if __package__ in (None, ""):
 
 from analysis.finetuned import Finetuned, load_finetuned, script_parser  # noqa: E402
 from analysis.logs import run_main  # noqa: E402
+from sarwmix.cli import count  # noqa: E402
 from sarwmix.errors import ConfigError  # noqa: E402
 from util.pss import TOKEN_SCORE, keep_count, select_tokens, token_scores  # noqa: E402
 
@@ -43,7 +44,7 @@ def get_parser():
     p = script_parser(__doc__)
     g = p.add_argument_group("patches")
     g.add_argument("--rho", type=float, default=0.5, help="kept fraction of the patch tokens")
-    g.add_argument("--n", type=int, default=4, help="number of samples (the first n of the split)")
+    g.add_argument("--n", type=count(1), default=4, help="number of samples (the first n of the split)")
     p.set_defaults(name="image_patches")
     return p
 
@@ -97,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         a = ft.args
         if not 0.0 < a.rho <= 1.0:
             raise ConfigError(f"--rho {a.rho}: expected 0 < rho <= 1")
-        if a.n < 1:
-            raise ConfigError(f"--n {a.n}: expected a positive number of samples")
         indices = list(range(min(a.n, len(ft.dataset))))
         samples = kept_patches(ft, indices, a.rho)
         m = ft.model

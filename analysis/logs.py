@@ -7,9 +7,11 @@ The formats, as written by ``main_pretrain.py`` / ``main_finetune.py`` into a ru
 - ``train_log.json``: JSON lines, one per iteration: ``epoch``, ``iter`` (global), ``loss``, ``lr``,
   ``grad_norm``, ``time_s`` (seconds since the run started).
 - ``config.yaml``: the resolved configuration, a flat mapping of flag name to value.
-- ``results.json`` (finetune): ``task``, ``model``, ``finetune`` (pretraining checkpoint or null),
-  ``pretrain_epoch`` (completed epochs in that checkpoint or null), ``train_fraction``, ``best_epoch``,
-  ``selection_metric``, ``val`` and ``test`` (metric name -> value).
+- ``results.json`` (finetune): ``task``, ``model``, ``dataset``, ``finetune`` (pretraining checkpoint or
+  null), ``pretrain_epoch`` (completed epochs in that checkpoint or null), ``train_fraction``,
+  ``freeze_encoder`` (the protocol: true for a linear probe of the frozen encoder, false for finetuning of
+  every layer, null when unknown), ``best_epoch``, ``selection_metric``, ``val`` and ``test`` (metric name ->
+  value). A file written before ``freeze_encoder`` was recorded takes it from the ``config.yaml`` beside it.
 
 Unknown keys are kept (readers never reject a newer log for having more fields).
 """
@@ -28,7 +30,9 @@ from typing import Any
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
+from sarwmix.cli import count
 from sarwmix.errors import ConfigError, DataError, SarwmixError
 
 EPOCH_LOG = "log.txt"
@@ -40,6 +44,14 @@ RANDOM_INIT = "random init"
 PRETRAINED = "pretrained"
 # The model of a results.json without a "model" key: a real name, so that it groups and matches like one.
 UNKNOWN_MODEL = "unknown model"
+# The protocol of a results.json (its freeze_encoder): runs of different protocols are never averaged together.
+LINEAR_PROBE = "linear probe"
+FINETUNE = "finetune"
+UNKNOWN_PROTOCOL = "protocol unknown"
+# Data set names (--dataset) as figure titles name them.
+DATASET_TITLES = {"synthetic": "synthetic data", "benv1": "BigEarthNet v1", "benv1_zarr": "BigEarthNet v1",
+                  "benv2": "BigEarthNet v2", "benv2_lmdb": "BigEarthNet v2", "packed": "packed data",
+                  "sen12flood": "SEN12-FLOOD"}
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -189,6 +201,16 @@ def _metrics(value: Any, key: str, path: Path) -> dict[str, float]:
     return out
 
 
+def _protocol(result: dict[str, Any], path: Path) -> str:
+    """LINEAR_PROBE or FINETUNE from ``freeze_encoder`` (results.json, else the config.yaml beside it)."""
+    frozen = result.get("freeze_encoder")
+    if frozen is None and "freeze_encoder" not in result:
+        frozen = read_config(path.parent / CONFIG_FILE).get("freeze_encoder")
+    if not isinstance(frozen, bool):
+        return UNKNOWN_PROTOCOL
+    return LINEAR_PROBE if frozen else FINETUNE
+
+
 def _result_row(path: Path) -> dict[str, Any]:
     """One validated, flattened ``results.json``."""
     try:
@@ -206,6 +228,7 @@ def _result_row(path: Path) -> dict[str, Any]:
     if epoch is not None and (not isinstance(epoch, int) or epoch < 0):
         raise DataError(f"{path}: pretrain_epoch must be a non-negative integer or null, got {epoch!r}")
     row = {"path": str(path), "task": result["task"], "model": result.get("model") or UNKNOWN_MODEL,
+           "dataset": result.get("dataset"), "protocol": _protocol(result, path),
            "finetune": result["finetune"], "pretrain_epoch": epoch, "train_fraction": float(fraction),
            "best_epoch": result.get("best_epoch"), "selection_metric": result.get("selection_metric"),
            "evaluated_checkpoint": result.get("evaluated_checkpoint"),
@@ -223,6 +246,7 @@ def read_results(patterns: str | Iterable[str]) -> pd.DataFrame:
 
     Returns:
         One row per file, sorted by path: ``path, task, model`` (UNKNOWN_MODEL where the file has none),
+        ``dataset`` (None where absent), ``protocol`` (LINEAR_PROBE, FINETUNE or UNKNOWN_PROTOCOL),
         ``finetune, pretrain_epoch`` (nullable int),
         ``train_fraction, best_epoch, selection_metric, evaluated_checkpoint`` (None where absent),
         ``init`` (``"pretrained"`` or ``"random init"``), and
@@ -247,6 +271,19 @@ def task_title(name: str) -> str:
     """The title of a task in figures (the name itself for a task this code does not know)."""
     tasks = _task_table()
     return tasks[name].title if name in tasks else name
+
+
+def data_title(frame: pd.DataFrame) -> str:
+    """What a figure of these results is about: the data sets named by their ``dataset`` and the task, e.g.
+    ``"synthetic data (BigEarthNet task)"``; the task's title alone where the files do not name their data."""
+    task = task_title(frame["task"].iloc[0])
+    known = [d for d in dict.fromkeys(frame["dataset"]) if isinstance(d, str)] if "dataset" in frame else []
+    if not known:
+        return task
+    names = list(dict.fromkeys(DATASET_TITLES.get(d, d) for d in known))
+    if all(name.startswith(task) for name in names):  # "BigEarthNet v1", "SEN12-FLOOD": the task is said
+        return " + ".join(names)
+    return f"{' + '.join(names)} ({task} task)"
 
 
 def metric_column(frame: pd.DataFrame, metric: str | None, split: str) -> str:
@@ -284,13 +321,22 @@ def summarise(frame: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
     return table.rename(columns={"count": "n"})
 
 
+def integer_epoch_axis(ax) -> None:
+    """Whole-number ticks on the x axis of ``ax`` (epochs), also when it holds a single epoch.
+
+    ``MaxNLocator(integer=True)`` alone falls back to fractional ticks (0.945, 0.960, ...) when fewer than
+    two whole numbers lie in view, as around the one point of a one-epoch run.
+    """
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
 def output_parser() -> argparse.ArgumentParser:
     """Parent parser with the output flags shared by every script."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--out", type=Path, default=Path("analysis_out"),
                         help="folder for the PNG and CSV files (created if needed)")
     parser.add_argument("--name", default=None, help="file name stem of the outputs (default: per script)")
-    parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG")
+    parser.add_argument("--dpi", type=count(1), default=150, help="resolution of the PNG")
     parser.add_argument("--title", default=None, help="extra title above the figure")
     return parser
 

@@ -10,8 +10,9 @@ standard deviation). Only seeds are averaged: a ``results.json`` that re-scores 
 (an ``--eval`` run, same ``evaluated_checkpoint``) is counted once, and runs whose ``config.yaml`` (beside
 ``results.json``) differ in a hyper-parameter are separate series, named by the differing values. Runs from
 random initialisation (``finetune: null``) are drawn as a dashed horizontal reference. Writes
-``epoch_sweep.png`` and ``epoch_sweep.csv`` (``metric, split, model, train_fraction, hparams, init,
-pretrain_epoch, mean, std, n``).
+``epoch_sweep.png`` and ``epoch_sweep.csv`` (``metric, split, model, protocol, train_fraction, hparams,
+init, pretrain_epoch, mean, std, n``). Linear probes and finetuning runs (``freeze_encoder``) are separate
+series; the title names the data the runs were scored on.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ if __package__ in (None, ""):
 from analysis.logs import (
     PRETRAINED,
     RANDOM_INIT,
+    data_title,
     metric_column,
     output_parser,
     read_config,
@@ -37,13 +39,13 @@ from analysis.logs import (
     run_main,
     select_task,
     summarise,
-    task_title,
     write_outputs,
 )
+from sarwmix.cli import ArgumentParser  # noqa: E402
 from sarwmix.errors import DataError
 
-GROUP = ["model", "train_fraction", "hparams", "init", "pretrain_epoch"]
-SERIES = ["model", "train_fraction", "hparams"]
+GROUP = ["model", "protocol", "train_fraction", "hparams", "init", "pretrain_epoch"]
+SERIES = ["model", "protocol", "train_fraction", "hparams"]
 # config.yaml keys that say where or how a run ran (or are grouped already), not what it learned: runs that
 # differ only in these are seeds of one point. The seed itself, the output folders, the pretraining
 # checkpoint (its epoch is the x axis), the data location, threads, devices, logging and resuming.
@@ -51,7 +53,7 @@ NOT_HYPERPARAMETERS = frozenset({
     "seed", "output_dir", "log_dir", "resume", "finetune", "checkpoint_sha256", "config", "override",
     "data_path", "split_file", "device", "dist_url", "dist_on_itp", "dist_eval", "num_workers", "pin_mem",
     "num_threads", "cpu_memory", "progress", "compile", "grad_ckpt", "save_freq", "start_epoch", "amp",
-    "model", "train_fraction", "task"})
+    "model", "train_fraction", "task", "freeze_encoder"})  # the protocol is a series of its own
 
 
 def epoch_ticks(max_epoch: int) -> list[int]:
@@ -120,9 +122,11 @@ def sweep_table(frame: pd.DataFrame, metrics: list[str | None], split: str) -> p
     return pd.concat(parts, ignore_index=True)
 
 
-def _series_label(model: str, fraction: float, hparams: str, frame: pd.DataFrame) -> str:
+def _series_label(model: str, protocol: str, fraction: float, hparams: str, frame: pd.DataFrame) -> str:
     """Name a line only by what varies between lines."""
     parts = [str(model)] if frame["model"].nunique() > 1 else []
+    if frame["protocol"].nunique() > 1:
+        parts.append(protocol)
     if frame["train_fraction"].nunique() > 1:
         parts.append(f"{fraction * 100:g}% labels")
     if hparams:
@@ -133,11 +137,11 @@ def _series_label(model: str, fraction: float, hparams: str, frame: pd.DataFrame
 def _draw_metric(ax, table: pd.DataFrame, metric: str, split: str) -> None:
     """One panel: a line per (model, fraction, hyper-parameters) over epochs, random init as a dashed level."""
     series = table.drop_duplicates(SERIES)[SERIES]
-    for index, (model, fraction, hparams) in enumerate(series.itertuples(index=False)):
+    for index, (model, protocol, fraction, hparams) in enumerate(series.itertuples(index=False)):
         color = f"C{index % 10}"
-        rows = table[(table["model"] == model) & (table["train_fraction"] == fraction)
+        rows = table[(table["model"] == model) & (table["protocol"] == protocol) & (table["train_fraction"] == fraction)
                      & (table["hparams"] == hparams)]
-        label = _series_label(model, fraction, hparams, table)
+        label = _series_label(model, protocol, fraction, hparams, table)
         points = rows[rows["init"] == PRETRAINED].sort_values("pretrain_epoch")
         if not points.empty:
             ax.errorbar(points["pretrain_epoch"].astype(float), points["mean"], yerr=points["std"].fillna(0),
@@ -153,15 +157,15 @@ def _draw_metric(ax, table: pd.DataFrame, metric: str, split: str) -> None:
     ax.legend(fontsize="small")
 
 
-def draw(table: pd.DataFrame, task: str) -> Figure:
-    """One panel per metric of ``table`` (from sweep_table)."""
+def draw(table: pd.DataFrame, title: str) -> Figure:
+    """One panel per metric of ``table`` (from sweep_table); ``title``: what the runs were scored on."""
     metrics = list(dict.fromkeys(table["metric"]))
     figure = Figure(figsize=(6.5 * len(metrics), 4.5), layout="constrained")
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
         rows = table[table["metric"] == metric]
         _draw_metric(ax, rows, metric, rows["split"].iloc[0])
-        ax.set_title(f"{task_title(task)}: {metric} vs pretraining length")
+        ax.set_title(f"{title}: {metric} vs pretraining length")
     return figure
 
 
@@ -172,11 +176,11 @@ def plot_epoch_sweep(patterns: list[str], metrics: list[str] | None = None, spli
     if not (frame["init"] == PRETRAINED).any():
         raise DataError(f"{' '.join(patterns)}: no results from a pretrained checkpoint with pretrain_epoch")
     table = sweep_table(frame, metrics or [None], split)
-    return draw(table, frame["task"].iloc[0]), table
+    return draw(table, data_title(frame)), table
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
     parser.add_argument("results", nargs="+", help="results.json files, globs (quote ** globs) or folders")
     parser.add_argument("--metric", nargs="+", default=None,
                         help="metric name(s), e.g. mAP_macro f1_micro (default: mAP_macro for ben, "

@@ -5,10 +5,13 @@ Usage::
     python analysis/plot_label_efficiency.py "output/label_eff/**/results.json" --out figures/
 
 Pretrained runs (``finetune`` set) and runs from random initialisation (``finetune: null``) form two lines;
-runs repeated with other seeds are averaged (error bar: sample standard deviation). If the pretrained runs
-start from checkpoints of several pretraining lengths, each length gets its own line (or keep one with
-``--pretrain_epoch``). Writes ``label_efficiency.png`` and ``label_efficiency.csv`` (``metric, split, model,
-init, pretrain_epoch, train_fraction, percent, mean, std, n``).
+runs repeated with other seeds are averaged (error bar: sample standard deviation). Runs of different
+protocols (``freeze_encoder``: a linear probe of the frozen encoder, or finetuning of every layer) are
+never averaged together: each protocol gets its own lines. If the pretrained runs start from checkpoints of
+several pretraining lengths, each length gets its own line (or keep one with ``--pretrain_epoch``). The
+title names the data the runs were scored on (``dataset`` of results.json). Writes ``label_efficiency.png``
+and ``label_efficiency.csv`` (``metric, split, model, protocol, init, pretrain_epoch, train_fraction,
+percent, mean, std, n``).
 """
 from __future__ import annotations
 
@@ -24,20 +27,24 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.logs import (
+    LINEAR_PROBE,
     PRETRAINED,
     RANDOM_INIT,
+    data_title,
+    integer_epoch_axis,
     metric_column,
     output_parser,
     read_results,
     run_main,
     select_task,
     summarise,
-    task_title,
     write_outputs,
 )
+from sarwmix.cli import ArgumentParser, count  # noqa: E402
 from sarwmix.errors import ConfigError
 
-GROUP = ["model", "init", "pretrain_epoch", "train_fraction"]
+GROUP = ["model", "protocol", "init", "pretrain_epoch", "train_fraction"]
+LINE = ["model", "protocol", "init", "pretrain_epoch"]
 # The fractions of the paper's protocol always get a tick, other fractions found in the results are added.
 STANDARD_PERCENTS = (12.5, 25.0, 50.0, 100.0)
 
@@ -64,38 +71,44 @@ def efficiency_table(frame: pd.DataFrame, metric: str | None, split: str) -> pd.
 
 
 def _series(table: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    """(label, init, rows) per line, pretrained lines first; labels name only what varies between lines."""
+    """(label, init, rows) per line (model, protocol, initialisation, pretraining epoch), pretrained lines
+    first; labels name only what varies between lines."""
     several_models = table["model"].nunique() > 1
+    several_protocols = table["protocol"].nunique() > 1
     several_epochs = table.loc[table["init"] == PRETRAINED, "pretrain_epoch"].nunique() > 1
-    keys = table[["model", "init", "pretrain_epoch"]].drop_duplicates()
+    keys = table[LINE].drop_duplicates()
     keys = pd.concat([keys[keys["init"] == PRETRAINED], keys[keys["init"] == RANDOM_INIT]])
     lines = []
-    for model, init, epoch in keys.itertuples(index=False):
+    for model, protocol, init, epoch in keys.itertuples(index=False):
         same_epoch = table["pretrain_epoch"].isna() if pd.isna(epoch) else table["pretrain_epoch"] == epoch
-        rows = table[(table["model"] == model) & (table["init"] == init) & same_epoch.fillna(False)]
+        rows = table[(table["model"] == model) & (table["protocol"] == protocol) & (table["init"] == init)
+                     & same_epoch.fillna(False)]
         label = init
         if init == PRETRAINED and several_epochs:
             label += f" ({int(epoch)}-epoch checkpoint)" if not pd.isna(epoch) else " (epoch unknown)"
+        label = f"{protocol}, {label}" if several_protocols else label
         label = f"{model}: {label}" if several_models else label
         lines.append((label, init, rows.sort_values("percent")))
     return lines
 
 
-def draw(table: pd.DataFrame, task: str) -> Figure:
-    """Metric against labelled fraction (log2 axis in percent), one line per initialisation."""
+def draw(table: pd.DataFrame, title: str) -> Figure:
+    """Metric against labelled fraction (log2 axis in percent), one line per protocol and initialisation;
+    ``title``: what the runs were scored on (``analysis.logs.data_title``)."""
     metric, split = table["metric"].iloc[0], table["split"].iloc[0]
     figure = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = figure.subplots()
     for index, (label, init, rows) in enumerate(_series(table)):
         style = "--" if init == RANDOM_INIT else "-"
+        marker = "s" if rows["protocol"].iloc[0] == LINEAR_PROBE else "o"
         ax.errorbar(rows["percent"], rows["mean"], yerr=rows["std"].fillna(0), color=f"C{index % 10}",
-                    linestyle=style, marker="o", capsize=3, label=label)
+                    linestyle=style, marker=marker, capsize=3, label=label)
     percents = sorted(set(STANDARD_PERCENTS) | set(table["percent"].round(6)))
     ax.set_xscale("log", base=2)
     ax.set_xticks(percents, [f"{p:g}%" for p in percents])
     ax.set_xlim(percents[0] / 1.3, percents[-1] * 1.3)
     ax.set(xlabel="labelled training data used (% of the training split, log2 scale)",
-           ylabel=f"{split} {metric}", title=f"{task_title(task)}: label efficiency")
+           ylabel=f"{split} {metric}", title=f"{title}: label efficiency")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return figure
@@ -163,6 +176,7 @@ def draw_probe_curves(curves: pd.DataFrame, metric: str = "mAP_macro") -> Figure
             else:
                 ax.plot(rows["epoch"], rows[column], marker="o", markersize=3, color=f"C{index % 10}", label=arm)
         ax.set(title=f"{STUDY_PROTOCOLS[probe]} during pretraining", xlabel="pretraining epoch")
+        integer_epoch_axis(ax)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(f"probe {metric}")
     axes[1].legend(fontsize="small")
@@ -175,17 +189,17 @@ def plot_label_efficiency(patterns: list[str], metric: str | None = None, split:
     """Read the results, aggregate them per training fraction and build the figure and the table."""
     frame = keep_pretrain_epoch(select_task(read_results(patterns), task), pretrain_epoch)
     table = efficiency_table(frame, metric, split)
-    return draw(table, frame["task"].iloc[0]), table
+    return draw(table, data_title(frame)), table
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
     parser.add_argument("results", nargs="+", help="results.json files, globs (quote ** globs) or folders")
     parser.add_argument("--metric", default=None,
                         help="metric name, e.g. mAP_micro (default: mAP_macro for ben, f1 for sen12flood)")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="results block to plot")
     parser.add_argument("--task", default=None, help="keep only this task (ben or sen12flood)")
-    parser.add_argument("--pretrain_epoch", type=int, default=None,
+    parser.add_argument("--pretrain_epoch", type=count(0), default=None,
                         help="keep only pretrained runs from checkpoints of this many epochs")
     return parser
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 if __package__ in (None, ""):
     # Run as `python analysis/plot_pretrain_loss.py`: make the repository root importable.
@@ -28,6 +27,7 @@ from analysis.logs import (
     EPOCH_LOG,
     STEP_LOG,
     RunLogs,
+    integer_epoch_axis,
     output_parser,
     read_run,
     require_columns,
@@ -35,6 +35,7 @@ from analysis.logs import (
     run_main,
     write_outputs,
 )
+from sarwmix.cli import ArgumentParser, count  # noqa: E402
 
 # Lines with this few points also get markers, so a one-epoch run still shows up.
 MARKER_MAX_POINTS = 30
@@ -104,7 +105,7 @@ def draw_probe(ax, probes: pd.DataFrame, labels: list[str]) -> None:
                 ax.plot(rows["epoch"], rows[column], style, color=f"C{index % 10}", marker="o",
                         label=f"{label} {column.split('_')[1]}")
     ax.set(xlabel="epoch", ylabel="probe mAP macro (held-out part)", title="Frozen-encoder probes")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_epoch_axis(ax)
     ax.grid(True, alpha=0.3)
     if ax.has_data():
         ax.legend(fontsize="small")
@@ -129,7 +130,7 @@ def draw(epochs: pd.DataFrame, steps: pd.DataFrame, labels: list[str], logy: boo
             ax_step.plot(rows["iter"], rows["loss"], color=color, alpha=0.25, linewidth=0.8)
             ax_step.plot(rows["iter"], rows["loss_smooth"], color=color, label=f"{label} (smoothed)")
     ax_epoch.set(xlabel="epoch", ylabel="training loss (mean over epoch)", title="Loss per epoch")
-    ax_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_epoch_axis(ax_epoch)
     ax_step.set(xlabel="iteration (global step)", ylabel="training loss", title="Loss per iteration")
     if steps.empty:
         ax_step.text(0.5, 0.5, f"no {STEP_LOG} found", ha="center", va="center", transform=ax_step.transAxes)
@@ -160,10 +161,10 @@ def plot_pretrain_loss(run_dirs: list[Path], labels: list[str] | None = None, sm
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (with log.txt / train_log.json)")
     parser.add_argument("--labels", nargs="+", default=None, help="legend label per run (default: folder)")
-    parser.add_argument("--smooth", type=int, default=0,
+    parser.add_argument("--smooth", type=count(0), default=0,
                         help="moving-average window in iterations of the per-step curve (0: 1/50 of the run)")
     parser.add_argument("--logy", action="store_true", help="logarithmic loss axis")
     return parser

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 if __package__ in (None, ""):
     # Run as `python analysis/plot_time.py`: make the repository root importable.
@@ -30,6 +29,7 @@ from analysis.logs import (
     EPOCH_LOG,
     STEP_LOG,
     RunLogs,
+    integer_epoch_axis,
     output_parser,
     read_run,
     require_columns,
@@ -37,6 +37,7 @@ from analysis.logs import (
     run_main,
     write_outputs,
 )
+from sarwmix.cli import ArgumentParser  # noqa: E402
 from sarwmix.errors import DataError
 
 # (upper limit in seconds, divisor, unit): the first row whose limit exceeds the largest value is used.
@@ -107,7 +108,7 @@ def draw(per_epoch: pd.DataFrame, totals: pd.DataFrame) -> Figure:
                       label=label)
     ax_epoch.set(xlabel="epoch", ylabel=f"time per epoch ({unit})", title="Time per epoch")
     ax_epoch.set_ylim(bottom=0)
-    ax_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_epoch_axis(ax_epoch)
     ax_epoch.grid(True, alpha=0.3)
     ax_epoch.legend(fontsize="small")
     divisor, unit = pick_unit(float(totals["total_s"].max()))
@@ -136,7 +137,7 @@ def plot_time(run_dirs: list[Path], labels: list[str] | None = None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], parents=[output_parser()])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (with log.txt / train_log.json)")
     parser.add_argument("--labels", nargs="+", default=None, help="label per run (default: folder name)")
     return parser

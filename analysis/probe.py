@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 import backbones
+from sarwmix.cli import ArgumentParser, count
 from sarwmix.constants import CHANNELS
 from sarwmix.datasets import DATASET_NAMES
 from sarwmix.errors import SarwmixError
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="*", type=Path, help="checkpoints or exported backbones")
     p.add_argument("--random_init", nargs="+", default=None, metavar="MODEL", help="also probe untrained encoders")
     p.add_argument("--handcrafted", action="store_true", help="also probe per-channel dB statistics + histograms")
@@ -135,14 +136,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", nargs="+", default=None, help="default: the checkpoint's; else VH VV")
     p.add_argument("--dataset", default="synthetic", choices=DATASET_NAMES)
     p.add_argument("--data_path", default=None)
-    p.add_argument("--samples", type=int, default=1024, help="probe patches: 3/4 to fit, 1/4 held out")
-    p.add_argument("--knn_k", type=int, default=20)
+    p.add_argument("--samples", type=count(8), default=1024, help="probe patches: 3/4 to fit, 1/4 held out")
+    p.add_argument("--knn_k", type=count(1), default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--solver", default="sklearn", choices=("sklearn", "torch"),
                    help="linear probe: one scikit-learn fit per class, or one L-BFGS solve of the same problem "
                         "on --device (what the pretraining monitor uses)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--batch_size", type=count(1), default=64)
+    p.add_argument("--num_workers", type=count(0), default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("figures"), help="output folder")
     return p
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "probe.json").write_text(json.dumps({**meta, "rows": table.to_dict("records")}, indent=1) + "\n")
     print(table.pivot_table(index="checkpoint", columns=["protocol", "metric"], values="value", sort=False)
           .round(4).to_string())
+    for name in ("probe.csv", "probe.json"):  # as the other analysis scripts say where their files are
+        print(f"wrote {args.out / name}")
     return 0
 
 

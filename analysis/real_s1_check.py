@@ -4,7 +4,7 @@ Usage::
 
     python -m analysis.real_s1_check out/mixmim/checkpoint.pth out/simmim/checkpoint.pth --out figures/real_s1
 
-Reads the real patches in place (``--data``, default ``../shared/data/real_s1`` next to the repository): every
+Reads the real patches in place (``--data``, default ``$SARWMIX_REAL_S1``; they are not part of the repository): every
 BigEarthNet v2 patch folder (``*_VH.tif``, ``*_VV.tif``, 120x120) and every SSL4EO-S12 acquisition
 (``VH.tif``, ``VV.tif``, any size, cut into non-overlapping 120x120 crops). Each patch is resized to the
 checkpoint's input size and normalised with its statistics, exactly as in pretraining (no flips).
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import pandas as pd
 import torch
 
 import main_pretrain
+from sarwmix.cli import ArgumentParser
 from sarwmix.constants import CHANNELS
 from sarwmix.errors import CheckpointError, DataError
 from sarwmix.geotiff import read_band
@@ -44,8 +46,7 @@ from util.augment import normalize
 from util.checkpoint import check_keys, check_shapes, checkpoint_args, load_checkpoint, model_state
 
 log = logging.getLogger("sarwmix")
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "real_s1"
+DATA_ENV = "SARWMIX_REAL_S1"  # the folder of the real samples, where --data is not given
 CROP = 120
 PREDICTORS: tuple[str, ...] = ("model", "random_init", "mean")
 
@@ -166,9 +167,10 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", type=Path, help="pretraining checkpoint.pth files")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of the real Sentinel-1 patches")
+    parser.add_argument("--data", type=Path, default=None,
+                        help=f"folder of the real Sentinel-1 patches (default: ${DATA_ENV})")
     parser.add_argument("--out", type=Path, default=Path("figures"), help="output folder")
     parser.add_argument("--weighting", default="per_channel", choices=WEIGHTINGS,
                         help="weight map of the weighted loss, the same for every checkpoint")
@@ -179,8 +181,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data = args.data or (Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None)
+    if data is None:
+        print(f"error: no real patches given: pass --data FOLDER or set {DATA_ENV}", file=sys.stderr)
+        return 2
     try:
-        patches, names = read_real_patches(args.data)
+        patches, names = read_real_patches(data)
         rows = [r for c in args.checkpoints for r in check_checkpoint(c, patches, weighting=args.weighting,
                                                                       seed=args.seed)]
     except (DataError, CheckpointError) as e:

@@ -1,7 +1,7 @@
 """The pretraining study: what each pretraining arm buys downstream, by one command.
 
     python -m analysis.study --out /tmp/study                      # CPU scale, structured synthetic data
-    python -m analysis.study --scale smoke --out /tmp/study_smoke  # seconds: 2 arms, 1 epoch, 1 seed
+    python -m analysis.study --scale smoke --out /tmp/study_smoke  # 2 arms, 1 epoch, 1 seed (docs/RESULTS.md)
     python -m analysis.study --scale paper --model mixmim_base --dataset benv1 --data_path /data/BEN \\
         --launcher "torchrun --standalone --nproc_per_node 4" --out /scratch/study   # GPUs
 
@@ -57,6 +57,7 @@ from analysis.study_config import (
     finetune_epochs,
 )
 from analysis.study_probes import limit_own_threads, probe_all, probe_curves
+from sarwmix.cli import ArgumentParser, count  # noqa: E402
 from sarwmix.errors import ConfigError, SarwmixError
 
 log = logging.getLogger("sarwmix.study")
@@ -281,7 +282,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m analysis.study", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m analysis.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="study folder (data, runs, tables, figures)")
     parser.add_argument("--scale", default="cpu", choices=SCALES, help="sizes of the study (fields below override)")
     parser.add_argument("--dataset", default="synthetic",
@@ -289,12 +290,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default=None, help="root of --dataset (not for synthetic)")
     parser.add_argument("--launcher", default=sys.executable,
                         help="command prefix of main_*.py, e.g. 'torchrun --standalone --nproc_per_node 4'")
-    parser.add_argument("--jobs", type=int, default=1, help="pretraining / finetune runs at a time")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--jobs", type=count(1), default=1, help="pretraining / finetune runs at a time")
+    parser.add_argument("--threads", type=count(0), default=0,
                         help="torch threads per run; the driver's own steps take --jobs x this (0: torch's default)")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--num_workers", type=int, default=0, help="data loader workers of every run")
+    parser.add_argument("--num_workers", type=count(0), default=0, help="data loader workers of every run")
     parser.add_argument("--pretrain_seed", type=int, default=0)
     parser.add_argument("--data_seed", type=int, default=0,
                         help="synthetic data: another disjoint draw of scenes (0: the study's own), a replication")
@@ -305,7 +306,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--arms", type=lambda t: tuple(t.replace(",", " ").split()), help=f"subset of {ALL_ARMS}")
     for name in ("n_pretrain", "n_train", "n_val", "n_test", "pretrain_epochs", "pretrain_batch",
                  "finetune_epochs", "finetune_batch", "probe_samples"):
-        g.add_argument(f"--{name}", type=int)
+        g.add_argument(f"--{name}", type=count(1))
     for name in ("pretrain_warmup", "pretrain_lr", "pretrain_blr", "mask_ratio", "finetune_lr", "finetune_blr",
                  "probe_c"):
         g.add_argument(f"--{name}", type=float)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import make_loader  # noqa: E402
 from sarwmix.bigearthnetv2 import load_metadata, select_split, targets_from_labels  # noqa: E402
+from sarwmix.cli import ArgumentParser, count  # noqa: E402
 from sarwmix.constants import BEN_19_CLASSES  # noqa: E402
 from sarwmix.datasets import build_dataset  # noqa: E402
 from sarwmix.packed import convert, convert_synthetic  # noqa: E402
@@ -164,25 +165,25 @@ def data_rate_check(args: argparse.Namespace, root: Path) -> None:
     print(f"workers needed per GPU: {workers_needed(rates, step_img_s)}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=500, help="synthetic patches written per format")
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=count(1), default=500, help="synthetic patches written per format")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--input_size", type=int, default=128)
     parser.add_argument("--min_seconds", type=float, default=2.0, help="timing duration per format")
     parser.add_argument("--data_dir", default=None, help="write the data here (default: a temp folder)")
-    parser.add_argument("--index_rows", type=int, default=480_038, help="rows of the v2 index timing (0: skip)")
+    parser.add_argument("--index_rows", type=count(1), default=480_038, help="rows of the v2 index timing (0: skip)")
     rate = parser.add_argument_group("data-rate check (--workers)")
-    rate.add_argument("--workers", nargs="+", type=int, default=None,
+    rate.add_argument("--workers", nargs="+", type=count(0), default=None,
                       help="measure the packed training loader with each of these worker counts")
     rate.add_argument("--packed_path", default=None, help="packed set to read (default: --n synthetic patches)")
-    rate.add_argument("--batch_size", type=int, default=256, help="loader batch (per GPU)")
+    rate.add_argument("--batch_size", type=count(1), default=256, help="loader batch (per GPU)")
     step = rate.add_mutually_exclusive_group()
     step.add_argument("--step_img_s", type=float, default=1000.0, help="images/s one GPU's step consumes")
     step.add_argument("--step_table", default=None, help="bench_pretrain.py output: its fastest row's img/s")
-    args = parser.parse_args()
-    if args.workers is not None and (min(args.workers) < 0 or args.step_img_s <= 0):
-        parser.error(f"--workers {args.workers} --step_img_s {args.step_img_s}: workers >= 0, step rate > 0")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.step_img_s <= 0:
+        parser.error(f"--step_img_s {args.step_img_s}: expected a step rate > 0")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         root = Path(args.data_dir or tmp)
@@ -202,8 +203,8 @@ def main() -> None:
     print(f"\none loader worker, 1 thread, {args.input_size} px, read+decode+resize+normalise")
     print(f"| {'format':<22} | {'patches':>7} | {'samples/s':>9} | {'ms/sample':>9} | {'vs GeoTIFF v1':>13} |")
     print(f"|{'-' * 24}|{'-' * 8}:|{'-' * 10}:|{'-' * 10}:|{'-' * 14}:|")
-    for label, count, rate in results:
-        print(f"| {label:<22} | {count:>7} | {rate:>9.0f} | {1000 / rate:>9.3f} | {rate / base:>12.1f}x |")
+    for label, patches, rate in results:
+        print(f"| {label:<22} | {patches:>7} | {rate:>9.0f} | {1000 / rate:>9.3f} | {rate / base:>12.1f}x |")
     if index_time:
         print(f"\nv2 index of a {args.index_rows}-row metadata.parquet: read {index_time['load']:.2f} s, "
               f"train split + 19-class targets ({index_time['train_rows']} rows) {index_time['index']:.2f} s")

@@ -11,7 +11,6 @@ the resumed run), and the updates that have to be done again. The same helpers l
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sarwmix.cli import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 INJECT = REPO / "benchmarks" / "fault_inject.py"
@@ -177,7 +178,7 @@ SCENARIOS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=tuple(SCENARIOS), default=list(SCENARIOS))
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args(argv)

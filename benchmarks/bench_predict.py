@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import predict as P  # noqa: E402
 from predictor import load_predictor  # noqa: E402
+from sarwmix.cli import ArgumentParser, count  # noqa: E402
 from sarwmix.constants import CHANNELS, DATASET_STATS  # noqa: E402
 from sarwmix.scene import Scene, WindowGrid  # noqa: E402
 from sarwmix.synthetic import generate_patch  # noqa: E402
@@ -127,18 +128,18 @@ def table(rates: dict[str, list[float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=None, help="a finetuned checkpoint (default: a fresh --model)")
     parser.add_argument("--model", default="mixmim_tiny")
-    parser.add_argument("--input_size", type=int, default=128)
-    parser.add_argument("--size", type=int, default=1200, help="scene side in pixels")
-    parser.add_argument("--window", type=int, default=None, help="default: the predictor's (120)")
-    parser.add_argument("--stride", type=int, default=None, help="default: --window")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--input_size", type=count(1), default=128)
+    parser.add_argument("--size", type=count(1), default=1200, help="scene side in pixels")
+    parser.add_argument("--window", type=count(1), default=None, help="default: the predictor's (120)")
+    parser.add_argument("--stride", type=count(1), default=None, help="default: --window")
+    parser.add_argument("--batch_size", type=count(1), default=32)
+    parser.add_argument("--rounds", type=count(1), default=5)
     parser.add_argument("--device", default="cpu", choices=("auto", "cuda", "cpu"))
     parser.add_argument("--amp", default="off", choices=("auto", "bf16", "off"))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--threads", type=count(0), default=0, help="torch threads (0: torch default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write_scene", default=None, metavar="TIF", help="only write a --size scene there")
     args = parser.parse_args(argv)

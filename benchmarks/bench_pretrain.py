@@ -10,7 +10,9 @@ the build has it), under the run's autocast dtype; the step, the optimizer and t
 training code itself. FLOPs are counted by ``torch.utils.flop_counter`` on one step (matmuls, convolutions,
 attention), so GFLOP/s (TFLOP/s on a GPU) is model work per second. The bf16 and fp32 matmul peaks are
 measured on the same device in the same run, so the result reads as a fraction of peak.
-On a CPU the paths of a setting are timed round-robin (their ratio holds on a loaded machine); on a GPU
+On a CPU the paths of a setting are timed round-robin (their ratio holds on a loaded machine): ``vs eager``
+is the median of the per-round ratios to the first path, ``rounds`` their range, and a warning follows a
+setting whose range is wider than the speed-up itself (the load changed too much to read it); on a GPU
 each path is built, timed with CUDA events after warm-up and freed in turn, so its peak memory
 (``torch.cuda.max_memory_allocated``, GiB) is its own. A setting that runs out of memory prints a row saying
 where the sweep stopped, frees the memory and the next setting runs; larger batches of that path are skipped.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -44,9 +47,11 @@ import device_timing as dev  # noqa: E402  (same folder)
 import backbones  # noqa: E402
 from engine import adamw  # noqa: E402
 from engine_pretrain import make_pretrain_step  # noqa: E402
+from sarwmix.cli import ArgumentParser, count  # noqa: E402
 from sarwmix.constants import CHANNELS  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
-from util.misc import CPU_MEMORY_MODES, cpu_supports_bf16, time_round_robin, tune_cpu_memory  # noqa: E402
+from util.misc import CPU_MEMORY_MODES, cpu_supports_bf16, tune_cpu_memory  # noqa: E402
+from util.timing import noise_warning, round_robin_times, speedups  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 # Paths of one setting, in table order: the released code's step, the training default, and its variants.
@@ -204,7 +209,8 @@ def measure_round_robin(s: Setting, batch: int, paths: list[str], steps: int,
     """Wall-clock img/s of each path from the same weights and batch, timed round-robin (CPU).
 
     The paths are called in turn (eager step, optimised step, eager step, ...) and the median step time of
-    each is kept, so a change of load on the machine hits all alike and their ratios are meaningful.
+    each is kept, so a change of load on the machine hits all alike and their ratios are meaningful; each
+    row's ``rounds`` is its speed-up against the first path over the rounds (``util.timing.Speedup``).
     Also returns the last path's uncompiled step and its FLOPs, for ``op_breakdown``.
     """
     runs, flops, plain = {}, {}, None
@@ -214,13 +220,15 @@ def measure_round_robin(s: Setting, batch: int, paths: list[str], steps: int,
         for run in runs.values():
             run()
     before = resource.getrusage(resource.RUSAGE_SELF)  # page faults and kernel time of the timed steps
-    median = time_round_robin(runs, steps, 0)
+    times = round_robin_times(runs, steps, 0)
     after = resource.getrusage(resource.RUSAGE_SELF)
+    median = {path: statistics.median(t) for path, t in times.items()}
+    ups = speedups(times, reference=paths[0])
     n_steps = steps * len(paths)
     faults = (after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt) / n_steps
     out = [row(s, batch, path, img_s=batch / median[path], gflop_img=flops[path] / batch / 1e9,
                gflop_s=flops[path] / median[path] / 1e9, faults=faults,
-               sys_s=(after.ru_stime - before.ru_stime) / n_steps) for path in paths]
+               sys_s=(after.ru_stime - before.ru_stime) / n_steps, rounds=ups[path]) for path in paths]
     return out, plain, flops[paths[-1]]
 
 
@@ -284,7 +292,7 @@ def header(unit: str = "G") -> str:
     """The table's column names; ``unit`` G (GFLOP/s, a CPU) or T (TFLOP/s, a GPU)."""
     return (f"{'model':14s} {'mode':7s} {'batch':>5s} {'amp':5s} {'path':10s} {'img/s':>7s} {'GFLOP/img':>9s} "
             f"{unit + 'FLOP/s':>8s} {'of peak':>7s} {'vs eager':>8s} {'faults/step':>11s} {'sys s/step':>10s} "
-            f"{'mem GiB':>7s}")
+            f"{'mem GiB':>7s} {'rounds':>11s}")
 
 
 def format_row(r: dict, batch: int, amp: str, peak: float, base_img_s: float, unit: str = "G") -> str:
@@ -298,25 +306,28 @@ def format_row(r: dict, batch: int, amp: str, peak: float, base_img_s: float, un
         fit = f"largest that fit: {r['fit']}" if r.get("fit") else "nothing fit"
         return lead + f"stopped: out of memory at batch {batch} ({fit}); larger batches skipped: {r['stop']}"
     scale = 1e3 if unit == "T" else 1.0
+    rounds = r.get("rounds")  # round-robin (CPU): the median and range of the per-round ratios
+    vs_first = rounds.median if rounds is not None else r["img_s"] / base_img_s
+    spread = f"{rounds.low:.2f}-{rounds.high:.2f}" if rounds is not None else "-"
     return lead + (f"{significant(r['img_s'], 7)} {significant(r['gflop_img'], 9)} "
                    f"{significant(r['gflop_s'] / scale, 8)} {significant(r['gflop_s'] / peak, 7)} "
-                   f"{r['img_s'] / base_img_s:8.2f} {optional(r.get('faults'), 11, '.0f')} "
-                   f"{optional(r.get('sys_s'), 10, '.2f')} {optional(r.get('mem_gib'), 7, '.2f')}")
+                   f"{vs_first:8.2f} {optional(r.get('faults'), 11, '.0f')} "
+                   f"{optional(r.get('sys_s'), 10, '.2f')} {optional(r.get('mem_gib'), 7, '.2f')} {spread:>11s}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["mixmim_base"])
     p.add_argument("--mode", default="mixmim", choices=("mixmim", "simmim"))
     p.add_argument("--device", default=dev.default_device(), choices=("cpu", "cuda"),
                    help="where the step runs (default: cuda when torch sees a GPU, else cpu)")
-    p.add_argument("--batch_size", nargs="+", type=int, default=[8])
-    p.add_argument("--max_batch", type=int, default=None,
+    p.add_argument("--batch_size", nargs="+", type=count(1), default=[8])
+    p.add_argument("--max_batch", type=count(1), default=None,
                    help="then double the last --batch_size up to this (or until memory runs out)")
     p.add_argument("--input_size", type=int, default=128)
     p.add_argument("--amp", nargs="+", default=["bf16"], choices=tuple(DTYPES))
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=count(1), default=5)
+    p.add_argument("--warmup", type=count(0), default=2)
     p.add_argument("--compare-eager", dest="compare_eager", action="store_true",
                    help="also run the plain eager path (manual softmax attention, for-loop AdamW)")
     p.add_argument("--compile", action="store_true", help="also run the optimised path under torch.compile")
@@ -328,15 +339,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true",
                    help="CPU: after each setting, time every ATen op of one optimised step (uncompiled) and "
                         "print where the time goes")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=count(0), default=0)
     p.add_argument("--cpu_memory", default="tuned", choices=CPU_MEMORY_MODES,
                    help="allocator setting of the training runs (util.misc.tune_cpu_memory)")
     p.add_argument("--peak_seconds", type=float, default=2.0, help="duration of each matmul-peak measurement")
-    p.add_argument("--peak_n", type=int, default=None, help="matmul side of the peaks (default: cpu 2048, cuda 8192)")
+    p.add_argument("--peak_n", type=count(1), default=None,
+                   help="matmul side of the peaks (default: cpu 2048, cuda 8192)")
     a = p.parse_args(argv)
-    if min(a.batch_size) < 1 or a.steps < 1 or a.warmup < 0:
-        p.error(f"--batch_size {a.batch_size} --steps {a.steps} --warmup {a.warmup}: batch sizes and steps must be "
-                ">= 1, warm-up >= 0")
     try:
         a.device = dev.resolve_device(a.device)
     except ValueError as e:
@@ -380,6 +389,10 @@ def sweep(s: Setting, batches: list[int], paths: list[str], a: argparse.Namespac
             else:
                 fit[r["path"]] = max(batch, fit.get(r["path"], 0))
             print(format_row(r, batch, s.amp, peak, base, unit), flush=True)
+        warning = noise_warning({r["path"]: r["rounds"] for r in results if "rounds" in r},
+                                name=lambda path, at=f"batch {batch}": f"{path} ({at})")
+        if warning:
+            print(warning, flush=True)
         if a.breakdown and plain is not None:
             print("\n".join(op_breakdown(plain, flops, peak)), flush=True)
 

@@ -3,7 +3,8 @@
 # under one output folder.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]             # OUT_DIR: argument, else $OUT, else ./gpu_check_out
-#   bash benchmarks/gpu_check.sh --dry-run [OUT_DIR]   # (or DRY_RUN=1) print every section's command, run none
+#   bash benchmarks/gpu_check.sh --dry-run [OUT_DIR]   # (or DRY_RUN=1) print every section's command, run
+#                                                      # none and write nothing (OUT_DIR is not created)
 #   bash benchmarks/gpu_check.sh --device cpu --tiny   # every section on the CPU with tiny settings (the tests)
 #
 # Sections: install (only when torch is missing: pip install -e .), env (nvidia-smi, torch), the step
@@ -28,7 +29,7 @@ while [[ $# -gt 0 ]]; do
     --tiny) TINY=1 ;;
     --device) DEVICE="${2:?--device needs cpu or cuda}"; shift ;;
     --device=*) DEVICE="${1#--device=}" ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $1 (expected --dry-run, --tiny, --device cpu|cuda, OUT_DIR)" >&2; exit 2 ;;
     *) OUT_DIR="$1" ;;
   esac
@@ -38,8 +39,12 @@ if [[ "$DEVICE" != cpu && "$DEVICE" != cuda ]]; then
   echo "gpu_check.sh: --device $DEVICE: expected cpu or cuda" >&2; exit 2
 fi
 OUT_DIR="${OUT_DIR:-${OUT:-./gpu_check_out}}"
-mkdir -p "$OUT_DIR"
-OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+if [[ "$DRY_RUN" == 1 ]]; then
+  [[ "$OUT_DIR" == /* ]] || OUT_DIR="$PWD/${OUT_DIR#./}"  # named in the printed commands, never created
+else
+  mkdir -p "$OUT_DIR"
+  OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+fi
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 cd "$REPO"
@@ -122,14 +127,16 @@ section eval "$LIMIT" "$PY main_finetune.py $TUNE --device $DEVICE --amp $AMP_RU
 # Last: compilation time depends on the machine's compiler and cores, so it must not hold up the rest.
 section bench_compile "$LIMIT_LONG" "$B --model $BASE $ONE_BATCH $COMPILE"
 
+# summary.txt beside the logs; a dry run only prints (it writes nothing anywhere)
+keep_summary() { if [[ "$DRY_RUN" == 1 ]]; then cat; else tee "$OUT_DIR/summary.txt"; fi; }
 failed=0
 {
-  [[ "$DRY_RUN" == 1 ]] && echo "dry run: the commands above were printed, none was run"
+  [[ "$DRY_RUN" == 1 ]] && echo "dry run: the commands above were printed, none was run and nothing was written"
   echo "gpu_check summary ($DEVICE$([[ "$TINY" == 1 ]] && echo ', tiny settings'), output $OUT_DIR)"
   for i in "${!NAMES[@]}"; do
     printf '  %-14s %s\n' "${NAMES[$i]}" "${RESULTS[$i]}"
     [[ "${RESULTS[$i]}" == PASS* ]] || failed=$((failed + 1))
   done
   [[ "$DRY_RUN" == 1 ]] || echo "  $((${#NAMES[@]} - failed)) of ${#NAMES[@]} sections passed"
-} | tee "$OUT_DIR/summary.txt"
+} | keep_summary
 [[ "$DRY_RUN" == 1 ]] || ! grep -qE '^  [a-z_]+ +(FAIL|SKIPPED)' "$OUT_DIR/summary.txt"

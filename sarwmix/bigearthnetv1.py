@@ -21,7 +21,6 @@ in the group attribute ``labels``. Converter (resumable, zarr format 2 or 3)::
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import logging
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from sarwmix.cli import ArgumentParser
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, CHANNELS
 from sarwmix.errors import ConfigError, DataError, SarwmixError
 from sarwmix.geotiff import PATCH_SIZE, read_band, validate_band
@@ -428,7 +428,7 @@ def to_zarr(src: str | Path, out: str | Path, zarr_format: int = 3, skip_bad: bo
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sarwmix.bigearthnetv1 to-zarr SRC OUT [--zarr_format 2|3] [--skip_bad]``."""
-    parser = argparse.ArgumentParser(prog="python -m sarwmix.bigearthnetv1", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m sarwmix.bigearthnetv1", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("to-zarr", help="folder layout -> Zarr container (resumable)")
     convert.add_argument("src", help="BigEarthNet-S1-v1.0 folder (or its parent)")

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sarwmix.cli import ArgumentParser, count
 from sarwmix.datasets import build_dataset
 from sarwmix.errors import ConfigError, DataError, SarwmixError
 from sarwmix.packed_format import PACKED_SPLITS, PackedWriter, read_meta
@@ -79,7 +79,7 @@ def convert(source: str, src: str | Path, out: str | Path, *, splits: tuple[str,
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sarwmix.packed convert --source SOURCE [SRC] OUT [options]``."""
-    parser = argparse.ArgumentParser(prog="python -m sarwmix.packed", description="Build a packed data set.")
+    parser = ArgumentParser(prog="python -m sarwmix.packed", description="Build a packed data set.")
     commands = parser.add_subparsers(dest="command", required=True)
     cmd = commands.add_parser("convert", help="convert a source format (or synthetic data) to packed")
     cmd.add_argument("--source", required=True, choices=SOURCES)
@@ -88,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--split", nargs="+", default=list(PACKED_SPLITS), choices=PACKED_SPLITS)
     cmd.add_argument("--split_file", default=None, help="v1: split list; v2: metadata parquet/CSV")
     cmd.add_argument("--dtype", default="float32", choices=("float32", "float16"))
-    cmd.add_argument("--shard_size", type=int, default=4096)
-    cmd.add_argument("--num_workers", type=int, default=0, help="reader processes")
+    cmd.add_argument("--shard_size", type=count(1), default=4096)
+    cmd.add_argument("--num_workers", type=count(0), default=0, help="reader processes")
     cmd.add_argument("--skip_bad", action="store_true", help="skip and count bad patches")
     cmd.add_argument("--include_snow_cloud", action="store_true")
-    cmd.add_argument("--n", type=int, default=512, help="synthetic: number of patches")
+    cmd.add_argument("--n", type=count(1), default=512, help="synthetic: number of patches")
     cmd.add_argument("--seed", type=int, default=0, help="synthetic: seed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

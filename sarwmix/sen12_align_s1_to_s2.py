@@ -35,6 +35,7 @@ from rasterio.transform import Affine
 from rasterio.warp import Resampling, reproject
 from tqdm import tqdm
 
+from sarwmix.cli import ArgumentParser
 from sarwmix.constants import CHANNELS
 from sarwmix.errors import ConfigError, DataError, SarwmixError
 from sarwmix.sen12_data_prep import ALIGN_REPORT, read_s1_list, s1_path
@@ -205,7 +206,7 @@ def align_dataset(root: Path, out: Path, s1_list: Path | None = None, resampling
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Warp SEN12-FLOOD S1 images onto an S2 band grid.")
+    parser = ArgumentParser(description="Warp SEN12-FLOOD S1 images onto an S2 band grid.")
     parser.add_argument("root", type=Path, help="SEN12-FLOOD root with sequence folders and S1list.json")
     parser.add_argument("out", type=Path, help="output root for the aligned GeoTIFFs")
     parser.add_argument("--s1_list", type=Path, default=None, help="listing to follow (default ROOT/S1list.json)")

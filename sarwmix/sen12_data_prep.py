@@ -27,6 +27,7 @@ import numpy as np
 import rasterio
 from rasterio.errors import RasterioIOError
 
+from sarwmix.cli import ArgumentParser
 from sarwmix.constants import CHANNELS
 from sarwmix.errors import ConfigError, DataError, SarwmixError
 
@@ -364,7 +365,7 @@ def resolve_test_sequences(sequences: list[str], list_file: Path | None, test_fr
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Build SEN12-FLOOD image pairs from aligned S1.")
+    parser = ArgumentParser(description="Build SEN12-FLOOD image pairs from aligned S1.")
     parser.add_argument("aligned_root", type=Path, help="output folder of sarwmix.sen12_align_s1_to_s2")
     parser.add_argument("s1_list", type=Path, help="S1list.json of the data set")
     parser.add_argument("out", type=Path, help="receives train/ and test/ pair files")

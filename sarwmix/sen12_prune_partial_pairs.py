@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sarwmix.cli import ArgumentParser
 from sarwmix.errors import ConfigError, DataError, SarwmixError
 
 PRUNED_DIR = "_pruned"
@@ -81,7 +82,7 @@ def prune_pairs(out: Path, threshold: float = 0.25, dry_run: bool = False,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Drop SEN12-FLOOD pairs with >= 25% zeros in a channel.")
+    parser = ArgumentParser(description="Drop SEN12-FLOOD pairs with >= 25% zeros in a channel.")
     parser.add_argument("out", type=Path, help="pair root with train/ and test/ (sen12_data_prep output)")
     parser.add_argument("--threshold", type=float, default=0.25, help="zero fraction that makes a pair partial")
     parser.add_argument("--dry_run", action="store_true", help="only report the counts")

@@ -9,7 +9,6 @@ and "within" (the mean over patches of the within-patch std, the convention of t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -17,6 +16,7 @@ import sys
 import numpy as np
 import torch
 
+from sarwmix.cli import ArgumentParser, count
 from sarwmix.constants import CHANNELS
 from sarwmix.datasets import DATASET_NAMES, build_dataset
 from sarwmix.errors import DataError, SarwmixError
@@ -92,15 +92,15 @@ def dataset_stats(dataset: torch.utils.data.Dataset, max_samples: int | None = N
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sarwmix.stats --dataset NAME --data_path P [--split train] [--input_size 128] [--json]``."""
-    parser = argparse.ArgumentParser(prog="python -m sarwmix.stats",
-                                     description="Per-channel mean/std (dB) of a data set, both conventions.")
+    parser = ArgumentParser(prog="python -m sarwmix.stats",
+                            description="Per-channel mean/std (dB) of a data set, both conventions.")
     parser.add_argument("--dataset", required=True, choices=[n for n in DATASET_NAMES if n != "sen12flood"])
     parser.add_argument("--data_path", default=None)
     parser.add_argument("--split", default="train")
     parser.add_argument("--split_file", default=None)
     parser.add_argument("--input_size", type=int, default=128, help="resize before measuring (BENv2: 128)")
-    parser.add_argument("--max_samples", type=int, default=None)
-    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--max_samples", type=count(1), default=None)
+    parser.add_argument("--num_workers", type=count(0), default=0)
     parser.add_argument("--include_snow_cloud", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)

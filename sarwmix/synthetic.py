@@ -9,7 +9,6 @@ patches in the real on-disk layouts (writers at the end of this module).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from sarwmix.bigearthnetv1 import (
     write_zarr_patch,
 )
 from sarwmix.bigearthnetv2 import LMDB_FOLDER, METADATA_FILE, S1_FOLDER, SNOW_CLOUD_FILE, BenV2Folder, encode_lmdb_value
+from sarwmix.cli import ArgumentParser, count
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, CHANNELS
 from sarwmix.errors import ConfigError, SarwmixError
 from sarwmix.geotiff import utm_transform, write_band
@@ -531,12 +531,12 @@ def write_format(fmt: str, out: Path, n: int, seed: int = 0, scene: str = "mosai
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sarwmix.synthetic write --format FORMAT --n N [--seed S] OUT``."""
-    parser = argparse.ArgumentParser(prog="python -m sarwmix.synthetic",
-                                     description="Write seeded synthetic Sentinel-1 data in a real layout.")
+    parser = ArgumentParser(prog="python -m sarwmix.synthetic",
+                            description="Write seeded synthetic Sentinel-1 data in a real layout.")
     commands = parser.add_subparsers(dest="command", required=True)
     write = commands.add_parser("write", help="write N patches (sen12flood: N sequences) into OUT")
     write.add_argument("--format", required=True, choices=WRITE_FORMATS)
-    write.add_argument("--n", type=int, default=64)
+    write.add_argument("--n", type=count(1), default=64)
     write.add_argument("--seed", type=int, default=0)
     write.add_argument("--scene", default="mosaic", choices=SCENES,
                        help="mosaic (levels and fine texture) or structured (plus each cover's spatial structure)")

@@ -9,8 +9,6 @@ import numpy as np
 
 from sarwmix.geotiff import write_band
 
-REAL_S1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_s1"
-
 
 def copy_tree(src: Path, dst: Path) -> Path:
     """Copy a written data set so a test can corrupt its own copy."""

@@ -2,8 +2,8 @@
 
 A "released-format" checkpoint is what users hold: ``{"model", "optimizer", "epoch", "scaler",
 "args"}`` with ``args`` an ``argparse.Namespace``. The tensors here are random (seeded); only names,
-shapes and dtypes come from ``shared/compat``. ``relative_position_index`` entries get Swin's real index
-for their window, so a model that loads them still computes a valid forward pass.
+shapes and dtypes come from the manifests in ``tests/data/compat``. ``relative_position_index`` entries get
+Swin's real index for their window, so a model that loads them still computes a valid forward pass.
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import COMPAT
 
-COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 
 
 def manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
-    """Entries ``(key, shape, dtype)`` of ``shared/compat/<name>.json``."""
+    """Entries ``(key, shape, dtype)`` of ``tests/data/compat/<name>.json``."""
     data = json.loads((COMPAT / f"{name}.json").read_text())
     return [(k, tuple(shape), dtype) for k, shape, dtype in data["entries"]]
 

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_S1 = REPO.parent / "shared" / "data" / "real_s1"
-COMPAT = REPO.parent / "shared" / "compat"
+# State-dict manifests of the released models (names, shapes, dtypes; no weights): test data of this
+# repository, listed with their provenance and SHA-256 in THIRD_PARTY.md.
+COMPAT = REPO / "tests" / "data" / "compat"
+# The real Sentinel-1 samples are not part of the repository (their terms do not allow copying them in):
+# tests that read them find their folder through this variable and are skipped without it.
+REAL_S1_ENV = "SARWMIX_REAL_S1"
+REAL_S1_HOWTO = (f"set {REAL_S1_ENV} to the folder of the real Sentinel-1 samples to run it "
+                 f"(docs/TESTING.md, 'Real Sentinel-1 samples', says where to get them)")
 
 
 def doc_files() -> list[Path]:
@@ -21,18 +27,27 @@ def doc_files() -> list[Path]:
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def real_s1_dir(part: str = "") -> Path:
+    """The folder ``$SARWMIX_REAL_S1/part``, read in place; the calling test is skipped, saying how to run it,
+    when the variable is unset or the folder is missing."""
+    root = os.environ.get(REAL_S1_ENV)
+    if not root:
+        pytest.skip(f"needs the real Sentinel-1 samples: {REAL_S1_HOWTO}")
+    folder = Path(root) / part
+    if not folder.is_dir():
+        pytest.skip(f"{REAL_S1_ENV}={root}: no folder {part or root} there; {REAL_S1_HOWTO}")
+    return folder
+
+
 @pytest.fixture
 def real_s1() -> Path:
-    """The real Sentinel-1 samples read in place; the test is skipped when they are absent."""
-    if not REAL_S1.is_dir():
-        pytest.skip("shared/data/real_s1 not present")
-    return REAL_S1
+    """The real Sentinel-1 samples (``$SARWMIX_REAL_S1``), read in place; skipped when absent."""
+    return real_s1_dir()
 
 
 @pytest.fixture
 def compat_dir() -> Path:
-    if not COMPAT.is_dir():
-        pytest.skip("shared/compat manifests not present")
+    """The state-dict manifests of the released models (always present: they are test data of the repository)."""
     return COMPAT
 
 

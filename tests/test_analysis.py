@@ -177,6 +177,19 @@ def test_pretrain_loss_per_epoch_and_smoothed_per_step(tmp_path):
     assert steps["loss_smooth"].iloc[4] == pytest.approx(np.mean(long_run["step_loss"][:5]))
 
 
+def test_a_one_epoch_run_gets_whole_epoch_ticks(tmp_path):
+    """The smoke study pretrains for one epoch: its loss figure's epoch axis must not read 0.945, 0.960, ..."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    write_pretrain_run(tmp_path / "run", n_epochs=1, iters=4, seed=4)
+    figure, _, _ = plot_pretrain_loss.plot_pretrain_loss([tmp_path / "run"])
+    FigureCanvasAgg(figure).draw()
+    ax = figure.axes[0]
+    low, high = ax.get_xlim()
+    shown = [tick for tick in ax.get_xticks() if low <= tick <= high]
+    assert shown == [1.0]
+
+
 def test_pretrain_loss_epoch_curve_from_steps_without_log_txt(tmp_path):
     written = write_pretrain_run(tmp_path / "run", n_epochs=3, iters=8, seed=3)
     (tmp_path / "run" / "log.txt").unlink()
@@ -447,3 +460,56 @@ def test_epoch_sweep_keeps_one_series_when_only_seeds_differ(tmp_path):
                                                                   "output_dir": f"o{seed}"})
     _, table = plot_epoch_sweep.plot_epoch_sweep([str(runs)])
     assert table["hparams"].tolist() == [""] and table["n"].tolist() == [3]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Protocols (freeze_encoder) and the data in the titles
+# ----------------------------------------------------------------------------------------------------------
+def write_protocol_runs(root: Path, dataset: str | None = "synthetic", in_config: bool = False) -> None:
+    """A full finetune (0.70) and a linear probe (0.30) of one pretrained checkpoint at each of two fractions,
+    plus random-init finetunes; the protocol in results.json, or (``in_config``) only in config.yaml."""
+    for fraction in (1.0, 0.5):
+        for name, epoch, frozen, score in (("ft", 64, False, 0.70), ("probe", 64, True, 0.30),
+                                           ("scratch", None, False, 0.20)):
+            path = root / f"{name}_{fraction}"
+            write_result(path, "ben", epoch, fraction, score)
+            result = json.loads((path / "results.json").read_text())
+            result["dataset"] = dataset
+            if in_config:
+                (path / "config.yaml").write_text(yaml.safe_dump({"freeze_encoder": frozen}))
+            else:
+                result["freeze_encoder"] = frozen
+            (path / "results.json").write_text(json.dumps(result))
+
+
+@pytest.mark.parametrize("in_config", [False, True])
+def test_label_efficiency_keeps_a_linear_probe_apart_from_finetuning(tmp_path, in_config):
+    write_protocol_runs(tmp_path, in_config=in_config)
+    figure, table = plot_label_efficiency.plot_label_efficiency([str(tmp_path)])
+    pretrained = table[table["init"] == logs.PRETRAINED].set_index(["protocol", "train_fraction"])
+    assert pretrained.loc[(logs.FINETUNE, 1.0), "mean"] == pytest.approx(0.70)  # not 0.5, the mean of both
+    assert pretrained.loc[(logs.LINEAR_PROBE, 1.0), "mean"] == pytest.approx(0.30)
+    assert set(table["n"]) == {1}
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend == ["finetune, pretrained", "linear probe, pretrained", "finetune, random init"]
+    assert figure.axes[0].get_title() == "synthetic data (BigEarthNet task): label efficiency"
+
+
+def test_epoch_sweep_keeps_a_linear_probe_apart_from_finetuning(tmp_path):
+    write_protocol_runs(tmp_path, dataset="benv1")
+    figure, table = plot_epoch_sweep.plot_epoch_sweep([str(tmp_path)])
+    points = table[(table["init"] == logs.PRETRAINED) & (table["train_fraction"] == 1.0)].set_index("protocol")
+    assert points.loc[logs.FINETUNE, "mean"] == pytest.approx(0.70)
+    assert points.loc[logs.LINEAR_PROBE, "mean"] == pytest.approx(0.30)
+    assert figure.axes[0].get_title().startswith("BigEarthNet v1: mAP_macro")
+
+
+def test_the_title_names_the_data_and_a_file_without_a_protocol_is_its_own_group(tmp_path):
+    write_protocol_runs(tmp_path, dataset=None)
+    frame = logs.read_results(str(tmp_path))
+    assert logs.data_title(frame) == "BigEarthNet"  # files that do not name their data: the task
+    result = json.loads((tmp_path / "ft_1.0" / "results.json").read_text())
+    del result["freeze_encoder"]
+    (tmp_path / "ft_1.0" / "results.json").write_text(json.dumps(result))
+    frame = logs.read_results(str(tmp_path))
+    assert frame.loc[frame["path"].str.contains("ft_1.0"), "protocol"].tolist() == [logs.UNKNOWN_PROTOCOL]

@@ -55,12 +55,14 @@ def test_finetuned_checkpoint_drops_its_head(tmp_path):
         assert torch.allclose(enc.eval().forward_features(x), ft.eval().forward_features(x), atol=1e-5)
 
 
-def test_cli_rows_for_checkpoint_random_init_and_handcrafted(tmp_path):
+def test_cli_rows_for_checkpoint_random_init_and_handcrafted(tmp_path, capsys):
     _, path = _pretrain_checkpoint(tmp_path)
     out = tmp_path / "out"
     argv = [str(path), "--random_init", "mixmim_tiny", "--handcrafted", "--input_size", "64", "--samples", "16",
             "--knn_k", "3", "--out", str(out)]
     assert P.main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == [f"wrote {out / 'probe.csv'}", f"wrote {out / 'probe.json'}"]  # where the files are
     table = pd.read_csv(out / "probe.csv")
     assert list(table.columns) == list(P.COLUMNS)
     assert set(table["checkpoint"]) == {str(path), "random_init:mixmim_tiny", "handcrafted"}

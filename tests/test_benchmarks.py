@@ -144,14 +144,14 @@ def test_device_cuda_without_a_gpu_is_one_clear_error(monkeypatch, capsys):
 def test_table_has_the_gpu_columns_and_a_stop_row():
     bench, _ = _bench_pretrain()
     head = bench.header("T").split()
-    assert "TFLOP/s" in head and head[-2:] == ["mem", "GiB"]
+    assert "TFLOP/s" in head and head[-3:] == ["mem", "GiB", "rounds"]
     r = {"model": "mixmim_base", "mode": "mixmim", "path": "optimised", "img_s": 3000.0, "gflop_img": 35.5,
          "gflop_s": 106_500.0, "mem_gib": 41.3}
     cols = bench.format_row(r, 256, "bf16", 900_000.0, 1500.0, unit="T").split()
     assert cols[:5] == ["mixmim_base", "mixmim", "256", "bf16", "optimised"]
     assert float(cols[7]) == pytest.approx(106.5, rel=0.01)  # TFLOP/s
     assert float(cols[8]) == pytest.approx(106_500 / 900_000, rel=0.01) and float(cols[9]) == 2.0
-    assert cols[10:13] == ["-", "-", "41.30"]  # no CPU page faults or kernel time on a GPU row
+    assert cols[10:14] == ["-", "-", "41.30", "-"]  # no CPU page faults, kernel time or rounds on a GPU row
     stop = bench.format_row({**r, "stop": "CUDA out of memory. Tried to allocate 2.00 GiB", "fit": 256},
                             512, "bf16", 900_000.0, 1500.0, unit="T")
     assert "stopped: out of memory at batch 512 (largest that fit: 256)" in stop and "Tried to allocate" in stop
@@ -289,7 +289,16 @@ def test_gpu_check_dry_run_lists_every_section(tmp_path):
     for flag in ("--device cuda", "--mode simmim", "--compare-eager", "--grad_ckpt", "--compile", "--max_batch",
                  "--workers", "main_pretrain.py", "main_finetune.py", "--eval"):
         assert flag in commands, flag
-    assert not list((tmp_path / "out").glob("*.log"))  # nothing ran
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+def test_gpu_check_dry_run_writes_nothing_where_it_is_started(tmp_path):
+    """Run from a folder (the repository, for a user) without OUT_DIR: no gpu_check_out/ appears there."""
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "OUT": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert f"{tmp_path}/gpu_check_out" in proc.stdout and "nothing was written" in proc.stdout
 
 
 GPU_CHECK_SECTIONS = ["install", "env", "bench_base", "bench_large", "bench_huge", "bench_simmim", "data_rate",

@@ -10,6 +10,7 @@ import lmdb
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import real_s1_dir
 
 from sarwmix.bad_patches import GuardedData
 from sarwmix.bigearthnetv1 import target_from_names
@@ -25,7 +26,7 @@ from sarwmix.bigearthnetv2 import (
 from sarwmix.constants import BEN_19_CLASSES
 from sarwmix.errors import ConfigError, DataError
 from sarwmix.synthetic import generate_patch, patch_records, write_benv2, write_benv2_lmdb
-from tests._bigearthnet_helpers import REAL_S1, copy_tree
+from tests._bigearthnet_helpers import copy_tree
 
 N, SEED = 24, 5
 
@@ -199,19 +200,16 @@ def test_lmdb_value_whose_header_length_starts_with_0x80_is_not_taken_for_a_pick
     np.testing.assert_array_equal(decode_lmdb_value(value, "k"), sar_db)
 
 
-REAL_BENV2 = REAL_S1 / "rico_hdl_benv2"
-
-
-@pytest.mark.skipif(not REAL_BENV2.is_dir(), reason="shared/data/real_s1 not present")
 def test_real_patch_folder_and_lmdb_are_identical(tmp_path: Path) -> None:
-    name = next((REAL_BENV2 / "BigEarthNet-S1").glob("*/*")).name
+    real = real_s1_dir("rico_hdl_benv2")  # skipped, saying how to run it, without the samples
+    name = next((real / "BigEarthNet-S1").glob("*/*")).name
     meta = pd.DataFrame({"patch_id": ["S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26_57"],
                          "labels": [["Coniferous forest", "Mixed forest"]], "split": ["train"],
                          "country": ["Austria"], "s1_name": [name], "s2v1_name": ["S2A_MSIL2A_x_0_0"],
                          "contains_seasonal_snow": [False], "contains_cloud_or_shadow": [False]})
     meta.to_parquet(tmp_path / "metadata.parquet")
-    tifs = BenV2Folder(REAL_BENV2, "train", metadata_file=str(tmp_path / "metadata.parquet"))
-    store = BenV2Lmdb(REAL_BENV2 / "BigEarthNet_LMDB", "train", metadata_file=str(tmp_path / "metadata.parquet"))
+    tifs = BenV2Folder(real, "train", metadata_file=str(tmp_path / "metadata.parquet"))
+    store = BenV2Lmdb(real / "BigEarthNet_LMDB", "train", metadata_file=str(tmp_path / "metadata.parquet"))
     a, b = tifs.read_patch(0)[0], store.read_patch(0)[0]
     assert a.shape == (2, 120, 120) and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)

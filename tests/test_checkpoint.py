@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sarwmix.errors import CheckpointError
-from util import misc
+from util import checkpoint, misc
 from util.checkpoint import checkpoint_args, load_checkpoint, save_atomic, save_linked
 from util.config import RunConfig
 
@@ -90,3 +90,75 @@ def test_checkpoint_args_of_ours(tmp_path):
 def test_ill_typed_recorded_fields_read_as_none():
     stored = checkpoint_args({"args": {"input_size": "big", "seed": True, "channels": [1, 2], "model": None}})
     assert (stored.input_size, stored.seed, stored.channels, stored.model) == (None, None, None, None)
+
+
+# --- messages about files that are no checkpoint -------------------------------------------------------
+
+def _saved(tmp_path) -> bytes:
+    save_atomic({"model": {"w": torch.randn(256, 256)}, "epoch": 3}, tmp_path / "full.pth")
+    return (tmp_path / "full.pth").read_bytes()
+
+
+@pytest.mark.parametrize("cut", [100, 5000, -10])
+def test_a_truncated_checkpoint_is_one_whole_sentence(tmp_path, cut):
+    """torch's own message stops mid-sentence when cut to a line; ours says what the file is and what to do."""
+    bad = tmp_path / "checkpoint_3.pth"
+    bad.write_bytes(_saved(tmp_path)[:cut])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(bad)
+    message = str(info.value)
+    size = f"{bad.stat().st_size:,} bytes"
+    assert message == (f"{bad}: not a readable torch checkpoint: the zip archive torch.save writes is truncated or "
+                       f"corrupted ({size}); copy or download the file again")
+
+
+@pytest.mark.parametrize("text", ["101\n", "hello world\n", '{"epoch": 3}\n'])
+def test_a_text_file_is_named_as_one(tmp_path, text):
+    bad = tmp_path / "notes.pth"
+    bad.write_text(text)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(bad)
+    assert str(info.value) == (f"{bad}: not a readable torch checkpoint: a text file, not one written by "
+                               f"torch.save ({len(text)} bytes starting {text.strip()!r})")
+
+
+def test_an_empty_or_binary_file_is_named_as_such(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.pth: not a readable torch checkpoint: the file is empty"):
+        load_checkpoint(tmp_path / "empty.pth")
+    (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match=r"not a file written by torch\.save \(1,024 bytes starting"):
+        load_checkpoint(tmp_path / "noise.pth")
+
+
+@pytest.mark.parametrize("digest", ["deadbeef", "g" * 64, "a" * 63, "a" * 65])
+def test_a_malformed_sha256_is_refused_before_hashing(tmp_path, monkeypatch, digest):
+    path = tmp_path / "full.pth"
+    _saved(tmp_path)
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("hashed the file before checking the digest")
+
+    monkeypatch.setattr(checkpoint, "sha256_of", no_hashing)
+    with pytest.raises(CheckpointError, match=f"{digest!r} is not a SHA-256: expected 64 hex digits"):
+        load_checkpoint(path, sha256=digest)
+
+
+def test_a_well_formed_sha256_is_checked(tmp_path):
+    path = tmp_path / "full.pth"
+    _saved(tmp_path)
+    good = checkpoint.sha256_of(path)
+    assert load_checkpoint(path, sha256=good.upper())["epoch"] == 3
+    with pytest.raises(CheckpointError, match=f"SHA-256 mismatch: expected {'0' * 64}"):
+        load_checkpoint(path, sha256="0" * 64)
+
+
+def test_the_sha256_flag_is_refused_at_parse_time(capsys):
+    import main_finetune
+
+    with pytest.raises(SystemExit) as exit_info:
+        main_finetune.parse_args(["--checkpoint_sha256", "deadbeef"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err == ("error: --checkpoint_sha256 'deadbeef' is not a SHA-256: expected 64 hex digits (as sha256sum "
+                   "prints them)\n")

@@ -61,6 +61,7 @@ def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pret
     assert a["val"]["n_samples"] == 3 and a["test"]["n_samples"] == 3 and a["selection_metric"] == "mAP_macro"
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert saved["test"] == pytest.approx(a["test"]) and saved["best_epoch"] == a["best_epoch"]
+    assert saved["freeze_encoder"] is False and saved["dataset"] == "benv2"  # the protocol and the data
     # The best epoch is the first maximum of the validation metric logged per epoch.
     log = [json.loads(line) for line in (tmp_path / "a" / "log.txt").read_text().splitlines()]
     val = [r["val_mAP_macro"] for r in log]
@@ -88,12 +89,13 @@ def test_ben_finetune_select_on_val_resume_exactly_and_eval_released_format(pret
     assert c["best_epoch"] == a["best_epoch"]
     # Provenance read from the evaluated file's args.
     assert (c["finetune"], c["pretrain_epoch"], c["train_fraction"]) == (str(pretrained), 1, 0.4)
+    assert c["freeze_encoder"] is False
     assert not any(r.levelname == "WARNING" and "another input size" in r.message for r in caplog.records)
     caplog.set_level("INFO", logger="sarwmix")
     finetune("--eval", "--resume", str(path), "--input_size", "64", "--output_dir", str(tmp_path / "d"), *data)
     assert any(r.levelname == "WARNING" and "another input size" in r.message for r in caplog.records)
     [outputs] = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"outputs in {tmp_path / 'd'}")]
-    assert outputs.endswith(": config.yaml, results.json, TensorBoard events")  # --eval: no checkpoint
+    assert outputs.endswith(": config.yaml, results.json")  # --eval: no checkpoint, no scalar logged
 
 
 def test_sen12_finetune_from_a_released_format_checkpoint(pretrained, tmp_path):
@@ -161,6 +163,20 @@ def test_released_name_with_wrong_content_is_refused_with_both_hashes(tmp_path):
     with pytest.raises(CheckpointError) as err:
         finetune(*ben_args(fake, tmp_path / "out"))
     assert known_hashes()[name] in str(err.value) and sha256_of(fake) in str(err.value)
+
+
+def test_a_run_that_fails_at_start_leaves_no_output_folder(tmp_path, capsys):
+    """No folder holding only a TensorBoard events file: the writer is made with the first scalar."""
+    out = tmp_path / "out"
+    argv = [*FAST, "--finetune", str(tmp_path / "missing.pth"), "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main_finetune.main, lambda: main_finetune.parse_args(argv))
+    assert exit_info.value.code == 2 and "checkpoint not found" in capsys.readouterr().err
+    assert not out.exists()
+    argv = [*FAST, "--dataset", "benv1", "--data_path", str(tmp_path / "no_data"), "--output_dir", str(out)]
+    with pytest.raises(SystemExit):  # fails after the configuration is settled: config.yaml only
+        run_cli(main_pretrain.main, lambda: main_pretrain.parse_args(argv))
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
 def test_cli_refuses_a_truncated_checkpoint_in_one_line(pretrained, tmp_path, capsys):
@@ -242,9 +258,14 @@ def test_eval_reads_the_pretrain_epoch_the_training_run_recorded():
     args = main_finetune.parse_args(["--eval", "--resume", "x.pth"])
     stored = {"finetune": "output_dir/checkpoint.pth", "pretrain_epoch": 4, "train_fraction": 0.5}
     assert main_finetune.provenance(args, None, {"args": stored}) == {
-        "finetune": "output_dir/checkpoint.pth", "pretrain_epoch": 4, "train_fraction": 0.5}
+        "finetune": "output_dir/checkpoint.pth", "pretrain_epoch": 4, "train_fraction": 0.5, "freeze_encoder": None}
     older = {k: v for k, v in stored.items() if k != "pretrain_epoch"}  # before it was recorded: unknown
     assert main_finetune.provenance(args, None, {"args": older})["pretrain_epoch"] is None
+    # The protocol of the evaluated model is the one it was trained with, whatever this command line says.
+    probe = main_finetune.parse_args(["--eval", "--resume", "x.pth", "--freeze_encoder"])
+    for given, recorded in ((probe, False), (args, True)):
+        evaluated = {"args": {**stored, "freeze_encoder": recorded}}
+        assert main_finetune.provenance(given, None, evaluated)["freeze_encoder"] is recorded
 
 
 def test_a_flood_less_sen12_validation_split_is_warned(tmp_path, caplog):

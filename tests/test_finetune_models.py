@@ -1,14 +1,12 @@
 """Finetune models: shapes, gradients, tiling, released state-dict names, layer-decay ids."""
 import pytest
 import torch
-from _finetune_helpers import COMPAT, DTYPES, manifest, state_from_manifest
+from _finetune_helpers import DTYPES, manifest, state_from_manifest
 
 from models_mixmim_ft import MixMIMFT, build_mixmim_ft, swin_layer_id
 from models_sen12_ft import Sen12FloodFT, build_sen12_ft, cut_tiles
 from sarwmix.errors import ConfigError
 from util.lr_decay import param_groups
-
-needs_compat = pytest.mark.skipif(not COMPAT.is_dir(), reason="shared/compat manifests not present")
 
 
 def tiny_ben(**kw) -> MixMIMFT:
@@ -84,7 +82,6 @@ def test_sen12_patch_op_max_differs_from_avg_and_trains():
         Sen12FloodFT(patch_op="median")
 
 
-@needs_compat
 @pytest.mark.parametrize("name,builder", [
     ("finetune_ben19_mixmim_base", lambda: build_mixmim_ft("mixmim_base", 19)),
     ("finetune_sen12flood_mixmim_base", lambda: build_sen12_ft("mixmim_base", 2, img_size=128)),

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from _finetune_helpers import COMPAT, released_checkpoint, state_from_manifest
+from _finetune_helpers import released_checkpoint, state_from_manifest
 
 import models_mixmim as M
 from models_mixmim_ft import build_mixmim_ft
@@ -13,8 +13,6 @@ from sarwmix.errors import CheckpointError
 from util.checkpoint import save_atomic, sha256_of
 from util.pos_embed import resize_pos_embed, resize_rel_pos_table
 from util.pretrained import checkpoint_epoch, filter_state, load_pretrained, load_pretrained_file
-
-needs_compat = pytest.mark.skipif(not COMPAT.is_dir(), reason="shared/compat manifests not present")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +121,6 @@ def test_a_window_clamped_by_a_smaller_input_keeps_the_bias_of_every_offset(pret
     assert resize_rel_pos_table(table, 4).shape == (49, table.shape[1])
 
 
-@needs_compat
 @pytest.mark.filterwarnings("ignore:.*meta parameter")
 def test_released_base_pretrain_checkpoint_at_128_and_256_px(tmp_path):
     path = released_checkpoint(tmp_path / "benv1_like_checkpoint_64.pth",
@@ -139,7 +136,6 @@ def test_released_base_pretrain_checkpoint_at_128_and_256_px(tmp_path):
     assert report["resized"] == ["absolute_pos_embed (1, 1024, 128)->(1, 4096, 128)"]
 
 
-@needs_compat
 @pytest.mark.filterwarnings("ignore:.*meta parameter")
 def test_released_finetuned_checkpoint_loads_strict_for_eval(tmp_path):
     state = state_from_manifest("finetune_sen12flood_mixmim_base", seed=4)

@@ -257,6 +257,7 @@ def test_sweep_drop_writes_the_dynamic_inference_curve(pss_run, tmp_path, capsys
     assert table["rho"].tolist() == [0.3, 0.5, 1.0] and table["tokens_kept"].tolist() == [5, 8, 16]
     assert {"mAP_macro", "mAP_micro", "img_per_s", "speedup"} <= set(table.columns)
     assert (table["img_per_s"] > 0).all() and table["speedup"].iloc[-1] == 1.0
+    assert (table["speedup_low"] <= table["speedup"]).all() and (table["speedup"] <= table["speedup_high"]).all()
     # rho = 1 on the val split reproduces the validation score the checkpoint was selected with.
     best = load_checkpoint(ckpt)
     assert table["mAP_macro"].iloc[-1] == pytest.approx(best["best"], rel=1e-6)

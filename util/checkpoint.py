@@ -25,6 +25,7 @@ from sarwmix.errors import CheckpointError
 from util.misc import link_or_copy_atomic, replace_atomic
 
 FORMAT_VERSION = 1
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 T = TypeVar("T")
 CHECKSUMS_FILE = Path(__file__).resolve().parents[1] / "CHECKSUMS.txt"
 
@@ -130,8 +131,29 @@ def known_hashes(checksums: Path = CHECKSUMS_FILE) -> dict[str, str]:
     return out
 
 
+def sha256_digest(value: str) -> str:
+    """A SHA-256 given by a user (``--checkpoint_sha256``): 64 hex digits, returned in lower case.
+
+    Raises:
+        argparse.ArgumentTypeError (a ValueError) naming the value, before any file is hashed.
+    """
+    if not isinstance(value, str) or not SHA256_HEX.fullmatch(value.strip()):
+        shown = value if len(str(value)) <= 80 else f"{str(value)[:77]}..."
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a SHA-256: expected 64 hex digits "
+                                         f"(as sha256sum prints them)")
+    return value.strip().lower()
+
+
 def verify(path: Path, expected: str | None) -> None:
-    """Refuse a file whose SHA-256 differs from ``expected`` (or from CHECKSUMS.txt for its name)."""
+    """Refuse a file whose SHA-256 differs from ``expected`` (or from CHECKSUMS.txt for its name).
+
+    A malformed ``expected`` is refused before the file is read (hashing a released file takes seconds).
+    """
+    if expected:
+        try:
+            expected = sha256_digest(expected)
+        except argparse.ArgumentTypeError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     expected = expected or known_hashes().get(path.name)
     if not expected:
         return
@@ -160,11 +182,30 @@ def load_checkpoint(path: str | Path, sha256: str | None = None) -> dict:
             raise CheckpointError(f"{path}: holds a Python object of type {refused.group(1)}, which safe loading "
                                   f"(weights_only=True) refuses; expected tensors, plain values and "
                                   f"argparse.Namespace only") from None
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupted?): {first}") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: {unreadable_reason(path)}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     return ckpt
+
+
+def unreadable_reason(path: Path) -> str:
+    """Why ``torch.load`` could not read ``path``, told from its first bytes (torch's own messages run to
+    several sentences about ``weights_only``, or are a bare number for a text file)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(256)
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):  # the zip archive torch.save writes
+        return (f"the zip archive torch.save writes is truncated or corrupted ({size:,} bytes); copy or "
+                f"download the file again")
+    if head.startswith(b"\x80"):  # a bare pickle: torch.save's legacy format
+        return f"the legacy (pickle) torch file is truncated or corrupted ({size:,} bytes)"
+    text = head.decode("utf-8", errors="ignore")  # a character cut at byte 256 is dropped, not an error
+    if len(text) < len(head) // 2 or not all(c.isprintable() or c.isspace() for c in text):
+        return f"not a file written by torch.save ({size:,} bytes starting {head[:16]!r})"
+    first = text.strip().splitlines()[0][:60] if text.strip() else ""
+    return f"a text file, not one written by torch.save ({size:,} bytes starting {first!r})"
 
 
 def model_state(ckpt: dict, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:

@@ -22,15 +22,15 @@ module is the command line. A training run in SimMIM mode writes the same files 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from backbones import export_checkpoint
+from sarwmix.cli import ArgumentParser
 from sarwmix.errors import SarwmixError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser("python -m util.export_backbone", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser("python -m util.export_backbone", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="pretraining checkpoint (checkpoint.pth, checkpoint_<N>.pth)")
     p.add_argument("out", help="output file, e.g. backbone.pth (timm backbones also get <stem>_full.pth)")
     a = p.parse_args(argv)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from sarwmix.cli import count
 from sarwmix.constants import CHANNELS
 from sarwmix.datasets import DATASET_NAMES, build_dataset
 from sarwmix.errors import ConfigError
@@ -29,6 +30,7 @@ from util.misc import (
     tune_cpu_memory,
 )
 from util.preemption import PreemptionSignal
+from util.tb_writer import LazySummaryWriter
 
 log = logging.getLogger("sarwmix")
 
@@ -56,7 +58,7 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="synthetic", choices=DATASET_NAMES)
     g.add_argument("--data_path", default=None, help="root of the data set (not needed for synthetic)")
     g.add_argument("--split_file", default=None, help="official split list / CSV to select patches")
-    g.add_argument("--num_samples", type=int, default=None, help="synthetic: number of training samples")
+    g.add_argument("--num_samples", type=count(1), default=None, help="synthetic: number of training samples")
     g.add_argument("--synthetic_scene", default="mosaic", choices=("mosaic", "structured"),
                    help="synthetic: fields differing in level and fine texture, or with each cover's spatial "
                         "structure (street grids, parcels with rows, canopy, rivers, lakes)")
@@ -66,9 +68,9 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_bad", type=float, default=0.001,
                    help="with --skip_bad: stop when more than this fraction of an epoch's samples is bad")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=64, help="per process")
-    g.add_argument("--epochs", type=int, default=400)
-    g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--batch_size", type=count(1), default=64, help="per process")
+    g.add_argument("--epochs", type=count(1), default=400)
+    g.add_argument("--accum_iter", type=count(1), default=1, help="gradient accumulation steps")
     g.add_argument("--weight_decay", type=float, default=0.05)
     g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff_batch / 256)")
     g.add_argument("--blr", type=float, default=1.5e-4, help="base lr per 256 images")
@@ -84,19 +86,19 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto' (output_dir/checkpoint.pth)")
-    g.add_argument("--start_epoch", type=int, default=0)
-    g.add_argument("--save_freq", type=int, default=0, help="also keep checkpoint_<N>.pth every N epochs")
+    g.add_argument("--start_epoch", type=count(0), default=0)
+    g.add_argument("--save_freq", type=count(0), default=0, help="also keep checkpoint_<N>.pth every N epochs")
     g.add_argument("--save_every_minutes", type=float, default=0.0,
                    help="also write checkpoint.pth inside an epoch every M minutes, at the position reached "
                         "(0: at epoch ends only)")
-    g.add_argument("--save_every_steps", type=int, default=0,
+    g.add_argument("--save_every_steps", type=count(0), default=0,
                    help="also write checkpoint.pth inside an epoch every N optimizer updates (0: off)")
     g.add_argument("--dist_timeout", type=float, default=300.0,
                    help="seconds a collective may wait for another rank, and a rank may go without finishing "
                         "a step, before the run reports the stall and stops")
-    g.add_argument("--num_workers", type=int, default=2)
+    g.add_argument("--num_workers", type=count(0), default=2)
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--num_threads", type=int, default=0, help="torch CPU threads per process (0: torch default)")
+    g.add_argument("--num_threads", type=count(0), default=0, help="torch CPU threads per process (0: torch default)")
     g.add_argument("--cpu_memory", default="tuned", choices=CPU_MEMORY_MODES,
                    help="CPU runs: keep freed memory and use huge pages (tuned) or leave glibc's allocator alone")
     g.add_argument("--dist_on_itp", action="store_true", help="accepted for compatibility; launchers are detected")
@@ -224,11 +226,8 @@ def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] =
     out = Path(args.output_dir)
     # A stop signal during start-up (indexing the data, building the model) is kept: the first step saves.
     run = Run(info, device, out, resolve_amp(args.amp, device), preemption=PreemptionSignal().install())
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-
-        run.tb = SummaryWriter(log_dir=str(args.log_dir or out))
+    if info.is_main:  # the folder is made by the first file written to it (config.yaml): none for a failed start
+        run.tb = LazySummaryWriter(args.log_dir or out)  # its events file appears with the first scalar
     log.info("%s on %s x%d (%s launcher), amp=%s, %s, output %s", task, device, info.world_size,
              info.launcher, run.amp_dtype, memory, out.resolve())
     if record:
