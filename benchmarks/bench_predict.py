@@ -1,6 +1,6 @@
 """Windows/s of scene prediction (predict.py) against the finetuned model's forward alone, and of the reader.
 
-Three arms, timed in turn (``util.misc.time_round_robin``, one call of each per round, ``--rounds`` rounds):
+Three arms, timed in turn (``util.timing.round_robin_times``, one call of each per round, ``--rounds`` rounds):
 
 - ``predict``: the whole pipeline on a synthetic scene: windowed GeoTIFF reads, nodata fill, batching, resize,
   normalisation, the model, averaging and writing the output GeoTIFF;
@@ -41,7 +41,7 @@ from sarwmix.constants import CHANNELS, DATASET_STATS  # noqa: E402
 from sarwmix.scene import Scene, WindowGrid  # noqa: E402
 from sarwmix.synthetic import generate_patch  # noqa: E402
 from tasks import get_task  # noqa: E402
-from util.misc import time_round_robin  # noqa: E402
+from util.timing import round_robin_times  # noqa: E402
 
 STRIP = 256  # rows written at a time: the scene is never whole in memory
 
@@ -103,13 +103,13 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
 
     runs = {"predict": pipeline, "forward": forward, "read": read}
     sync = torch.cuda.synchronize if predictor.device.type == "cuda" else None
-    rounds = [time_round_robin(runs, steps=1, warmup=1 if r == 0 else 0, sync=sync) for r in range(args.rounds)]
+    times = round_robin_times(runs, steps=args.rounds, warmup=1, sync=sync)
     scene.close()
     print(f"scene {args.size} x {args.size} px, {len(windows)} windows of {grid.window} px every {grid.stride} px, "
           f"{predictor.model_name} at {predictor.input_size} px ({Path(ckpt).name}), batch {args.batch_size}, "
           f"{predictor.device}, amp {predictor.amp_dtype or 'off'}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds")
-    return {arm: [len(windows) / r[arm] for r in rounds] for arm in runs}
+    return {arm: [len(windows) / t for t in times[arm]] for arm in runs}
 
 
 def table(rates: dict[str, list[float]]) -> str:

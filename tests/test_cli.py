@@ -116,6 +116,9 @@ ENTRY_POINTS = [
     ("bench_pss", "main", ["--step", "2"], "--steps"),
     ("bench_pretrain", "parse_args", ["--warmups", "2"], "--warmup"),
     ("bench_data", "main", ["--index_row", "2"], "--index_rows"),
+    ("bench_faults", "main", ["--onl", "frozen_rank"], "--only"),
+    ("bench_predict", "main", ["--window", "120", "--rond", "2"], "--rounds"),
+    ("predict", "parse_args", ["c.pth", "--input", "s.tif", "--out", "m.tif", "--strid", "60"], "--stride"),
 ]
 
 
@@ -172,7 +175,7 @@ def _count_flags(parser: argparse.ArgumentParser) -> dict[str, int]:
 def test_the_count_flags_of_the_training_entry_points():
     """The audit: every flag that counts samples, epochs, steps or workers is a checked count."""
     expected_pretrain = {"num_samples": 1, "batch_size": 1, "epochs": 1, "accum_iter": 1, "start_epoch": 0,
-                         "save_freq": 0, "num_workers": 0, "num_threads": 0, "mask_patch_size": 1, "stop_epoch": 1,
+                         "save_freq": 0, "save_every_steps": 0, "num_workers": 0, "num_threads": 0, "mask_patch_size": 1, "stop_epoch": 1,
                          "vis_samples": 0, "probe_every": 0, "probe_samples": 8, "probe_knn_k": 1}
     assert _count_flags(main_pretrain.get_args_parser()) == expected_pretrain
     finetune = _count_flags(main_finetune.get_args_parser())

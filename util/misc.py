@@ -9,9 +9,7 @@ import logging
 import math
 import os
 import shutil
-import statistics
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,27 +68,6 @@ def dist_env(env: Mapping[str, str]) -> DistInfo:
                 local = rank % per_node if per_node else 0
             return DistInfo(rank, world, local, name)
     return DistInfo()
-
-
-def time_round_robin(runs: Mapping[object, Callable[[], object]], steps: int, warmup: int,
-                     sync: Callable[[], None] | None = None) -> dict:
-    """Median seconds per call of each function, called in turn (a, b, a, b, ...) after ``warmup`` rounds.
-
-    Interleaving makes a change of load on the machine hit every function alike, so their ratios hold.
-    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before and after each timed call.
-    """
-    times: dict = {key: [] for key in runs}
-    for i in range(warmup + steps):
-        for key, run in runs.items():
-            if sync is not None:
-                sync()
-            t0 = time.perf_counter()
-            run()
-            if sync is not None:
-                sync()
-            if i >= warmup:
-                times[key].append(time.perf_counter() - t0)
-    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def wants_cuda(device_arg: str) -> bool:
