@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 class LazySummaryWriter:
-    """``add_scalar`` and ``close`` of a SummaryWriter on ``log_dir``, built at the first ``add_scalar``."""
+    """``add_scalar``, ``flush`` and ``close`` of a SummaryWriter on ``log_dir``, built at the first ``add_scalar``."""
 
     def __init__(self, log_dir: str | Path) -> None:
         self.log_dir = str(log_dir)
@@ -22,6 +22,10 @@ class LazySummaryWriter:
 
             self._writer = SummaryWriter(log_dir=self.log_dir)
         self._writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
