@@ -12,7 +12,7 @@ probe) asks ``BACKBONES`` or the functions below; adding a backbone is one entry
 - the wrappers it supports: ``finetune`` (BigEarthNet), ``pair_finetune`` (SEN12-FLOOD), ``mixmim`` and
   ``simmim`` (pretraining); None where the backbone does not take that role.
 
-Three families fill the table: the project's Swin (``mixmim_*``, ``models_mixmim.ENCODER_CONFIGS``), the plain
+Three families fill the table: the project's Swin (``mixmim_*``, ``models_swin.ENCODER_CONFIGS``), the plain
 ViT (``vit_*``, ``models_vit.VIT_CONFIGS``) and timm's Swin v1/v2 (SimMIM only, built with
 ``pretrained=False``: nothing is downloaded).
 """
@@ -37,11 +37,12 @@ except (ImportError, RuntimeError, AttributeError) as err:
     exit_on_vision_mismatch(err)  # a torchvision built for another torch: one line naming both, then exit
     raise
 
-from models_mixmim import ENCODER_CONFIGS, SWIN_WINDOWS, SwinEncoder, build_mixmim, check_input_size, encoder_kwargs
-from models_mixmim import valid_input_sizes as swin_valid_sizes
+from models_mixmim import build_mixmim
 from models_mixmim_ft import build_mixmim_ft, swin_layer_id
 from models_sen12_ft import build_sen12_ft
 from models_simmim import SimMIMSwin, SimMIMTimmSwin, SimMIMViT
+from models_swin import ENCODER_CONFIGS, SWIN_WINDOWS, SwinEncoder, check_input_size, encoder_kwargs
+from models_swin import valid_input_sizes as swin_valid_sizes
 from models_vit import VIT_CONFIGS, build_vit, vit_layer_id
 from sarwmix.errors import CheckpointError, ConfigError, SarwmixError
 from util.checkpoint import StoredArgs, checkpoint_args, load_checkpoint, model_state, save_atomic
@@ -107,7 +108,7 @@ def _swin_encoder(name: str, img_size: int, in_chans: int) -> SwinEncoder:
 
 
 def swin(name: str) -> Backbone:
-    """The project's Swin ``name`` (a key of ``models_mixmim.ENCODER_CONFIGS``): every role."""
+    """The project's Swin ``name`` (a key of ``models_swin.ENCODER_CONFIGS``): every role."""
     return Backbone(encoder=partial(_swin_encoder, name), sizes=partial(swin_valid_sizes, SWIN_WINDOWS),
                     geometry=f"patch 4, windows {list(SWIN_WINDOWS)}", patch=4,
                     layer_id=lambda model, key: swin_layer_id(key, model.depths),

@@ -30,14 +30,15 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sarwmix.bad_patches import Collate, GuardedData, unpack
+from sarwmix.data.bad_patches import Collate, GuardedData, unpack
 from sarwmix.errors import CheckpointError, ConfigError, TrainingError
 from util import checkpoint as ckpt_io
 from util.augment import step_generator
 from util.config import RunConfig, plain_dict
+from util.distributed import check_replicas
+from util.logs import JsonLines, truncate_jsonl, truncate_lines
 from util.lr_decay import param_groups, regroup_optimizer_state
 from util.lr_sched import apply_lr, lr_at
-from util.misc import JsonLines, check_replicas, truncate_jsonl, truncate_lines
 from util.preemption import Preempted, PreemptionSignal
 from util.run_control import EpochProgress, RunControl, barrier, gather_bad, gather_objects, rng_state
 from util.runner import Run

@@ -23,11 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from engine import StepFn
-from sarwmix.bad_patches import BadPatch, Collate, GuardedBatch, GuardedData, stop_message, unpack
+from sarwmix.data.bad_patches import BadPatch, Collate, GuardedBatch, GuardedData, stop_message, unpack
 from sarwmix.errors import DataError
 from tasks import Task, get_task
 from util.augment import check_finite, normalize, random_flips
-from util.misc import json_safe, write_text_atomic
+from util.files import write_text_atomic
+from util.logs import json_safe
 from util.pss import keep_count
 from util.sampler import StridedEvalSampler
 from util.watchdog import heartbeat

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from engine import StepFn
 from sarwmix.constants import CHANNELS
-from sarwmix.weighting import weight_map
+from sarwmix.sar.weighting import weight_map
 from util.augment import check_finite, normalize, random_flips
 
 
@@ -18,7 +18,7 @@ def make_pretrain_step(device: torch.device, mean: list[float], std: list[float]
                        weight_norm_low: float = 1.0, weight_norm_high: float = 99.0) -> StepFn:
     """Pretraining step: flips, weight map from the raw dB batch, normalisation, model loss.
 
-    ``weight_norm`` (``minmax | percentile``) and its percentiles go to ``sarwmix.weighting.weight_map``.
+    ``weight_norm`` (``minmax | percentile``) and its percentiles go to ``sarwmix.sar.weighting.weight_map``.
 
     The weights are computed on the device from raw dB: cheap there, free for the loaders.
     """

@@ -28,10 +28,10 @@ import torch.distributed as dist
 import backbones
 import engine_finetune as E
 from engine import Trainer, TrainSettings
-from models_mixmim import SWIN_WINDOWS, check_input_size
 from models_sen12_ft import PATCH_OPS
+from models_swin import SWIN_WINDOWS, check_input_size
 from sarwmix.cli import ArgumentParser, count
-from sarwmix.datasets import build_dataset
+from sarwmix.data.datasets import build_dataset
 from sarwmix.errors import ConfigError
 from tasks import TASKS, get_task, task_for_dataset
 from util import runner

@@ -17,10 +17,10 @@ import backbones
 from engine import Trainer, TrainSettings
 from engine_pretrain import make_pretrain_step, save_reconstructions
 from sarwmix.cli import ArgumentParser, count
-from sarwmix.datasets import DATASET_NAMES
+from sarwmix.data.datasets import DATASET_NAMES
 from sarwmix.errors import ConfigError
-from sarwmix.spectra import check_settings as check_spectral
-from sarwmix.weighting import GRANULARITIES, WEIGHT_NORMS, WEIGHTINGS, check_weight_norm
+from sarwmix.sar.spectra import check_settings as check_spectral
+from sarwmix.sar.weighting import GRANULARITIES, WEIGHT_NORMS, WEIGHTINGS, check_weight_norm
 from util import runner
 from util.config import parse_with_config, run_cli
 from util.probe import ProbeMonitor, build_probe_sets

@@ -1,6 +1,6 @@
 """Finetuning model for BigEarthNet: the pretrained Swin encoder, average pooling and a Linear head.
 
-The encoder is ``models_mixmim.SwinEncoder`` used without a mixing mask (each image attends to itself
+The encoder is ``models_swin.SwinEncoder`` used without a mixing mask (each image attends to itself
 only). Parameter names follow the released finetuned checkpoints (``tests/data/compat``), so
 ``benv1_finetune_checkpoint_best.pth`` loads into ``build_mixmim_ft("mixmim_base", num_classes=19)`` with
 ``strict=True``.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models_mixmim import SwinEncoder, encoder_kwargs, init_head
+from models_swin import SwinEncoder, encoder_kwargs, init_head
 
 # Keyword arguments of SwinEncoder that a finetune factory forwards to ``encoder_kwargs``.
 ENCODER_KEYS = frozenset({"img_size", "patch_size", "in_chans", "window_size", "drop_path_rate", "mlp_ratio"})
@@ -102,7 +102,7 @@ def build_mixmim_ft(name: str, num_classes: int = 19, **kwargs) -> MixMIMFT:
     """Build a BigEarthNet finetune model by encoder name, e.g. ``build_mixmim_ft("mixmim_base", 19)``.
 
     Args:
-        name: a key of ``models_mixmim.ENCODER_CONFIGS`` (ConfigError listing the choices otherwise).
+        name: a key of ``models_swin.ENCODER_CONFIGS`` (ConfigError listing the choices otherwise).
         num_classes: head outputs.
         **kwargs: encoder overrides (``img_size``, ``in_chans``, ``drop_path_rate``, ...).
     """

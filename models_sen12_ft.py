@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models_mixmim import SwinEncoder, init_head
 from models_mixmim_ft import LayerDecayMixin, split_kwargs
+from models_swin import SwinEncoder, init_head
 
 PATCH_OPS: tuple[str, ...] = ("avg", "max")
 

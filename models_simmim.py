@@ -18,10 +18,11 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from models_mixmim import SwinEncoder, encoder_kwargs, unpatchify
+from models_mixmim import unpatchify
+from models_swin import SwinEncoder, encoder_kwargs
 from models_vit import MaskedPatchHead, build_vit
 from sarwmix.errors import ConfigError
-from sarwmix.masking import pixel_mask, sample_simmim_mask, upsample_mask
+from util.masking import pixel_mask, sample_simmim_mask, upsample_mask
 
 LOSSES: tuple[str, ...] = ("l1", "mse")
 

@@ -20,7 +20,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models_mixmim import init_head, init_linear_and_norm
+from models_swin import init_head, init_linear_and_norm
 from sarwmix.errors import ConfigError
 from util.pos_embed import relative_position_index, sincos_2d
 from util.pss import select_tokens

@@ -8,7 +8,7 @@
 The checkpoint says what is written (``predictor``): a BigEarthNet model gives one band of class
 probability per class (band descriptions = class names), a SEN12-FLOOD model the probabilities of no flood
 and flood between two dates, a pretraining checkpoint the encoder's pooled embedding (one band per feature).
-Windows of ``--window`` pixels are read every ``--stride`` pixels (``sarwmix.scene.WindowGrid``), resized to
+Windows of ``--window`` pixels are read every ``--stride`` pixels (``sarwmix.data.scene.WindowGrid``), resized to
 the model's input size and normalised with the checkpoint's statistics, as in training. An output cell is
 ``stride`` x ``stride`` scene pixels and holds the mean of the windows that cover it; windows with more than
 ``--max_nodata`` nodata are skipped, and cells that are mostly nodata or covered by no kept window are
@@ -33,8 +33,8 @@ from tqdm import tqdm
 from predictor import Predictor, load_predictor
 from sarwmix.cli import ArgumentParser, count
 from sarwmix.constants import CHANNELS
+from sarwmix.data.scene import UNITS, MapWriter, Scene, WindowGrid, block_mean, check_same_grid, fill_nodata
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.scene import UNITS, MapWriter, Scene, WindowGrid, block_mean, check_same_grid, fill_nodata
 from util.config import run_cli
 from util.quicklook import NO_CLASS, class_colours, save_quicklook
 

@@ -13,7 +13,7 @@ The task, backbone, input size and channels come from the checkpoint's recorded 
 not record them (the released ones) is read from its tensors: the head size tells the task (2 outputs:
 SEN12-FLOOD), the encoder's keys and shapes the backbone. Windows are normalised with the checkpoint's stored
 statistics (``--stats`` for a file that has none), after a bilinear resize to the model's input size, as the
-training data were (``sarwmix.patches.resize_db``, ``engine_finetune.prepare_input``).
+training data were (``sarwmix.data.patches.resize_db``, ``engine_finetune.prepare_input``).
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ from torch import nn
 
 import backbones
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, CHANNELS, DATASET_STATS
+from sarwmix.data.geotiff import PATCH_SIZE
 from sarwmix.errors import CheckpointError, ConfigError
-from sarwmix.geotiff import PATCH_SIZE
 from tasks import get_task
 from util.augment import normalize
 from util.checkpoint import StoredArgs, checkpoint_args, load_checkpoint, model_state
-from util.misc import wants_cuda
+from util.distributed import wants_cuda
 from util.pretrained import PRETRAIN_ONLY, filter_state, load_pretrained
 
 log = logging.getLogger("sarwmix")

@@ -3,7 +3,7 @@
 A script's parser is ``main_finetune.py``'s (the same data and model flags, config files and overrides)
 plus the analysis output flags (``--out --name --dpi --title``), ``CHECKPOINT`` and ``--split``. Flags not
 given default to the values stored in the checkpoint's ``args``, so
-``python analysis/sweep_drop.py out/checkpoint_best.pth`` scores the model on the data it was finetuned on.
+``python -m analysis.sweep_drop out/checkpoint_best.pth`` scores the model on the data it was finetuned on.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from sarwmix.errors import ConfigError
 from util import runner
 from util.checkpoint import checkpoint_args, load_checkpoint, model_state
 from util.config import parse_with_config
-from util.misc import resolve_amp, wants_cuda
+from util.device import resolve_amp
+from util.distributed import wants_cuda
 from util.pretrained import load_pretrained
 
 # Settings of the finetuning run that define the model and its data (taken from the checkpoint's args).

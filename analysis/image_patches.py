@@ -2,8 +2,8 @@
 
 Usage::
 
-    python analysis/image_patches.py output_pss/checkpoint_best.pth --rho 0.5 --n 4
-    python analysis/image_patches.py CKPT --rho 0.3 --n 8 --split test --out figures/
+    python -m analysis.image_patches output_pss/checkpoint_best.pth --rho 0.5 --n 4
+    python -m analysis.image_patches CKPT --rho 0.3 --n 8 --split test --out figures/
 
 Tokens are ranked as in training and evaluation (``util.pss``: L2 norm of the patch embedding, before the
 position embedding) and the ``ceil(rho * N)`` largest are kept. Writes ``image_patches.json``::
@@ -27,15 +27,11 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-if __package__ in (None, ""):
-    # Run as `python analysis/image_patches.py`: make the repository root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis.finetuned import Finetuned, load_finetuned, script_parser  # noqa: E402
-from analysis.logs import run_main  # noqa: E402
-from sarwmix.cli import count  # noqa: E402
-from sarwmix.errors import ConfigError  # noqa: E402
-from util.pss import TOKEN_SCORE, keep_count, select_tokens, token_scores  # noqa: E402
+from analysis.finetuned import Finetuned, load_finetuned, script_parser
+from analysis.logs import run_main
+from sarwmix.cli import count
+from sarwmix.errors import ConfigError
+from util.pss import TOKEN_SCORE, keep_count, select_tokens, token_scores
 
 DISPLAY_CHANNEL = "VH"
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python analysis/plot_epoch_sweep.py "output/sweep/**/results.json" --metric mAP_macro --out figures/
+    python -m analysis.plot_epoch_sweep "output/sweep/**/results.json" --metric mAP_macro --out figures/
 
 Each finetune ``results.json`` gives one point at its ``pretrain_epoch`` (the completed epochs stored in the
 pretraining checkpoint it started from); runs repeated with other seeds are averaged (error bar: sample
@@ -24,10 +24,6 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-if __package__ in (None, ""):
-    # Run as `python analysis/plot_epoch_sweep.py`: make the repository root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from analysis.logs import (
     PRETRAINED,
     RANDOM_INIT,
@@ -41,7 +37,7 @@ from analysis.logs import (
     summarise,
     write_outputs,
 )
-from sarwmix.cli import ArgumentParser  # noqa: E402
+from sarwmix.cli import ArgumentParser
 from sarwmix.errors import DataError
 
 GROUP = ["model", "protocol", "train_fraction", "hparams", "init", "pretrain_epoch"]

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python analysis/plot_label_efficiency.py "output/label_eff/**/results.json" --out figures/
+    python -m analysis.plot_label_efficiency "output/label_eff/**/results.json" --out figures/
 
 Pretrained runs (``finetune`` set) and runs from random initialisation (``finetune: null``) form two lines;
 runs repeated with other seeds are averaged (error bar: sample standard deviation). Runs of different
@@ -22,10 +22,6 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-if __package__ in (None, ""):
-    # Run as `python analysis/plot_label_efficiency.py`: make the repository root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from analysis.logs import (
     LINEAR_PROBE,
     PRETRAINED,
@@ -40,7 +36,7 @@ from analysis.logs import (
     summarise,
     write_outputs,
 )
-from sarwmix.cli import ArgumentParser, count  # noqa: E402
+from sarwmix.cli import ArgumentParser, count
 from sarwmix.errors import ConfigError
 
 GROUP = ["model", "protocol", "init", "pretrain_epoch", "train_fraction"]

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python analysis/plot_pretrain_loss.py output/pretrain_base output/pretrain_simmim --out figures/
+    python -m analysis.plot_pretrain_loss output/pretrain_base output/pretrain_simmim --out figures/
 
 Writes ``pretrain_loss.png``, ``pretrain_loss_epoch.csv`` (``run, epoch, train_loss, train_lr, source``)
 and ``pretrain_loss_step.csv`` (``run, epoch, iter, loss, loss_smooth, lr``). Runs with the representation
@@ -19,10 +19,6 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-if __package__ in (None, ""):
-    # Run as `python analysis/plot_pretrain_loss.py`: make the repository root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from analysis.logs import (
     EPOCH_LOG,
     STEP_LOG,
@@ -35,7 +31,7 @@ from analysis.logs import (
     run_main,
     write_outputs,
 )
-from sarwmix.cli import ArgumentParser, count  # noqa: E402
+from sarwmix.cli import ArgumentParser, count
 
 # Lines with this few points also get markers, so a one-epoch run still shows up.
 MARKER_MAX_POINTS = 30

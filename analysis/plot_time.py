@@ -2,7 +2,7 @@
 
 Usage::
 
-    python analysis/plot_time.py output/pretrain_base output/pretrain_large --out figures/
+    python -m analysis.plot_time output/pretrain_base output/pretrain_large --out figures/
 
 Epoch times come from ``epoch_time_s`` in ``log.txt``; a run without it falls back to the ``time_s`` stamps of
 ``train_log.json`` (time between the last iterations of consecutive epochs). The total is the sum of the
@@ -21,10 +21,6 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-if __package__ in (None, ""):
-    # Run as `python analysis/plot_time.py`: make the repository root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from analysis.logs import (
     EPOCH_LOG,
     STEP_LOG,
@@ -37,7 +33,7 @@ from analysis.logs import (
     run_main,
     write_outputs,
 )
-from sarwmix.cli import ArgumentParser  # noqa: E402
+from sarwmix.cli import ArgumentParser
 from sarwmix.errors import DataError
 
 # (upper limit in seconds, divisor, unit): the first row whose limit exceeds the largest value is used.

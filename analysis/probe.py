@@ -30,7 +30,7 @@ import torch
 import backbones
 from sarwmix.cli import ArgumentParser, count
 from sarwmix.constants import CHANNELS
-from sarwmix.datasets import DATASET_NAMES
+from sarwmix.data.datasets import DATASET_NAMES
 from sarwmix.errors import SarwmixError
 from util.checkpoint import checkpoint_args, load_checkpoint, model_state
 from util.pretrained import load_pretrained

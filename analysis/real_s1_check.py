@@ -37,13 +37,13 @@ import torch
 import main_pretrain
 from sarwmix.cli import ArgumentParser
 from sarwmix.constants import CHANNELS
+from sarwmix.data.geotiff import read_band
+from sarwmix.data.patches import resize_db
 from sarwmix.errors import CheckpointError, DataError
-from sarwmix.geotiff import read_band
-from sarwmix.masking import pixel_mask
-from sarwmix.patches import resize_db
-from sarwmix.weighting import WEIGHTINGS, weight_map
+from sarwmix.sar.weighting import WEIGHTINGS, weight_map
 from util.augment import normalize
 from util.checkpoint import check_keys, check_shapes, checkpoint_args, load_checkpoint, model_state
+from util.masking import pixel_mask
 
 log = logging.getLogger("sarwmix")
 DATA_ENV = "SARWMIX_REAL_S1"  # the folder of the real samples, where --data is not given

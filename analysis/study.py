@@ -41,9 +41,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from analysis.study_config import (
     ALL_ARMS,
     ARMS,
@@ -57,7 +54,7 @@ from analysis.study_config import (
     finetune_epochs,
 )
 from analysis.study_probes import limit_own_threads, probe_all, probe_curves
-from sarwmix.cli import ArgumentParser, count  # noqa: E402
+from sarwmix.cli import ArgumentParser, count
 from sarwmix.errors import ConfigError, SarwmixError
 
 log = logging.getLogger("sarwmix.study")

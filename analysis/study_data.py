@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sarwmix.bigearthnetv1 import target_from_names
+from sarwmix.data.bigearthnetv1 import target_from_names
+from sarwmix.data.packed_format import PackedWriter
+from sarwmix.data.synthetic import generate_patch
 from sarwmix.errors import DataError
-from sarwmix.packed_format import PackedWriter
-from sarwmix.synthetic import generate_patch
 
 PRETRAIN_SEED, LABELLED_SEED = 101, 202
 DATA_SEED_STRIDE = 1000  # base seeds of --data_seed N: 101 + 1000 N and 202 + 1000 N, never another's

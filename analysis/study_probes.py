@@ -58,7 +58,7 @@ def probe_curves(study: Study, ckpts: dict[str, Path], n_max: int = 512) -> pd.D
 
 def labelled_split(study: Study, split: str):
     """The labelled data set of the study, one split, at 128 px."""
-    from sarwmix.datasets import build_dataset
+    from sarwmix.data.datasets import build_dataset
 
     dataset, path = study.data["labelled"]
     return build_dataset(dataset, data_path=path, split=split, input_size=study.scale.input_size)
@@ -86,7 +86,7 @@ def features(study: Study, name: str, ckpt: Path | None, seed: int) -> dict[str,
         return dict(np.load(cache))
     import torch
 
-    from util.misc import resolve_amp
+    from util.device import resolve_amp
     from util.probe import pooled_features
 
     model = load_encoder(study, ckpt, seed)

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python analysis/sweep_drop.py output_pss/checkpoint_best.pth --rho 0.2 0.4 0.6 0.8 1.0
-    python analysis/sweep_drop.py CKPT --split test --dataset benv1 --data_path /data/BigEarthNet-S1-v1.0
+    python -m analysis.sweep_drop output_pss/checkpoint_best.pth --rho 0.2 0.4 0.6 0.8 1.0
+    python -m analysis.sweep_drop CKPT --split test --dataset benv1 --data_path /data/BigEarthNet-S1-v1.0
 
 For each ``rho`` the split is scored with ``engine_finetune.evaluate`` (the model keeps the
 ``ceil(rho * N)`` patch tokens of largest embedding norm), and inference throughput is measured on one
@@ -31,17 +31,13 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-if __package__ in (None, ""):
-    # Run as `python analysis/sweep_drop.py`: make the repository root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import engine_finetune as E  # noqa: E402
-from analysis.finetuned import Finetuned, load_finetuned, script_parser  # noqa: E402
-from analysis.logs import run_main, write_outputs  # noqa: E402
-from sarwmix.cli import count  # noqa: E402
-from sarwmix.errors import ConfigError  # noqa: E402
-from util.pss import keep_count  # noqa: E402
-from util.timing import Speedup, noise_warning, round_robin_times, speedups  # noqa: E402
+import engine_finetune as E
+from analysis.finetuned import Finetuned, load_finetuned, script_parser
+from analysis.logs import run_main, write_outputs
+from sarwmix.cli import count
+from sarwmix.errors import ConfigError
+from util.pss import keep_count
+from util.timing import Speedup, noise_warning, round_robin_times, speedups
 
 DEFAULT_RHOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 

@@ -4,15 +4,15 @@ A sample is read + decode + resize 120 -> 128 + normalise (the weight map is exc
 the device). The data are written by the synthetic writers into a temporary folder first, so the run
 needs no download. One thread, one process, warm page cache (each format is read once before timing).
 
-    python benchmarks/bench_data.py [--n 500] [--min_seconds 2]
+    python -m benchmarks.bench_data [--n 500] [--min_seconds 2]
 
 ``--workers N ...`` measures instead what the training loader (``engine.make_loader``: batches of
 raw dB patches, the weight map being computed on the device) delivers from the packed format with N worker
 processes, against the rate at which one GPU's step consumes images: ``--step_img_s`` or the fastest row
 of a ``bench_pretrain.py`` table (``--step_table``). The packed set is ``--packed_path`` or ``--n`` synthetic
-patches written by ``sarwmix.packed.convert_synthetic``. It answers how many loader workers a GPU needs:
+patches written by ``sarwmix.data.packed.convert_synthetic``. It answers how many loader workers a GPU needs:
 
-    python benchmarks/bench_data.py --workers 1 2 4 8 --step_table out/bench_base.txt --n 2048
+    python -m benchmarks.bench_data --workers 1 2 4 8 --step_table out/bench_base.txt --n 2048
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one loader worker = one core; s
 
 import argparse
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,15 +30,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine import make_loader  # noqa: E402
-from sarwmix.bigearthnetv2 import load_metadata, select_split, targets_from_labels  # noqa: E402
-from sarwmix.cli import ArgumentParser, count  # noqa: E402
-from sarwmix.constants import BEN_19_CLASSES  # noqa: E402
-from sarwmix.datasets import build_dataset  # noqa: E402
-from sarwmix.packed import convert, convert_synthetic  # noqa: E402
-from sarwmix.synthetic import write_benv1, write_benv1_zarr, write_benv2, write_benv2_lmdb
+from engine import make_loader
+from sarwmix.cli import ArgumentParser, count
+from sarwmix.constants import BEN_19_CLASSES
+from sarwmix.data.bigearthnetv2 import load_metadata, select_split, targets_from_labels
+from sarwmix.data.datasets import build_dataset
+from sarwmix.data.packed import convert, convert_synthetic
+from sarwmix.data.synthetic import write_benv1, write_benv1_zarr, write_benv2, write_benv2_lmdb
 
 # (label, dataset name, sub-folder written by the setup below)
 FORMATS = (

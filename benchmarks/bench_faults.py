@@ -1,7 +1,7 @@
 """Time to exit or recover, and the work lost, for the faults of docs/RELIABILITY.md (2 CPU ranks, gloo).
 
-    python benchmarks/bench_faults.py                   # every scenario, about 5 minutes on 2 cores
-    python benchmarks/bench_faults.py --only preempt_torchrun frozen_rank
+    python -m benchmarks.bench_faults                   # every scenario, about 5 minutes on 2 cores
+    python -m benchmarks.bench_faults --only preempt_torchrun frozen_rank
 
 Each scenario runs the small pretraining of the fault tests (``mixmim_study``, 64 px, 2 epochs of 6 updates
 on 2 ranks) with its fault injected at the start of a fixed step by ``benchmarks/fault_inject.py``, and prints
@@ -24,7 +24,9 @@ from pathlib import Path
 from sarwmix.cli import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
-INJECT = REPO / "benchmarks" / "fault_inject.py"
+# The entry points through the fault injector: ``python -m benchmarks.fault_inject main_pretrain.py ARGS``
+# (torchrun and mpirun take the same words after their own options).
+INJECT = ["-m", "benchmarks.fault_inject"]
 # 24 samples, 2 per rank and step on 2 ranks: 6 updates per epoch, 2 epochs; checkpoints of 25 MB.
 RUN = ["--model", "mixmim_study", "--input_size", "64", "--num_samples", "24", "--batch_size", "2", "--epochs", "2",
        "--warmup_epochs", "1", "--num_workers", "0", "--no-progress", "--vis_samples", "0", "--num_threads", "1"]
@@ -115,7 +117,7 @@ def preempt(work: Path, launcher: str) -> tuple[str, float, int]:
     faults = {"torchrun": ("SIGTERM", "group"), "mpirun": ("SIGUSR1", "parent")}[launcher]
     stamped = work / f"{launcher}.stamp"
     env = run_env(FAULT_AT=str(at), FAULT=faults[0], FAULT_TARGET=faults[1], FAULT_STAMP=str(stamped))
-    args = [str(INJECT), "main_pretrain.py", *RUN, "--output_dir", str(out)]
+    args = [*INJECT, "main_pretrain.py", *RUN, "--output_dir", str(out)]
     job = launch(torchrun(*args) if launcher == "torchrun" else mpirun(*args), env)
     seconds = job.lines[-1][0] - stamp(stamped)
     return f"exit {job.returncode}, checkpoint at update {_position(out)}", seconds, _redone(at, out)
@@ -124,7 +126,7 @@ def preempt(work: Path, launcher: str) -> tuple[str, float, int]:
 def frozen_rank(work: Path, timeout: int = 30) -> tuple[str, float, int]:
     stamped = work / "frozen.stamp"
     env = run_env(FAULT_AT="4", FAULT="SIGSTOP", FAULT_RANK="1", FAULT_STAMP=str(stamped))
-    job = launch(torchrun(str(INJECT), "main_pretrain.py", *RUN, "--dist_timeout", str(timeout), "--output_dir",
+    job = launch(torchrun(*INJECT, "main_pretrain.py", *RUN, "--dist_timeout", str(timeout), "--output_dir",
                           str(work / "frozen")), env, timeout=timeout + 300)
     reported = job.first("error: rank 0") - stamp(stamped)
     seconds = job.lines[-1][0] - stamp(stamped)
@@ -135,7 +137,7 @@ def killed_rank(work: Path) -> tuple[str, float, int]:
     out = work / "killed"
     env = run_env(FAULT_AT="4", FAULT="SIGKILL", FAULT_RANK="1", FAULT_ONCE=str(work / "killed.once"),
                   FAULT_STAMP=str(work / "killed.stamp"))
-    job = launch(torchrun(str(INJECT), "main_pretrain.py", *RUN, "--save_every_steps", "2", "--resume", "auto",
+    job = launch(torchrun(*INJECT, "main_pretrain.py", *RUN, "--save_every_steps", "2", "--resume", "auto",
                           "--output_dir", str(out), restarts=1), env)
     resumed = job.first("resumed from") - stamp(work / "killed.stamp")
     return f"restarted, resumed at update 2, exit {job.returncode}", resumed, 4 - 1 - 2
@@ -144,7 +146,7 @@ def killed_rank(work: Path) -> tuple[str, float, int]:
 def sigkill_periodic(work: Path) -> tuple[str, float, int]:
     out = work / "sigkill"
     env = run_env(FAULT_AT="6", FAULT="SIGKILL", FAULT_STAMP=str(work / "sigkill.stamp"))
-    job = launch([sys.executable, str(INJECT), "main_pretrain.py", *RUN, "--batch_size", "4",
+    job = launch([sys.executable, *INJECT, "main_pretrain.py", *RUN, "--batch_size", "4",
                   "--save_every_steps", "2", "--output_dir", str(out)], env)
     seconds = job.lines[-1][0] - stamp(work / "sigkill.stamp") if job.lines else 0.0
     return f"killed (exit {job.returncode}), checkpoint at update {_position(out)}", seconds, _redone(6, out)

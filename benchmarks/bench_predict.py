@@ -12,8 +12,8 @@ The scene is written first (``--size`` px a side, seeded synthetic fields, float
 calibration), so the run needs no data. The model is ``--checkpoint`` or a freshly initialised ``--model``
 BigEarthNet classifier (the forward costs the same whatever its weights).
 
-    python benchmarks/bench_predict.py                          # mixmim_tiny at 128 px, 1200 px scene, CPU
-    python benchmarks/bench_predict.py --write_scene /tmp/scene_10k.tif --size 10000   # only write a scene
+    python -m benchmarks.bench_predict                          # mixmim_tiny at 128 px, 1200 px scene, CPU
+    python -m benchmarks.bench_predict --write_scene /tmp/scene_10k.tif --size 10000   # only write a scene
 
 The table gives the median windows/s of each arm and its spread (min-max over the rounds).
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,16 +31,14 @@ import torch
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import predict as P  # noqa: E402
-from predictor import load_predictor  # noqa: E402
-from sarwmix.cli import ArgumentParser, count  # noqa: E402
-from sarwmix.constants import CHANNELS, DATASET_STATS  # noqa: E402
-from sarwmix.scene import Scene, WindowGrid  # noqa: E402
-from sarwmix.synthetic import generate_patch  # noqa: E402
-from tasks import get_task  # noqa: E402
-from util.timing import round_robin_times  # noqa: E402
+import predict as P
+from predictor import load_predictor
+from sarwmix.cli import ArgumentParser, count
+from sarwmix.constants import CHANNELS, DATASET_STATS
+from sarwmix.data.scene import Scene, WindowGrid
+from sarwmix.data.synthetic import generate_patch
+from tasks import get_task
+from util.timing import round_robin_times
 
 STRIP = 256  # rows written at a time: the scene is never whole in memory
 

@@ -1,8 +1,8 @@
 """Throughput of a full pretraining step, as a fraction of the same device's matmul peak (CPU or GPU).
 
-    python benchmarks/bench_pretrain.py --model mixmim_base --batch_size 8 --amp bf16 --device cpu
-    python benchmarks/bench_pretrain.py --model mixmim_base --batch_size 32 --amp bf16 fp32 --compare-eager
-    python benchmarks/bench_pretrain.py --device cuda --model mixmim_base mixmim_large --batch_size 128 256 \\
+    python -m benchmarks.bench_pretrain --model mixmim_base --batch_size 8 --amp bf16 --device cpu
+    python -m benchmarks.bench_pretrain --model mixmim_base --batch_size 32 --amp bf16 fp32 --compare-eager
+    python -m benchmarks.bench_pretrain --device cuda --model mixmim_base mixmim_large --batch_size 128 256 \\
         --max_batch 4096 --compare-eager --grad_ckpt --compile
 
 A step is what training does: weight map from raw dB, forward with the map, backward, AdamW (fused where
@@ -20,38 +20,32 @@ where the sweep stopped, frees the memory and the next setting runs; larger batc
 prints where the time goes, with the fraction of peak the step would reach if only its matrix products
 took time: the ceiling that removing all other work (fusion) could give on this machine.
 On a CPU the page faults and kernel time per timed step show what the allocator costs (``--cpu_memory
-system`` leaves glibc's defaults, ``tuned`` is what training uses: ``util.misc.tune_cpu_memory``).
+system`` leaves glibc's defaults, ``tuned`` is what training uses: ``util.device.tune_cpu_memory``).
 """
 from __future__ import annotations
 
 import argparse
 import resource
 import statistics
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import device_timing as dev  # noqa: E402  (same folder)
-
-import backbones  # noqa: E402
-from engine import adamw  # noqa: E402
-from engine_pretrain import make_pretrain_step  # noqa: E402
-from sarwmix.cli import ArgumentParser, count  # noqa: E402
-from sarwmix.constants import CHANNELS  # noqa: E402
-from util.lr_decay import param_groups  # noqa: E402
-from util.misc import CPU_MEMORY_MODES, cpu_supports_bf16, tune_cpu_memory  # noqa: E402
-from util.timing import noise_warning, round_robin_times, speedups  # noqa: E402
+import backbones
+from benchmarks import device_timing as dev
+from engine import adamw
+from engine_pretrain import make_pretrain_step
+from sarwmix.cli import ArgumentParser, count
+from sarwmix.constants import CHANNELS
+from util.device import CPU_MEMORY_MODES, cpu_supports_bf16, tune_cpu_memory
+from util.lr_decay import param_groups
+from util.timing import noise_warning, round_robin_times, speedups
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 # Paths of one setting, in table order: the released code's step, the training default, and its variants.
@@ -341,7 +335,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "print where the time goes")
     p.add_argument("--threads", type=count(0), default=0)
     p.add_argument("--cpu_memory", default="tuned", choices=CPU_MEMORY_MODES,
-                   help="allocator setting of the training runs (util.misc.tune_cpu_memory)")
+                   help="allocator setting of the training runs (util.device.tune_cpu_memory)")
     p.add_argument("--peak_seconds", type=float, default=2.0, help="duration of each matmul-peak measurement")
     p.add_argument("--peak_n", type=count(1), default=None,
                    help="matmul side of the peaks (default: cpu 2048, cuda 8192)")

@@ -1,7 +1,7 @@
 """Speed of a full ViT finetuning step against the kept-token fraction rho (Patch Sampling Schedule).
 
-    python benchmarks/bench_pss.py --model vit_small_rel --input_size 128 --batch_size 32 --amp bf16 fp32
-    python benchmarks/bench_pss.py --model vit_base_rel --rho 0.25 0.5 0.75 1.0 --steps 5
+    python -m benchmarks.bench_pss --model vit_small_rel --input_size 128 --batch_size 32 --amp bf16 fp32
+    python -m benchmarks.bench_pss --model vit_base_rel --rho 0.25 0.5 0.75 1.0 --steps 5
 
 A step is what ``main_finetune.py --pss ...`` does per update: random flips, normalisation, token ranking
 and selection, forward, ``MultiLabelSoftMarginLoss`` on 19 classes, backward, AdamW (layer-wise lr decay
@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_pretrain import DTYPES, count_flops  # noqa: E402  (same folder)
-
-from engine import adamw  # noqa: E402
-from engine_finetune import make_finetune_step  # noqa: E402
-from models_vit import VIT_CONFIGS, build_vit  # noqa: E402
-from sarwmix.cli import ArgumentParser, count  # noqa: E402
-from util.lr_decay import param_groups  # noqa: E402
-from util.misc import CPU_MEMORY_MODES, tune_cpu_memory  # noqa: E402
-from util.pss import keep_count  # noqa: E402
-from util.timing import Speedup, noise_warning, round_robin_times, speedups  # noqa: E402
+from benchmarks.bench_pretrain import DTYPES, count_flops
+from engine import adamw
+from engine_finetune import make_finetune_step
+from models_vit import VIT_CONFIGS, build_vit
+from sarwmix.cli import ArgumentParser, count
+from util.device import CPU_MEMORY_MODES, tune_cpu_memory
+from util.lr_decay import param_groups
+from util.pss import keep_count
+from util.timing import Speedup, noise_warning, round_robin_times, speedups
 
 N_CLASSES = 19
 
@@ -86,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=count(0), default=1, help="untimed steps per rho first")
     p.add_argument("--threads", type=count(0), default=0)
     p.add_argument("--cpu_memory", default="tuned", choices=CPU_MEMORY_MODES,
-                   help="allocator setting, as in training (util.misc.tune_cpu_memory)")
+                   help="allocator setting, as in training (util.device.tune_cpu_memory)")
     a = p.parse_args(argv)
     memory = tune_cpu_memory(a.cpu_memory)
     if a.threads:

@@ -1,6 +1,6 @@
 """Run an entry point with a fault injected at a given training step, the same on any machine however loaded.
 
-    python benchmarks/fault_inject.py main_pretrain.py ARGS...    (or main_finetune.py)
+    python -m benchmarks.fault_inject main_pretrain.py ARGS...    (or main_finetune.py)
 
 Environment:
     FAULT_AT      the 1-based call of the training step at whose start the fault happens (unset: no fault)
@@ -15,6 +15,7 @@ A launcher that takes an interpreter (``PYTHON=...``) gets an executable wrapper
 """
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -56,11 +57,9 @@ def inject() -> None:
 
 def main() -> None:
     script = sys.argv[1]
-    module_name = Path(script).stem  # main_pretrain | main_finetune
     sys.argv = [script, *sys.argv[2:]]
-    sys.path.insert(0, str(Path(script).resolve().parent))
-    module = __import__(module_name)
-    engine = __import__("engine")
+    module = importlib.import_module(Path(script).stem)  # main_pretrain | main_finetune
+    engine = importlib.import_module("engine")
     real_train = engine.train_one_epoch
     calls = [0]
     at, rank = int(os.environ.get("FAULT_AT", "0")), os.environ.get("FAULT_RANK", "0")  # 0: no fault

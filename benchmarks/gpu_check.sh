@@ -53,7 +53,7 @@ cd "$REPO"
 # Tiny settings run in fp32: bf16 is emulated, five times slower, on CPUs without AVX512-BF16/AMX.
 if [[ "$TINY" == 1 ]]; then
   AMP=fp32; AMP_RUN=off; BASE=mixmim_tiny; LARGE=mixmim_tiny; HUGE=mixmim_tiny
-  B="$PY benchmarks/bench_pretrain.py --device $DEVICE --amp $AMP"
+  B="$PY -m benchmarks.bench_pretrain --device $DEVICE --amp $AMP"
   B="$B --input_size 64 --steps 1 --warmup 0 --peak_seconds 0.05 --peak_n 256"
   SWEEP_BASE="--batch_size 2"; SWEEP_LARGE="--batch_size 2"; SWEEP_HUGE="--batch_size 2"
   ONE_BATCH="--batch_size 2"; COMPILE="--compile --compile_backend eager"  # graph capture, no C++ build
@@ -63,7 +63,7 @@ if [[ "$TINY" == 1 ]]; then
   LIMIT=600; LIMIT_LONG=600; BUDGET_S="${BUDGET_S:-1800}"  # a loaded CPU, not the 8-minute GPU budget
 else
   AMP=bf16; AMP_RUN=bf16; BASE=mixmim_base; LARGE=mixmim_large; HUGE=mixmim_huge
-  B="$PY benchmarks/bench_pretrain.py --device $DEVICE --amp $AMP"
+  B="$PY -m benchmarks.bench_pretrain --device $DEVICE --amp $AMP"
   B="$B --steps 5 --warmup 2 --peak_seconds 1"
   SWEEP_BASE="--batch_size 128 256 --max_batch 1024"; SWEEP_LARGE="--batch_size 128 256 --max_batch 512"
   SWEEP_HUGE="--batch_size 64 128 256"
@@ -104,7 +104,7 @@ section() {
   printf '== %s: %s\n' "$name" "${RESULTS[-1]}"
 }
 
-IMPORTS="import torch, main_pretrain, main_finetune, sarwmix.packed"
+IMPORTS="import torch, main_pretrain, main_finetune, sarwmix.data.packed"
 section install 300 "if $PY -c 'import torch' 2>/dev/null; then echo 'torch found: install skipped'; \
 else $PY -m pip install -e '$REPO'; fi; $PY -c '$IMPORTS; print(\"torch\", torch.__version__)'"
 section env 60 "(command -v nvidia-smi >/dev/null && nvidia-smi || echo 'nvidia-smi: not found'); \
@@ -117,7 +117,7 @@ section bench_simmim "$LIMIT" "$B --model $BASE --mode simmim $ONE_BATCH --compa
 # The fastest row of the base table is the step rate the loaders must sustain (a fixed one if it failed).
 STEP="\$(grep -qs ' optimised ' '$OUT_DIR/bench_base.log' && echo --step_table '$OUT_DIR/bench_base.log' \
 || echo --step_img_s 3000)"
-section data_rate "$LIMIT_LONG" "$PY benchmarks/bench_data.py $DATA $STEP"
+section data_rate "$LIMIT_LONG" "$PY -m benchmarks.bench_data $DATA $STEP"
 section pretrain "$LIMIT_LONG" "$PY main_pretrain.py $TRAIN --device $DEVICE --amp $AMP_RUN --epochs 1 \
 --warmup_epochs 0 --vis_samples 2 --no-progress --output_dir '$OUT_DIR/pretrain'"
 section finetune "$LIMIT_LONG" "$PY main_finetune.py $TUNE --device $DEVICE --amp $AMP_RUN --epochs 1 \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare SEN12-FLOOD for finetuning: unzip (if a .zip is given) -> align S1 onto the S2 grid
 # -> build the image pairs -> drop partial-coverage pairs, then print the class counts per split.
-# Result: OUT/train/*.npy, OUT/test/*.npy, OUT/test_sequences.txt (read by sarwmix.sen12flood_loader).
+# Result: OUT/train/*.npy, OUT/test/*.npy, OUT/test_sequences.txt (read by sarwmix.data.sen12flood_loader).
 # Intermediates live in OUT/_work and are removed at the end unless --keep_intermediate is given.
 set -euo pipefail
 
@@ -65,18 +65,18 @@ fi
 ROOT=$(dirname "${LISTINGS[0]}")
 
 echo "[2/4] align S1 onto the S2 grid: $ROOT -> $WORK/aligned"
-"$PYTHON" -m sarwmix.sen12_align_s1_to_s2 "$ROOT" "$WORK/aligned" ${ALIGN_ARGS[@]+"${ALIGN_ARGS[@]}"}
+"$PYTHON" -m sarwmix.prep.sen12_align_s1_to_s2 "$ROOT" "$WORK/aligned" ${ALIGN_ARGS[@]+"${ALIGN_ARGS[@]}"}
 
 echo "[3/4] build pairs -> $OUT/train, $OUT/test"
-"$PYTHON" -m sarwmix.sen12_data_prep "$WORK/aligned" "$WORK/aligned/S1list.json" "$OUT" --overwrite \
+"$PYTHON" -m sarwmix.prep.sen12_data_prep "$WORK/aligned" "$WORK/aligned/S1list.json" "$OUT" --overwrite \
   ${PAIR_ARGS[@]+"${PAIR_ARGS[@]}"}
 
 echo "[4/4] drop pairs with >= 25% zeros in a channel"
-"$PYTHON" -m sarwmix.sen12_prune_partial_pairs "$OUT" --threshold 0.25 --delete
+"$PYTHON" -m sarwmix.prep.sen12_prune_partial_pairs "$OUT" --threshold 0.25 --delete
 
 if [[ $KEEP -eq 0 ]]; then
   rm -rf "$WORK"
 fi
 echo "class counts:"
-"$PYTHON" -c 'import sys; from sarwmix.sen12_data_prep import print_class_counts as p; sys.exit(p(sys.argv[1]))' \
+"$PYTHON" -c 'import sys; from sarwmix.prep.sen12_data_prep import print_class_counts as p; sys.exit(p(sys.argv[1]))' \
   "$OUT"

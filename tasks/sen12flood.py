@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from models_mixmim import SWIN_WINDOWS, valid_input_sizes
+from models_swin import SWIN_WINDOWS, valid_input_sizes
+from sarwmix.data.sen12flood_pairs import pair_sequence
 from sarwmix.errors import ConfigError, DataError
 from tasks.base import Task
 from util.metrics import SEN12_METRICS, binary_metrics
@@ -76,11 +77,6 @@ class Sen12Flood(Task):
             log.warning("the SEN12-FLOOD validation split holds no flood pair: its %s is 0 in every epoch, so the "
                         "first epoch would be kept; use another --seed / --val_fraction, a val/ folder, or "
                         "--select_metric accuracy", select_metric)
-
-
-def pair_sequence(path: Path) -> str:
-    """The sequence of a SEN12-FLOOD pair file ``<seq>__<file1>__<file2>__<label>.npy``."""
-    return Path(path).name.split("__")[0]
 
 
 def holdout_by_sequence(files: Sequence[Path], fraction: float, seed: int) -> tuple[list[int], list[int]]:

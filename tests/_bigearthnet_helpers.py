@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sarwmix.geotiff import write_band
+from sarwmix.data.geotiff import write_band
 
 
 def copy_tree(src: Path, dst: Path) -> Path:
@@ -36,7 +36,7 @@ def write_two_bands(path: Path) -> None:
     """A 2-band GeoTIFF where a one-band file is expected."""
     import rasterio
 
-    from sarwmix.geotiff import utm_transform
+    from sarwmix.data.geotiff import utm_transform
 
     profile = {"driver": "GTiff", "dtype": "float32", "width": 120, "height": 120, "count": 2,
                "crs": "EPSG:32633", "transform": utm_transform(400000.0, 5300000.0)}
@@ -46,7 +46,7 @@ def write_two_bands(path: Path) -> None:
 
 def poke_nan(path: Path) -> None:
     """Rewrite a GeoTIFF with one NaN pixel."""
-    from sarwmix.geotiff import read_band
+    from sarwmix.data.geotiff import read_band
 
     band = read_band(path)
     band[5, 7] = np.nan

@@ -13,7 +13,7 @@ from rasterio.transform import Affine
 
 import backbones
 from sarwmix.constants import CHANNELS, DATASET_STATS
-from sarwmix.synthetic import generate_patch
+from sarwmix.data.synthetic import generate_patch
 from tasks import get_task
 
 CRS = "EPSG:32633"

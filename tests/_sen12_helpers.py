@@ -1,7 +1,7 @@
 """Shared SEN12-FLOOD fixtures for the tests: one synthetic root, its alignment and its pairs per session.
 
 The expected pairs are written out by hand from the flood patterns documented in
-``sarwmix/sen12flood_synthetic.py`` (sequence i follows pattern i % 4), as indices into each sequence's
+``sarwmix/data/sen12flood_synthetic.py`` (sequence i follows pattern i % 4), as indices into each sequence's
 dates in chronological order. Tests that modify data copy it first (``copy_tree``).
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sarwmix.sen12_align_s1_to_s2 import align_dataset
-from sarwmix.sen12_data_prep import prepare_pairs
-from sarwmix.sen12flood_synthetic import write_sen12flood
+from sarwmix.data.sen12flood_synthetic import write_sen12flood
+from sarwmix.prep.sen12_align_s1_to_s2 import align_dataset
+from sarwmix.prep.sen12_data_prep import prepare_pairs
 
 SEED = 3
 N_SEQUENCES = 4

@@ -82,7 +82,7 @@ def assert_png(path: Path) -> None:
 
 
 def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / "analysis" / f"{name}.py"), *args]
+    command = [sys.executable, "-m", f"analysis.{name}", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
 
 

@@ -1,6 +1,6 @@
 """Bad patches at run time: the five ways a patch goes bad, each injected into a data set in its real format,
 in both modes (stop with one line naming the patch; --skip_bad: skip, count per epoch, list, stop past
---max_bad), for pretraining and finetuning; and the guard itself (sarwmix.bad_patches)."""
+--max_bad), for pretraining and finetuning; and the guard itself (sarwmix.data.bad_patches)."""
 from __future__ import annotations
 
 import json
@@ -16,11 +16,11 @@ from _bigearthnet_helpers import poke_nan, truncate, write_wrong_shape
 
 import main_finetune
 import main_pretrain
-from sarwmix.bad_patches import BadPatch, Collate, GuardedData, patch_name, unpack
-from sarwmix.bigearthnetv2 import LMDB_FOLDER
-from sarwmix.datasets import build_dataset
+from sarwmix.data.bad_patches import BadPatch, Collate, GuardedData, patch_name, unpack
+from sarwmix.data.bigearthnetv2 import LMDB_FOLDER
+from sarwmix.data.datasets import build_dataset
+from sarwmix.data.synthetic import convert_synthetic, write_benv1, write_benv2, write_benv2_lmdb
 from sarwmix.errors import DataError
-from sarwmix.synthetic import convert_synthetic, write_benv1, write_benv2, write_benv2_lmdb
 from util.subsets import SubsetView
 
 N = 24  # synthetic patches written per data set (about half of them in the train split)

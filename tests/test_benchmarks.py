@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(script: str, *args: str) -> list[list[str]]:
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{Path(script).stem}", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return [line.split() for line in proc.stdout.splitlines()]
@@ -58,8 +58,7 @@ def test_bench_pretrain_simmim_mode_with_breakdown():
 
 
 def test_op_breakdown_counts_products_apart_from_other_ops():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_pretrain import op_breakdown
+    from benchmarks.bench_pretrain import op_breakdown
 
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     lines = op_breakdown(lambda: (a @ b + a).relu(), flops=2 * 256**3, peak=1.0, top=5)
@@ -71,8 +70,7 @@ def test_op_breakdown_counts_products_apart_from_other_ops():
 
 def test_op_breakdown_times_the_optimizer_step():
     """The optimiser's kernels are timed like any other op (listed whatever their rank: top covers every kind)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_pretrain import op_breakdown
+    from benchmarks.bench_pretrain import op_breakdown
 
     w = torch.nn.Parameter(torch.randn(64, 64))
     opt = torch.optim.AdamW([w], lr=1e-3, fused=True)
@@ -89,8 +87,7 @@ def test_op_breakdown_times_the_optimizer_step():
 
 def test_table_keeps_a_slow_steps_figures_positive():
     """A step far below peak (0.4 GFLOP/s of a 770 GFLOP/s peak) still prints a positive fraction."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_pretrain import format_row
+    from benchmarks.bench_pretrain import format_row
 
     r = {"model": "mixmim_tiny", "mode": "mixmim", "path": "eager", "img_s": 0.004, "gflop_img": 0.1,
          "gflop_s": 0.0004, "faults": 0.0, "sys_s": 0.0}
@@ -123,9 +120,7 @@ def test_bench_predict_times_the_pipeline_the_forward_and_the_reader():
 # --- the GPU benchmark, exercised on the CPU --------------------------------------------------------------
 
 def _bench_pretrain():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_pretrain
-    import device_timing
+    from benchmarks import bench_pretrain, device_timing
 
     return bench_pretrain, device_timing
 
@@ -264,8 +259,7 @@ def test_out_of_memory_is_told_apart_from_other_errors():
 
 def test_bench_data_reads_the_step_rate_and_counts_workers(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # the import sets it
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_data
+    from benchmarks import bench_data
 
     table = tmp_path / "bench.txt"
     table.write_text("model mode batch ...\n"

@@ -12,8 +12,9 @@ import pytest
 import rasterio
 import zarr
 
-from sarwmix.bad_patches import GuardedData
-from sarwmix.bigearthnetv1 import (
+from sarwmix.constants import BEN_43_CLASSES, BEN_43_TO_19
+from sarwmix.data.bad_patches import GuardedData
+from sarwmix.data.bigearthnetv1 import (
     LABELS_JSON_KEYS,
     BenV1Folder,
     BenV1Zarr,
@@ -22,10 +23,9 @@ from sarwmix.bigearthnetv1 import (
     target_from_names,
     to_zarr,
 )
-from sarwmix.constants import BEN_43_CLASSES, BEN_43_TO_19
+from sarwmix.data.geotiff import write_band
+from sarwmix.data.synthetic import generate_patch, patch_records, write_benv1
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.geotiff import write_band
-from sarwmix.synthetic import generate_patch, patch_records, write_benv1
 from tests._bigearthnet_helpers import (
     copy_tree,
     poke_nan,

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 from conftest import real_s1_dir
 
-from sarwmix.bad_patches import GuardedData
-from sarwmix.bigearthnetv1 import target_from_names
-from sarwmix.bigearthnetv2 import (
+from sarwmix.constants import BEN_19_CLASSES
+from sarwmix.data.bad_patches import GuardedData
+from sarwmix.data.bigearthnetv1 import target_from_names
+from sarwmix.data.bigearthnetv2 import (
     METADATA_COLUMNS,
     BenV2Folder,
     BenV2Lmdb,
@@ -23,9 +24,8 @@ from sarwmix.bigearthnetv2 import (
     load_metadata,
     targets_from_labels,
 )
-from sarwmix.constants import BEN_19_CLASSES
+from sarwmix.data.synthetic import generate_patch, patch_records, write_benv2, write_benv2_lmdb
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.synthetic import generate_patch, patch_records, write_benv2, write_benv2_lmdb
 from tests._bigearthnet_helpers import copy_tree
 
 N, SEED = 24, 5

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sarwmix.errors import CheckpointError
-from util import checkpoint, misc
+from util import checkpoint, files
 from util.checkpoint import checkpoint_args, load_checkpoint, save_atomic, save_linked
 from util.config import RunConfig
 
@@ -40,7 +40,7 @@ def test_copy_where_the_file_system_refuses_links(tmp_path, monkeypatch):
     def refuse(src, dst):
         raise OSError(95, "Operation not supported")
 
-    monkeypatch.setattr(misc.os, "link", refuse)
+    monkeypatch.setattr(files.os, "link", refuse)
     latest, numbered = tmp_path / "checkpoint.pth", tmp_path / "checkpoint_1.pth"
     save_linked(_state(3), latest, numbered)
     assert not os.path.samefile(latest, numbered) and latest.read_bytes() == numbered.read_bytes()
@@ -50,7 +50,7 @@ def test_copy_where_the_file_system_refuses_links(tmp_path, monkeypatch):
 
 def test_missing_source_raises_and_leaves_no_temporary(tmp_path):
     with pytest.raises(FileNotFoundError):
-        misc.link_or_copy_atomic(tmp_path / "absent.pth", tmp_path / "alias.pth")
+        files.link_or_copy_atomic(tmp_path / "absent.pth", tmp_path / "alias.pth")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import sys
 
 import pytest
 import yaml
@@ -15,8 +14,6 @@ import main_finetune
 import main_pretrain
 from sarwmix.cli import ArgumentParser, count
 from sarwmix.errors import ConfigError
-
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def _error_line(capsys, parse) -> str:
@@ -96,13 +93,13 @@ def test_count_converts_config_file_values_without_silent_casts():
 ENTRY_POINTS = [
     ("main_pretrain", "parse_args", ["--epoch", "2"], "--epochs"),
     ("main_finetune", "parse_args", ["--finetun", "x.pth"], "--finetune"),
-    ("sarwmix.synthetic", "main", ["write", "out", "--format", "benv1", "--seeds", "1"], "--seed"),
-    ("sarwmix.stats", "main", ["--dataset", "benv1", "--max_sample", "3"], "--max_samples"),
-    ("sarwmix.packed", "main", ["convert", "--source", "synthetic", "o", "--shard_siz", "8"], "--shard_size"),
-    ("sarwmix.bigearthnetv1", "main", ["to-zarr", "s", "o", "--zarr_formats", "2"], "--zarr_format"),
-    ("sarwmix.sen12_align_s1_to_s2", "main", ["r", "o", "--s1list", "x"], "--s1_list"),
-    ("sarwmix.sen12_data_prep", "main", ["a", "l", "o", "--seedd", "1"], "--seed"),
-    ("sarwmix.sen12_prune_partial_pairs", "main", ["o", "--dry-run"], "--dry_run"),
+    ("sarwmix.data.synthetic", "main", ["write", "out", "--format", "benv1", "--seeds", "1"], "--seed"),
+    ("sarwmix.data.stats", "main", ["--dataset", "benv1", "--max_sample", "3"], "--max_samples"),
+    ("sarwmix.data.packed", "main", ["convert", "--source", "synthetic", "o", "--shard_siz", "8"], "--shard_size"),
+    ("sarwmix.data.bigearthnetv1", "main", ["to-zarr", "s", "o", "--zarr_formats", "2"], "--zarr_format"),
+    ("sarwmix.prep.sen12_align_s1_to_s2", "main", ["r", "o", "--s1list", "x"], "--s1_list"),
+    ("sarwmix.prep.sen12_data_prep", "main", ["a", "l", "o", "--seedd", "1"], "--seed"),
+    ("sarwmix.prep.sen12_prune_partial_pairs", "main", ["o", "--dry-run"], "--dry_run"),
     ("util.export_backbone", "main", ["ckpt.pth", "o.pth", "--verbose"], None),
     ("analysis.plot_time", "main", ["run", "--dpii", "9"], "--dpi"),
     ("analysis.plot_pretrain_loss", "main", ["run", "--smoth", "3"], "--smooth"),
@@ -113,11 +110,11 @@ ENTRY_POINTS = [
     ("analysis.study", "main", ["--out", "x", "--job", "2"], "--jobs"),
     ("analysis.sweep_drop", "main", ["c.pth", "--bench_rep", "2"], "--bench_reps"),
     ("analysis.image_patches", "main", ["c.pth", "--rhoo", "0.5"], "--rho"),
-    ("bench_pss", "main", ["--step", "2"], "--steps"),
-    ("bench_pretrain", "parse_args", ["--warmups", "2"], "--warmup"),
-    ("bench_data", "main", ["--index_row", "2"], "--index_rows"),
-    ("bench_faults", "main", ["--onl", "frozen_rank"], "--only"),
-    ("bench_predict", "main", ["--window", "120", "--rond", "2"], "--rounds"),
+    ("benchmarks.bench_pss", "main", ["--step", "2"], "--steps"),
+    ("benchmarks.bench_pretrain", "parse_args", ["--warmups", "2"], "--warmup"),
+    ("benchmarks.bench_data", "main", ["--index_row", "2"], "--index_rows"),
+    ("benchmarks.bench_faults", "main", ["--onl", "frozen_rank"], "--only"),
+    ("benchmarks.bench_predict", "main", ["--window", "120", "--rond", "2"], "--rounds"),
     ("predict", "parse_args", ["c.pth", "--input", "s.tif", "--out", "m.tif", "--strid", "60"], "--stride"),
 ]
 
@@ -175,8 +172,9 @@ def _count_flags(parser: argparse.ArgumentParser) -> dict[str, int]:
 def test_the_count_flags_of_the_training_entry_points():
     """The audit: every flag that counts samples, epochs, steps or workers is a checked count."""
     expected_pretrain = {"num_samples": 1, "batch_size": 1, "epochs": 1, "accum_iter": 1, "start_epoch": 0,
-                         "save_freq": 0, "save_every_steps": 0, "num_workers": 0, "num_threads": 0, "mask_patch_size": 1, "stop_epoch": 1,
-                         "vis_samples": 0, "probe_every": 0, "probe_samples": 8, "probe_knn_k": 1}
+                         "save_freq": 0, "save_every_steps": 0, "num_workers": 0, "num_threads": 0,
+                         "mask_patch_size": 1, "stop_epoch": 1, "vis_samples": 0, "probe_every": 0,
+                         "probe_samples": 8, "probe_knn_k": 1}
     assert _count_flags(main_pretrain.get_args_parser()) == expected_pretrain
     finetune = _count_flags(main_finetune.get_args_parser())
     common = {k: v for k, v in expected_pretrain.items() if k in finetune}

@@ -1,4 +1,4 @@
-"""``util.misc.tune_cpu_memory``: a freed activation is reused without being faulted in again.
+"""``util.device.tune_cpu_memory``: a freed activation is reused without being faulted in again.
 
 Page faults are counted (``getrusage``), not timed. Each case runs in its own process because the allocator
 setting is process-wide.
@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 from conftest import run_py
 
-from util.misc import tune_cpu_memory
+from util.device import tune_cpu_memory
 
 # Fewest faults of allocating and filling a 64 MB tensor (16,384 pages of 4 KB) after the same size was freed.
 SCRIPT = """
 import resource, sys, torch
-from util.misc import tune_cpu_memory
+from util.device import tune_cpu_memory
 print(tune_cpu_memory(sys.argv[1]))
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -70,7 +70,7 @@ def test_unknown_mode_is_refused():
 
 
 def test_write_text_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path):
-    from util.misc import write_text_atomic
+    from util.files import write_text_atomic
 
     path = write_text_atomic(tmp_path / "results.json", "{}\n")
     write_text_atomic(path, '{"a": 1}\n')
@@ -81,7 +81,7 @@ def test_json_lines_are_strict_json(tmp_path):
     """NaN/inf (a first update's grad norm, an fp16 skipped step) become null, which every JSON parser reads."""
     import json
 
-    from util.misc import JsonLines
+    from util.logs import JsonLines
 
     log = JsonLines(tmp_path / "train_log.json")
     log.write({"iter": 0, "grad_norm": float("nan"), "loss": float("inf"), "lr": [1e-4, float("-inf")]})

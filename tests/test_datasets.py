@@ -1,4 +1,4 @@
-"""sarwmix.datasets and sarwmix.patches: every format, channel subsets, split names, resize, bad patches."""
+"""sarwmix.data.datasets and sarwmix.data.patches: every format, channel subsets, split names, resize, bad patches."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from sarwmix.bad_patches import GuardedData
 from sarwmix.constants import DATASET_STATS
-from sarwmix.datasets import DATASET_NAMES, build_dataset
+from sarwmix.data.bad_patches import GuardedData
+from sarwmix.data.datasets import DATASET_NAMES, build_dataset
+from sarwmix.data.patches import PatchDataset, channel_indices, resize_db
+from sarwmix.data.synthetic import write_format
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.patches import PatchDataset, channel_indices, resize_db
-from sarwmix.synthetic import write_format
 
 N, SEED = 16, 2
 
@@ -115,7 +115,7 @@ def test_bad_patch_raises_and_the_guard_replaces_it() -> None:
 
 
 def test_sen12flood_is_delegated(tmp_path: Path) -> None:
-    pytest.importorskip("sarwmix.sen12flood_loader")
+    pytest.importorskip("sarwmix.data.sen12flood_loader")
     with pytest.raises((ConfigError, DataError, FileNotFoundError)):
         build_dataset("sen12flood", data_path=str(tmp_path / "absent"), split="train", input_size=128)
 

@@ -8,9 +8,10 @@ import torch
 from conftest import TINY_PRETRAIN, run_py
 
 from sarwmix.errors import ConfigError
-from util import misc
+from util import device, distributed
 from util.checkpoint import load_checkpoint
-from util.misc import cuda_index, dist_env, resolve_amp, spans_nodes
+from util.device import resolve_amp
+from util.distributed import cuda_index, dist_env, spans_nodes
 
 RUN = [*TINY_PRETRAIN, "--epochs", "1", "--vis_samples", "0", "--batch_size", "2"]
 
@@ -61,20 +62,20 @@ def test_multi_host_mpirun_without_master_addr_is_refused(monkeypatch):
     env = {"OMPI_COMM_WORLD_RANK": "9", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
            "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}
     monkeypatch.setattr(os, "environ", env)
-    monkeypatch.setattr(misc.dist, "init_process_group", _fail_init)
+    monkeypatch.setattr(distributed.dist, "init_process_group", _fail_init)
     with pytest.raises(ConfigError, match="16 ranks on several hosts.*MASTER_ADDR"):
-        misc.init_distributed("cpu")
+        distributed.init_distributed("cpu")
     env["MASTER_ADDR"] = "node-a"  # given: the rendezvous goes ahead
     with pytest.raises(AssertionError, match="init_process_group reached"):
-        misc.init_distributed("cpu")
+        distributed.init_distributed("cpu")
 
 
 def test_explicit_cuda_without_a_gpu_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(os, "environ", {})
     with pytest.raises(ConfigError, match="--device cuda"):
-        misc.init_distributed("cuda")
-    assert misc.init_distributed("auto")[1] == torch.device("cpu")
+        distributed.init_distributed("cuda")
+    assert distributed.init_distributed("auto")[1] == torch.device("cpu")
 
 
 def test_amp_auto_uses_fp16_on_gpus_without_native_bf16(monkeypatch):
@@ -85,9 +86,9 @@ def test_amp_auto_uses_fp16_on_gpus_without_native_bf16(monkeypatch):
     assert resolve_amp("auto", gpu) == torch.float16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     assert resolve_amp("auto", gpu) == torch.bfloat16
-    monkeypatch.setattr(misc, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: False)
     assert resolve_amp("auto", torch.device("cpu")) is None
-    monkeypatch.setattr(misc, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: True)
     assert resolve_amp("auto", torch.device("cpu")) == torch.bfloat16
     assert resolve_amp("off", gpu) is None and resolve_amp("fp16", torch.device("cpu")) == torch.float16
 
@@ -181,7 +182,7 @@ def test_ddp_does_not_rebroadcast_buffers_and_models_have_only_constant_ones(mon
 
     seen = {}
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda m, **kw: seen.update(kw) or m)
-    run = types.SimpleNamespace(info=misc.DistInfo(0, 2, 0, "test"), device=torch.device("cpu"))
+    run = types.SimpleNamespace(info=distributed.DistInfo(0, 2, 0, "test"), device=torch.device("cpu"))
     trainer._wrap(torch.nn.Linear(2, 2), types.SimpleNamespace(compile=False), run)
     assert seen.get("forward_sync_buffers", seen.get("broadcast_buffers")) is False
     for model in (models_mixmim.mixmim_tiny(img_size=64), backbones.build_simmim("swinv2_tiny_w8", 128, 2)):
@@ -203,7 +204,7 @@ def test_ddp_wrapper_emits_no_warning(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         # The run claims 2 ranks so that _wrap wraps; DDP itself uses the one-process group.
-        run = types.SimpleNamespace(info=misc.DistInfo(0, 2, 0, "test"), device=torch.device("cpu"))
+        run = types.SimpleNamespace(info=distributed.DistInfo(0, 2, 0, "test"), device=torch.device("cpu"))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             wrapped = trainer._wrap(torch.nn.Linear(2, 2), types.SimpleNamespace(compile=False), run)

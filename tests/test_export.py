@@ -19,7 +19,8 @@ from backbones import (
     timm_name,
     valid_sizes,
 )
-from models_mixmim import SwinEncoder, build_mixmim, encoder_kwargs
+from models_mixmim import build_mixmim
+from models_swin import SwinEncoder, encoder_kwargs
 from models_vit import build_vit
 from sarwmix.errors import CheckpointError
 from util.checkpoint import load_checkpoint, save_atomic

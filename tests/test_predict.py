@@ -1,4 +1,4 @@
-"""Tiled prediction on whole scenes (predict.py, predictor.py, sarwmix/scene.py), on seeded synthetic GeoTIFFs.
+"""Tiled prediction on whole scenes (predict.py, predictor.py, sarwmix/data/scene.py), on seeded synthetic GeoTIFFs.
 
 The georeferencing of the output, the averaging of overlapping windows against the model applied to each
 window alone, nodata, the equivalence of input layouts and units, resuming, the three kinds of checkpoint,
@@ -25,9 +25,9 @@ import main_finetune
 import predict as P
 from predictor import load_predictor
 from sarwmix.constants import BEN_19_CLASSES
+from sarwmix.data.scene import Scene, WindowGrid, detect_units
+from sarwmix.data.synthetic import cover_patch
 from sarwmix.errors import DataError
-from sarwmix.scene import Scene, WindowGrid, detect_units
-from sarwmix.synthetic import cover_patch
 from util.config import run_cli
 
 

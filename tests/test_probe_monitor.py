@@ -46,7 +46,7 @@ def test_probe_every_n_epochs_and_the_last():
 
 
 def test_synthetic_probe_set_is_not_the_pretraining_data():
-    from sarwmix.datasets import build_dataset
+    from sarwmix.data.datasets import build_dataset
 
     train, test = build_probe_sets("synthetic", data_path=None, input_size=64, channels=("VH", "VV"), samples=16)
     assert len(train) == 12 and len(test) == 4 and train[0][0].shape == (2, 64, 64) and train[0][1].shape == (19,)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -23,8 +22,6 @@ from util.pretrained import load_pretrained
 from util.pss import PatchSchedule, keep_count, select_tokens
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # analysis/ is a folder of scripts, imported from the checkout
 
 from analysis import image_patches, sweep_drop  # noqa: E402
 
@@ -139,8 +136,7 @@ def test_dropping_tokens_cuts_the_compute_and_still_trains_every_parameter():
 
 def test_bench_pss_counts_the_attention_of_a_vit_without_a_bias(monkeypatch):
     """Without a trainable bias, SDPA runs torch's CPU kernel, which FlopCounterMode alone counts as 0."""
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import bench_pss
+    from benchmarks import bench_pss
 
     x = torch.randn(2, 2, 128, 128)  # 64 tokens of width 32: the attention matmuls are a third of a block
 

@@ -7,9 +7,9 @@ import torch
 
 import main_pretrain
 from analysis import real_s1_check as R
-from sarwmix.geotiff import utm_transform, write_band
-from sarwmix.masking import pixel_mask
+from sarwmix.data.geotiff import utm_transform, write_band
 from util.config import plain_dict
+from util.masking import pixel_mask
 
 TINY = ["--model", "mixmim_tiny", "--input_size", "64"]
 

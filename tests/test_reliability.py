@@ -13,10 +13,11 @@ import pytest
 import torch
 from conftest import REPO
 
-from sarwmix.bad_patches import BadPatch
+from sarwmix.data.bad_patches import BadPatch
 from sarwmix.errors import CheckpointError, DataError
 from util import checkpoint as ckpt_io
-from util.misc import nccl_fail_fast, truncate_lines
+from util.distributed import nccl_fail_fast
+from util.logs import truncate_lines
 from util.preemption import EXIT_PREEMPTED, EXIT_STALLED, Preempted, PreemptionSignal
 from util.run_control import EpochProgress, RunControl, rng_state, set_rng_state
 from util.sampler import BlockShardSampler

@@ -8,10 +8,10 @@ import pytest
 import rasterio
 from _sen12_helpers import chronological_files, mostly_zero_filename, shared_aligned, shared_root
 
+from sarwmix.data.sen12flood_synthetic import write_sen12flood
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.sen12_align_s1_to_s2 import align_dataset, main, reference_band
-from sarwmix.sen12_data_prep import prepare_pairs
-from sarwmix.sen12flood_synthetic import write_sen12flood
+from sarwmix.prep.sen12_align_s1_to_s2 import align_dataset, main, reference_band
+from sarwmix.prep.sen12_data_prep import prepare_pairs
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from _sen12_helpers import (
 )
 
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.sen12_data_prep import (
+from sarwmix.prep.sen12_data_prep import (
     S1Entry,
     choose_test_sequences,
     main,

@@ -6,7 +6,7 @@ import pytest
 from _sen12_helpers import copy_tree, mostly_zero_filename, shared_pairs, shared_root
 
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.sen12_prune_partial_pairs import is_partial, main, prune_pairs
+from sarwmix.prep.sen12_prune_partial_pairs import is_partial, main, prune_pairs
 
 
 @pytest.fixture(scope="module")

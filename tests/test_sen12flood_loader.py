@@ -9,10 +9,11 @@ import torch
 from _sen12_helpers import copy_tree, shared_pairs
 
 from sarwmix.constants import DATASET_STATS, LINEAR_FLOOR
+from sarwmix.data.sen12flood_loader import Sen12FloodPairs
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.sen12_data_prep import count_labels, print_class_counts
-from sarwmix.sen12_prune_partial_pairs import prune_pairs
-from sarwmix.sen12flood_loader import Sen12FloodPairs, linear_to_db
+from sarwmix.prep.sen12_data_prep import count_labels, print_class_counts
+from sarwmix.prep.sen12_prune_partial_pairs import prune_pairs
+from sarwmix.sar.units import linear_to_db
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_flood_pairs_show_darkening(pruned):
 
 
 def test_val_split_falls_back_to_test_with_a_warning(pruned, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="sarwmix.sen12flood_loader"):
+    with caplog.at_level(logging.WARNING, logger="sarwmix.data.sen12flood_loader"):
         ds = Sen12FloodPairs(pruned, "val")
     assert ds.files == Sen12FloodPairs(pruned, "test").files and "no validation split" in caplog.text
     root = copy_tree(pruned, tmp_path / "pairs")

@@ -9,9 +9,9 @@ import rasterio
 from _sen12_helpers import N_SEQUENCES, chronological_files, shared_root
 from rasterio.warp import transform_bounds
 
+from sarwmix.data.sen12flood_synthetic import FLOOD_PATTERNS, S2_BANDS, write_sen12flood
 from sarwmix.errors import ConfigError
-from sarwmix.sen12_data_prep import parse_bool
-from sarwmix.sen12flood_synthetic import FLOOD_PATTERNS, S2_BANDS, write_sen12flood
+from sarwmix.prep.sen12_data_prep import parse_bool
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-import sarwmix.bigearthnetv1 as v1
+import sarwmix.data.bigearthnetv1 as v1
 from main_finetune import split_file_of
-from sarwmix.bigearthnetv1 import BenV1Folder, read_name_list
 from sarwmix.constants import BEN_19_CLASSES, BEN_19_FROM_43, BEN_43_CLASSES, BEN_43_TO_19
+from sarwmix.data.bigearthnetv1 import BenV1Folder, read_name_list
 from sarwmix.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_loader_uses_the_shipped_lists_when_no_other_is_given(shipped, tmp_path:
                                                               caplog: pytest.LogCaptureFixture) -> None:
     picked = {split: shipped[split][1][:3] for split in SPLITS}
     root = make_folders(tmp_path, [name for names in picked.values() for name in names])
-    with caplog.at_level(logging.INFO, logger="sarwmix.bigearthnetv1"):
+    with caplog.at_level(logging.INFO, logger="sarwmix.data.bigearthnetv1"):
         for split in SPLITS:
             assert BenV1Folder(root, split).names == picked[split]
     assert "BigEarthNet-S1 v1 val split" in caplog.text and "(shipped official list)" in caplog.text
@@ -92,7 +92,7 @@ def test_lists_beside_the_data_and_split_file_come_first(shipped, tmp_path: Path
     root = make_folders(tmp_path, [*train, snow])
     (tmp_path / "splits").mkdir()
     (tmp_path / "splits" / "train.csv").write_text(f"{train[1]}\r\n{snow}\r\n")
-    with caplog.at_level(logging.INFO, logger="sarwmix.bigearthnetv1"):
+    with caplog.at_level(logging.INFO, logger="sarwmix.data.bigearthnetv1"):
         # splits/ beside the data wins; the shipped snow list still applies, as no snow list is beside it.
         assert BenV1Folder(root, "train").names == [train[1]]
     assert "(beside the data)" in caplog.text

@@ -11,7 +11,7 @@ from backbones import BACKBONES as SIMMIM_BACKBONES
 from backbones import TIMM_SWIN_SIZES, build_simmim, check_simmim_size, valid_sizes
 from models_simmim import SimMIM, SimMIMTimmSwin
 from sarwmix.errors import ConfigError
-from sarwmix.masking import pixel_mask, upsample_mask
+from util.masking import pixel_mask, upsample_mask
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
-"""sarwmix/spectra.py and MixMIM's spectral (phase-free texture) target."""
+"""sarwmix/sar/spectra.py and MixMIM's spectral (phase-free texture) target."""
 import math
 
 import pytest
 import torch
 
 import models_mixmim as M
-from sarwmix import spectra
 from sarwmix.errors import ConfigError
+from sarwmix.sar import spectra
 
 P = 32
 

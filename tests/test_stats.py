@@ -1,4 +1,4 @@
-"""sarwmix.stats: texture measures on constructed arrays, both std conventions, the command line."""
+"""sarwmix.data.stats: texture measures on constructed arrays, both std conventions, the command line."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sarwmix.stats import dataset_stats, main, patch_texture_stats
+from sarwmix.data.stats import dataset_stats, main, patch_texture_stats
 
 
 def test_texture_measures_on_known_arrays() -> None:

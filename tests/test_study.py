@@ -9,9 +9,9 @@ import pytest
 
 from analysis import study, study_config, study_probes
 from analysis.study_data import write_packed, write_study_data
+from sarwmix.data.packed_format import PackedDataset
+from sarwmix.data.synthetic import generate_patch
 from sarwmix.errors import DataError
-from sarwmix.packed_format import PackedDataset
-from sarwmix.synthetic import generate_patch
 
 SMOKE = ["--scale", "smoke", "--threads", "1", "--n_test", "16", "--amp", "off"]
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from sarwmix import synthetic_structured as S
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, DATASET_STATS
+from sarwmix.data import synthetic_structured as S
+from sarwmix.data.stats import patch_texture_stats
+from sarwmix.data.synthetic import SCENES, SyntheticS1, generate_patch
 from sarwmix.errors import ConfigError
-from sarwmix.stats import patch_texture_stats
-from sarwmix.synthetic import SCENES, SyntheticS1, generate_patch
 
 # p10..p90 of per-patch measures on 30 real BigEarthNet-S1 patches, (VH band, VV band).
 REAL_BANDS = {
@@ -140,7 +140,7 @@ def test_lakes_and_rivers_have_sharp_edges_inside_the_patch() -> None:
 
 
 def test_structured_covers_of_a_group_share_levels_and_structure_std() -> None:
-    from sarwmix.synthetic import _COVER, _grouped_table
+    from sarwmix.data.synthetic import _COVER, _grouped_table
 
     names, own, table = [r[0] for r in _COVER], np.array([r[1:5] for r in _COVER]), _grouped_table()
     for members in S.LEVEL_GROUPS.values():

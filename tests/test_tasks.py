@@ -10,13 +10,13 @@ import backbones
 import engine_finetune as E
 import main_finetune
 from engine import Trainer, TrainSettings
-from sarwmix.datasets import DATASET_NAMES
+from sarwmix.data.datasets import DATASET_NAMES
 from sarwmix.errors import ConfigError, SarwmixError
 from tasks import TASKS, Task, get_task, task_for_dataset
 from tasks.base import task_of_dataset
 from util.config import RunConfig
+from util.distributed import DistInfo
 from util.metrics import BEN_METRICS, SEN12_METRICS
-from util.misc import DistInfo
 from util.runner import Run
 
 

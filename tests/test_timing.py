@@ -2,14 +2,9 @@
 the benchmarks that print a speed-up use it."""
 from __future__ import annotations
 
-import sys
-
 import pytest
-from conftest import REPO
 
 from util.timing import Speedup, noise_warning, round_robin_times, speedups
-
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def test_arms_are_called_in_turn_and_every_round_is_kept():
@@ -39,7 +34,7 @@ def test_the_warning_names_only_the_arms_whose_spread_exceeds_their_speedup():
 
 
 def test_bench_pss_prints_the_spread_and_warns_when_it_exceeds_the_speedup(monkeypatch, capsys):
-    import bench_pss
+    from benchmarks import bench_pss
 
     def flipping(runs, steps, warmup, sync=None):  # rho 0.5 faster in one round, slower in the other
         for run in runs.values():
@@ -58,7 +53,7 @@ def test_bench_pss_prints_the_spread_and_warns_when_it_exceeds_the_speedup(monke
 
 
 def test_bench_pretrain_rows_carry_the_median_ratio_and_its_range():
-    from bench_pretrain import format_row, header
+    from benchmarks.bench_pretrain import format_row, header
 
     r = {"model": "mixmim_tiny", "mode": "mixmim", "path": "optimised", "img_s": 3.0, "gflop_img": 1.0,
          "gflop_s": 3.0, "faults": 0.0, "sys_s": 0.0, "rounds": Speedup(1.5, 1.4, 1.6)}

@@ -11,7 +11,7 @@ import torch
 import models_mixmim as M
 from backbones import build_simmim
 from engine_pretrain import save_reconstructions
-from sarwmix.synthetic import SyntheticS1
+from sarwmix.data.synthetic import SyntheticS1
 from util.augment import normalize
 from util.visualize import (
     NORM_PIX_NOTE,

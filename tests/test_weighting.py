@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sarwmix.weighting import db_to_linear, percentile, token_average, weight_map
+from sarwmix.sar.units import db_to_linear
+from sarwmix.sar.weighting import percentile, token_average, weight_map
 
 
 def _batch(seed=0):

@@ -8,8 +8,8 @@ from _finetune_helpers import manifest
 
 import backbones
 import main_finetune
-from models_mixmim import ENCODER_CONFIGS
 from models_mixmim_ft import build_mixmim_ft
+from models_swin import ENCODER_CONFIGS
 from models_vit import VIT_CONFIGS, build_vit
 from sarwmix.constants import CHANNELS
 from util.checkpoint import save_atomic

@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 import torch
 
 from sarwmix.errors import CheckpointError
-from util.misc import link_or_copy_atomic, replace_atomic
+from util.files import link_or_copy_atomic, replace_atomic
 
 FORMAT_VERSION = 1
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")

@@ -16,7 +16,8 @@ from types import MappingProxyType
 import yaml
 
 from sarwmix.errors import ConfigError, SarwmixError
-from util.misc import cleanup_distributed, is_main_process, write_text_atomic
+from util.distributed import cleanup_distributed, is_main_process
+from util.files import write_text_atomic
 from util.preemption import EXIT_PREEMPTED, Preempted
 
 

@@ -27,7 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from sarwmix.datasets import build_dataset
+from sarwmix.data.datasets import build_dataset
 from util.augment import normalize
 from util.metrics import average_precision
 from util.watchdog import heartbeat

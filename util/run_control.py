@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.distributed as dist
 
-from sarwmix.bad_patches import BadPatch, stop_message
+from sarwmix.data.bad_patches import BadPatch, stop_message
 from sarwmix.errors import DataError
 from util.preemption import Preempted, PreemptionSignal
 from util.watchdog import StallWatchdog

@@ -16,19 +16,12 @@ import yaml
 
 from sarwmix.cli import count
 from sarwmix.constants import CHANNELS
-from sarwmix.datasets import DATASET_NAMES, build_dataset
+from sarwmix.data.datasets import DATASET_NAMES, build_dataset
 from sarwmix.errors import ConfigError
 from util.config import RunConfig, coerce, nearest, str2bool, write_config
-from util.misc import (
-    CPU_MEMORY_MODES,
-    DistInfo,
-    JsonLines,
-    cleanup_distributed,
-    init_distributed,
-    resolve_amp,
-    setup_logging,
-    tune_cpu_memory,
-)
+from util.device import CPU_MEMORY_MODES, resolve_amp, tune_cpu_memory
+from util.distributed import DistInfo, cleanup_distributed, init_distributed
+from util.logs import JsonLines, setup_logging
 from util.preemption import PreemptionSignal
 from util.tb_writer import LazySummaryWriter
 

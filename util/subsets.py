@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from sarwmix.bad_patches import patch_name
+from sarwmix.data.bad_patches import patch_name
 
 
 class SubsetView(Dataset):
@@ -23,7 +23,7 @@ class SubsetView(Dataset):
         return self.base[self.indices[i]]
 
     def patch_name(self, i: int) -> str:
-        """The name of item ``i`` as its data set knows it (``sarwmix.bad_patches.patch_name``)."""
+        """The name of item ``i`` as its data set knows it (``sarwmix.data.bad_patches.patch_name``)."""
         return patch_name(self.base, self.indices[i])
 
 

@@ -2,7 +2,7 @@
 
 Command line::
 
-    python -m sarwmix.stats --dataset benv1 --data_path /data/BigEarthNet-S1-v1.0 --split train [--json]
+    python -m sarwmix.data.stats --dataset benv1 --data_path /data/BigEarthNet-S1-v1.0 --split train [--json]
 
 prints the per-channel mean and std in dB under both conventions: "global" (over all pixels of the split)
 and "within" (the mean over patches of the within-patch std, the convention of the released BENv1 stats).
@@ -18,7 +18,7 @@ import torch
 
 from sarwmix.cli import ArgumentParser, count
 from sarwmix.constants import CHANNELS
-from sarwmix.datasets import DATASET_NAMES, build_dataset
+from sarwmix.data.datasets import DATASET_NAMES, build_dataset
 from sarwmix.errors import DataError, SarwmixError
 
 
@@ -59,7 +59,7 @@ def dataset_stats(dataset: torch.utils.data.Dataset, max_samples: int | None = N
     """Per-channel mean / std in dB of a data set under both std conventions.
 
     Args:
-        dataset: yields (sar_db (C, H, W), target), e.g. from ``sarwmix.datasets.build_dataset``.
+        dataset: yields (sar_db (C, H, W), target), e.g. from ``sarwmix.data.datasets.build_dataset``.
         max_samples: use only ``max_samples`` items, evenly spaced over the data set (readers sort by
             patch name, so the first items would all come from a few acquisitions).
         num_workers: DataLoader worker processes.
@@ -91,8 +91,8 @@ def dataset_stats(dataset: torch.utils.data.Dataset, max_samples: int | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sarwmix.stats --dataset NAME --data_path P [--split train] [--input_size 128] [--json]``."""
-    parser = ArgumentParser(prog="python -m sarwmix.stats",
+    """``python -m sarwmix.data.stats --dataset NAME --data_path P [--split train] [--input_size 128] [--json]``."""
+    parser = ArgumentParser(prog="python -m sarwmix.data.stats",
                             description="Per-channel mean/std (dB) of a data set, both conventions.")
     parser.add_argument("--dataset", required=True, choices=[n for n in DATASET_NAMES if n != "sen12flood"])
     parser.add_argument("--data_path", default=None)

@@ -48,7 +48,7 @@ class PatchDataset(torch.utils.data.Dataset):
 
     Subclasses fill ``self.names`` (one entry per item) and implement ``read_patch(i)`` returning the
     full-size ``(2, H, W)`` float32 dB array in ``CHANNELS`` order and the float32 target; they raise
-    ``DataError`` naming the file for a bad patch (``sarwmix.bad_patches`` stops, skips or drops it).
+    ``DataError`` naming the file for a bad patch (``sarwmix.data.bad_patches`` stops, skips or drops it).
 
     Args:
         input_size: side of the returned tensors.

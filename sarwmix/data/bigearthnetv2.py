@@ -25,11 +25,11 @@ import pandas as pd
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
-from sarwmix.bigearthnetv1 import list_subdirs
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, CHANNELS
+from sarwmix.data.bigearthnetv1 import list_subdirs
+from sarwmix.data.geotiff import PATCH_SIZE, read_band, validate_band
+from sarwmix.data.patches import PatchDataset
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.geotiff import PATCH_SIZE, read_band, validate_band
-from sarwmix.patches import PatchDataset
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class BenV2Folder(_BenV2Base):
         split: ``train | validation | test`` (``val`` accepted).
         metadata_file: explicit metadata parquet/CSV.
         include_snow_cloud: also read the snow/cloud metadata file and keep flagged patches.
-        input_size, channels, label_set: see ``sarwmix.patches.PatchDataset``.
+        input_size, channels, label_set: see ``sarwmix.data.patches.PatchDataset``.
     """
 
     def __init__(self, data_path: str | Path, split: str, *, metadata_file: str | None = None,

@@ -13,7 +13,7 @@ file open, no decompression and no deserialisation, so one core delivers thousan
 the page cache does the rest; ``.npy`` needs nothing beyond numpy to read. Shards (4096 patches, 236 MB
 in float32) keep single files of a manageable size for copying to node-local disks.
 
-Written by ``PackedWriter`` (``python -m sarwmix.packed convert``), read by ``PackedDataset``.
+Written by ``PackedWriter`` (``python -m sarwmix.data.packed convert``), read by ``PackedDataset``.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from sarwmix.constants import BEN_19_FROM_43, CHANNELS
+from sarwmix.data.patches import PatchDataset
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.patches import PatchDataset
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class PackedDataset(PatchDataset):
     Args:
         data_path: the packed folder.
         split: ``train | val | test`` (``validation`` accepted).
-        input_size, channels, label_set: see ``sarwmix.patches.PatchDataset``. ``label_set=19``
+        input_size, channels, label_set: see ``sarwmix.data.patches.PatchDataset``. ``label_set=19``
             works for every packed source; 43 only for v1 sources (stored with 43 classes).
     """
 

@@ -9,7 +9,7 @@ BENv1 statistics).
 SEN12-FLOOD has only a train and a test split. ``split="val"`` reads ``OUT/val`` when it exists (make one
 by moving some training sequences there) and otherwise falls back to ``OUT/test`` with a logged warning:
 that reproduces the released finetuning, which selected on the test pairs, so say so when reporting.
-Class counts per split: ``sarwmix.sen12_data_prep.count_labels`` (no torch needed).
+Class counts per split: ``sarwmix.prep.sen12_data_prep.count_labels`` (no torch needed).
 """
 from __future__ import annotations
 
@@ -21,22 +21,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sarwmix.constants import DATASET_STATS, LINEAR_FLOOR
+from sarwmix.constants import DATASET_STATS
+from sarwmix.data.sen12flood_pairs import PAIR_SHAPE, parse_pair_label
 from sarwmix.errors import ConfigError, DataError
-from sarwmix.sen12_data_prep import parse_pair_label
+from sarwmix.sar.units import linear_to_db
 
 logger = logging.getLogger(__name__)
 
-PAIR_SHAPE = (2, 2, 512, 512)
+
 _SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
-
-
-def linear_to_db(power: np.ndarray) -> np.ndarray:
-    """``10 * log10(max(power, LINEAR_FLOOR))`` as float32; zeros (no-data) map to exactly -60 dB.
-
-    Computed in float64: 1e-6 has no exact float32 value, and its float32 log would be -60.000004.
-    """
-    return (10.0 * np.log10(np.maximum(power.astype(np.float64), LINEAR_FLOOR))).astype(np.float32)
 
 
 def load_pair(path: Path) -> np.ndarray:

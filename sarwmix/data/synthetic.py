@@ -4,7 +4,7 @@ A patch is a Voronoi mosaic of land-cover "fields" with class-specific VV/VH bac
 fine texture, and spatially correlated Gamma speckle applied in linear power, returned in dB with the
 channel order ``[VH, VV]``. The class table below is the only place where backscatter levels live.
 
-Command line: ``python -m sarwmix.synthetic write --format FORMAT --n N [--seed S] OUT`` writes such
+Command line: ``python -m sarwmix.data.synthetic write --format FORMAT --n N [--seed S] OUT`` writes such
 patches in the real on-disk layouts (writers at the end of this module).
 """
 from __future__ import annotations
@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 from rasterio.crs import CRS
 
-from sarwmix import synthetic_structured as S
-from sarwmix.bigearthnetv1 import (
+from sarwmix.cli import ArgumentParser, count
+from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, CHANNELS
+from sarwmix.data import synthetic_structured as S
+from sarwmix.data.bigearthnetv1 import (
     CLOUD_LIST,
     LABELS_JSON_SUFFIX,
     SNOW_LIST,
@@ -26,14 +28,19 @@ from sarwmix.bigearthnetv1 import (
     target_from_names,
     write_zarr_patch,
 )
-from sarwmix.bigearthnetv2 import LMDB_FOLDER, METADATA_FILE, S1_FOLDER, SNOW_CLOUD_FILE, BenV2Folder, encode_lmdb_value
-from sarwmix.cli import ArgumentParser, count
-from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, CHANNELS
+from sarwmix.data.bigearthnetv2 import (
+    LMDB_FOLDER,
+    METADATA_FILE,
+    S1_FOLDER,
+    SNOW_CLOUD_FILE,
+    BenV2Folder,
+    encode_lmdb_value,
+)
+from sarwmix.data.geotiff import utm_transform, write_band
+from sarwmix.data.packed_format import PackedWriter
+from sarwmix.data.patches import PatchDataset
+from sarwmix.data.sen12flood_synthetic import write_sen12flood
 from sarwmix.errors import ConfigError, SarwmixError
-from sarwmix.geotiff import utm_transform, write_band
-from sarwmix.packed_format import PackedWriter
-from sarwmix.patches import PatchDataset
-from sarwmix.sen12flood_synthetic import write_sen12flood
 
 # Land cover -> (VV dB, VH dB, field-to-field spread dB, fine texture std dB, sampling weight).
 # Levels are typical C-band values at ~35 deg incidence: open water dark (specular), urban bright
@@ -141,7 +148,7 @@ def generate_patch(seed: int, size: int = 120, scene: str = "mosaic") -> tuple[n
         size: side length in pixels (BigEarthNet patches are 120).
         scene: ``mosaic`` (fields that differ in backscatter level and fine texture) or ``structured``
             (the same levels plus the spatial structure of each cover: street grids, parcels with rows,
-            canopy, rivers and lakes; ``sarwmix.synthetic_structured``).
+            canopy, rivers and lakes; ``sarwmix.data.synthetic_structured``).
 
     Returns:
         sar_db: float32 (2, size, size), channel order [VH, VV], dB (roughly -35 .. +5).
@@ -499,9 +506,9 @@ def write_benv2_lmdb(out: Path, n: int, seed: int = 0, scene: str = "mosaic") ->
 
 def convert_synthetic(out: str | Path, n: int, seed: int = 0, dtype: str = "float32",
                       shard_size: int = 4096, scene: str = "mosaic") -> Path:
-    """Pack ``n`` synthetic patches with the names, splits and flags of ``sarwmix.synthetic.patch_records``
+    """Pack ``n`` synthetic patches with the names, splits and flags of ``sarwmix.data.synthetic.patch_records``
     (snow/cloud-flagged ones left out, as in the v1 lists), 43-class labels, BENv1 statistics; ``scene``
-    as in ``sarwmix.synthetic.generate_patch``."""
+    as in ``sarwmix.data.synthetic.generate_patch``."""
     writer = PackedWriter(out, dtype, shard_size)
     for record in patch_records(n, seed):
         if record["snow"] or record["cloud"]:
@@ -530,8 +537,8 @@ def write_format(fmt: str, out: Path, n: int, seed: int = 0, scene: str = "mosai
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sarwmix.synthetic write --format FORMAT --n N [--seed S] OUT``."""
-    parser = ArgumentParser(prog="python -m sarwmix.synthetic",
+    """``python -m sarwmix.data.synthetic write --format FORMAT --n N [--seed S] OUT``."""
+    parser = ArgumentParser(prog="python -m sarwmix.data.synthetic",
                             description="Write seeded synthetic Sentinel-1 data in a real layout.")
     commands = parser.add_subparsers(dest="command", required=True)
     write = commands.add_parser("write", help="write N patches (sen12flood: N sequences) into OUT")

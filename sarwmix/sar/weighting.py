@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import torch
 
+from sarwmix.sar.units import db_to_linear
+
 WEIGHTINGS: tuple[str, ...] = ("none", "per_channel", "shared_avg")
 GRANULARITIES: tuple[str, ...] = ("pixel", "token")
 WEIGHT_NORMS: tuple[str, ...] = ("minmax", "percentile")
 _EPS = 1e-6
-
-
-def db_to_linear(sar_db: torch.Tensor) -> torch.Tensor:
-    """dB -> linear power, computed in float32 whatever the input dtype."""
-    return torch.pow(10.0, sar_db.float() / 10.0)
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:

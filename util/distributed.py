@@ -1,19 +1,14 @@
-"""Distributed setup, precision, seeding and run-output helpers shared by both entry points."""
+"""Where a process sits in a distributed job, and the job's collectives: launcher variables (torchrun, Open MPI,
+MPICH/PMI, srun), the process group (NCCL on GPU, gloo on CPU, ``--dist_timeout``), a torchrun restart's store,
+and the few collectives every run makes (a mean over ranks, the replicas' check)."""
 from __future__ import annotations
 
-import ctypes
 import datetime
 import hashlib
-import json
 import logging
-import math
 import os
-import shutil
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO
 
 import torch
 import torch.distributed as dist
@@ -188,183 +183,6 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
-
-
-# glibc mallopt() parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-CPU_MEMORY_MODES = ("tuned", "system")  # --cpu_memory of the entry points and benchmarks
-
-
-def tune_cpu_memory(mode: str = "tuned") -> str:
-    """Keep a CPU training step from page-faulting its activations in again at every step.
-
-    glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and gives
-    freed memory back to the kernel, so the large activations of a step (64 MB per MLP tensor of
-    ``mixmim_base`` at batch 32) are faulted in, 4 KB page by page, at every step: 0.14-0.53 million page
-    faults per step (see ``benchmarks/bench_pretrain.py``). ``tuned`` keeps freed memory in the process
-    (no ``mmap`` for tensors, the heap never trimmed) and backs tensors of 2 MB or more with transparent huge
-    pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``, where the kernel allows ``madvise``). Call it before the first
-    large tensor. The resident size stays near the step's peak instead of shrinking between steps. The heap
-    settles in the first steps: until freed blocks have merged into holes large enough for the 2 MB-aligned
-    requests, a step may still fault in fresh memory (a few hundred faults per 64 MB with huge pages).
-    ``system`` leaves the allocator alone. Returns what was applied, for the log.
-    """
-    if mode == "system":
-        return "system allocator"
-    if mode not in CPU_MEMORY_MODES:
-        raise ValueError(f"cpu memory mode {mode!r}: expected {' or '.join(map(repr, CPU_MEMORY_MODES))}")
-    applied = []
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    if os.environ["THP_MEM_ALLOC_ENABLE"] == "1":
-        applied.append("huge pages for tensors >= 2 MB")
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        if libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1:  # -1: never trim
-            applied.append("freed memory kept (glibc: no mmap, no trim)")
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune there
-        pass
-    return ", ".join(applied) or "nothing to tune on this platform"
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``--amp auto|bf16|fp16|off``; None means full fp32."""
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        # Compute capability 8.0 (Ampere) brought bf16 tensor cores. torch.cuda.is_bf16_supported() also says
-        # True on a V100 or T4, where bf16 is emulated (slow): those get fp16 and the GradScaler.
-        native = torch.version.hip is not None or torch.cuda.get_device_capability(device) >= (8, 0)
-        return torch.bfloat16 if native else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else None
-
-
-def setup_logging(is_main: bool) -> None:
-    """Info-level logging on rank 0, warnings only elsewhere."""
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-
-
-def json_safe(value):
-    """``value`` with every non-finite float (and in nested dicts and lists) as None: strict JSON, which
-    ``json.dumps`` would otherwise break with ``NaN``/``Infinity`` tokens (jq and most parsers refuse them)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
-class JsonLines:
-    """Append-only JSON-lines file of strict JSON (non-finite numbers as null), flushed per record (a killed
-    run keeps every finished line)."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._fh = open(path, "a", encoding="utf-8") if path is not None else None
-
-    def write(self, record: dict) -> None:
-        if self._fh is not None:
-            self._fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-            self._fh.flush()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-
-
-def truncate_jsonl(path: Path, keep: callable) -> None:
-    """Rewrite a JSON-lines log keeping the records for which ``keep(record)`` holds (used on resume)."""
-    if not path.exists():
-        return
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if keep(rec):
-            lines.append(line)
-    write_text_atomic(path, "".join(x + "\n" for x in lines))
-
-
-def truncate_lines(path: Path, keep: callable) -> None:
-    """Rewrite a text file keeping the lines for which ``keep(line)`` holds (unparsable lines are dropped)."""
-    if not path.exists():
-        return
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if keep(line):
-                lines.append(line)
-        except (ValueError, IndexError):
-            continue  # a line cut by a kill
-    write_text_atomic(path, "".join(x + "\n" for x in lines))
-
-
-def replace_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(fh)`` on a temporary file beside ``path``, fsync, then rename it over ``path``.
-
-    A crash or kill at any moment leaves either the previous file or the new one, never a partial file; a
-    failed write (disk full, unpicklable object) removes the temporary file and re-raises.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def link_or_copy_atomic(src: str | Path, dst: str | Path) -> Path:
-    """Give the file ``src`` a second name ``dst``: a hard link where the file system allows, else a copy.
-
-    The link (or copy) is made under a temporary name and renamed over ``dst``, so ``dst`` is always whole.
-    Writers replace files (``replace_atomic``), never write into them, so a later write of ``src`` leaves
-    ``dst`` with the bytes it had.
-    """
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except FileNotFoundError:
-        raise
-    except OSError:  # no hard links here (FAT, some network and object-store mounts, cross-device)
-        with open(src, "rb") as fh:
-            return replace_atomic(dst, lambda out: shutil.copyfileobj(fh, out, 1 << 20))
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dst
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """``replace_atomic`` for UTF-8 text (results.json, config.yaml, a truncated log)."""
-    return replace_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def check_replicas(model: torch.nn.Module, device: torch.device) -> str:

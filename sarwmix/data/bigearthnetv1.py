@@ -17,7 +17,7 @@ when none of their patches is on disk (not BigEarthNet-S1 v1.0 names, e.g. synth
 Zarr container of the released code: ``sentinel1/<s1 name>/{VH,VV}`` 2-D arrays and the 43 label names
 in the group attribute ``labels``. Converter (resumable, zarr format 2 or 3)::
 
-    python -m sarwmix.bigearthnetv1 to-zarr SRC OUT [--zarr_format 3]
+    python -m sarwmix.data.bigearthnetv1 to-zarr SRC OUT [--zarr_format 3]
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from sarwmix.cli import ArgumentParser
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, BEN_43_TO_19, CHANNELS
+from sarwmix.data.geotiff import PATCH_SIZE, read_band, validate_band
+from sarwmix.data.patches import PatchDataset
 from sarwmix.errors import ConfigError, DataError, SarwmixError
-from sarwmix.geotiff import PATCH_SIZE, read_band, validate_band
-from sarwmix.patches import PatchDataset
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class BenV1Folder(PatchDataset):
         split: ``train | val | test``.
         split_file: explicit split list (S2 names, S1 names, or two-column S2,S1 CSV).
         include_snow_cloud: keep patches of the seasonal-snow and cloud/shadow lists.
-        input_size, channels, label_set: see ``sarwmix.patches.PatchDataset``.
+        input_size, channels, label_set: see ``sarwmix.data.patches.PatchDataset``.
     """
 
     def __init__(self, data_path: str | Path, split: str, *, input_size: int = 128,
@@ -427,8 +427,8 @@ def to_zarr(src: str | Path, out: str | Path, zarr_format: int = 3, skip_bad: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sarwmix.bigearthnetv1 to-zarr SRC OUT [--zarr_format 2|3] [--skip_bad]``."""
-    parser = ArgumentParser(prog="python -m sarwmix.bigearthnetv1", description=__doc__.split("\n")[0])
+    """``python -m sarwmix.data.bigearthnetv1 to-zarr SRC OUT [--zarr_format 2|3] [--skip_bad]``."""
+    parser = ArgumentParser(prog="python -m sarwmix.data.bigearthnetv1", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("to-zarr", help="folder layout -> Zarr container (resumable)")
     convert.add_argument("src", help="BigEarthNet-S1-v1.0 folder (or its parent)")

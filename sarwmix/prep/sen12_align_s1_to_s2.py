@@ -16,7 +16,7 @@ Sequences without any S2 band are reported and skipped. An S1 entry whose files 
 or hold non-finite values raises ``DataError`` naming the sequence and the file; with ``--skip_bad`` it
 is skipped and counted instead.
 
-    python -m sarwmix.sen12_align_s1_to_s2 ROOT OUT [--resampling nearest|bilinear] [--skip_bad]
+    python -m sarwmix.prep.sen12_align_s1_to_s2 ROOT OUT [--resampling nearest|bilinear] [--skip_bad]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from tqdm import tqdm
 from sarwmix.cli import ArgumentParser
 from sarwmix.constants import CHANNELS
 from sarwmix.errors import ConfigError, DataError, SarwmixError
-from sarwmix.sen12_data_prep import ALIGN_REPORT, read_s1_list, s1_path
+from sarwmix.prep.sen12_data_prep import ALIGN_REPORT, read_s1_list, s1_path
 
 RESAMPLING = {"nearest": Resampling.nearest, "bilinear": Resampling.bilinear}
 

@@ -4,7 +4,7 @@ Exact zeros are the no-data of the S1 scenes (outside the swath, or outside the 
 alignment); a pair whose image is largely empty says nothing about a flood.
 Pruned pairs are moved to ``OUT/_pruned/<split>/`` (or deleted with ``--delete``).
 
-    python -m sarwmix.sen12_prune_partial_pairs OUT [--threshold 0.25] [--dry_run] [--delete]
+    python -m sarwmix.prep.sen12_prune_partial_pairs OUT [--threshold 0.25] [--dry_run] [--delete]
 """
 from __future__ import annotations
 

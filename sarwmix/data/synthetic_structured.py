@@ -1,6 +1,6 @@
 """Structured synthetic Sentinel-1 scenes: land cover with the spatial structure that tells it apart.
 
-``sarwmix.synthetic`` draws a Voronoi mosaic of fields whose classes differ mostly in their backscatter
+``sarwmix.data.synthetic`` draws a Voronoi mosaic of fields whose classes differ mostly in their backscatter
 levels; this module keeps those levels (the class table there) and draws inside each cover the structure a
 radar sees in real land cover:
 

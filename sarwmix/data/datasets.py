@@ -5,18 +5,18 @@ order of ``CHANNELS`` (or the requested subset) and a float32 multi-hot target. 
 flips: the training engine does both on the device, from ``dataset.stats`` and a per-step seed, so a
 resumed run sees exactly the same augmentations.
 
-The readers share the base class ``sarwmix.patches.PatchDataset``.
+The readers share the base class ``sarwmix.data.patches.PatchDataset``.
 """
 from __future__ import annotations
 
 import torch
 
-from sarwmix import bigearthnetv1, bigearthnetv2
 from sarwmix.constants import CHANNELS
+from sarwmix.data import bigearthnetv1, bigearthnetv2
+from sarwmix.data.packed_format import PackedDataset
+from sarwmix.data.sen12flood_loader import Sen12FloodPairs
+from sarwmix.data.synthetic import SyntheticS1
 from sarwmix.errors import ConfigError
-from sarwmix.packed_format import PackedDataset
-from sarwmix.sen12flood_loader import Sen12FloodPairs
-from sarwmix.synthetic import SyntheticS1
 
 DATASET_NAMES: tuple[str, ...] = (
     "synthetic", "benv1", "benv1_zarr", "benv2", "benv2_lmdb", "packed", "sen12flood",
@@ -52,7 +52,7 @@ def build_dataset(name: str, *, data_path: str | None, split: str, input_size: i
         seed: ``synthetic`` only: base seed; each split uses a different one.
         include_snow_cloud: keep patches flagged with seasonal snow or cloud/shadow.
         label_set: 19 or 43 classes (43 only for v1-style sources).
-        scene: ``synthetic`` only: ``mosaic`` or ``structured`` (``sarwmix.synthetic.generate_patch``).
+        scene: ``synthetic`` only: ``mosaic`` or ``structured`` (``sarwmix.data.synthetic.generate_patch``).
 
     Returns:
         a ``torch.utils.data.Dataset`` with ``.stats`` and ``.num_classes``.

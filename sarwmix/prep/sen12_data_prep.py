@@ -12,7 +12,7 @@ either a list file of test sequences (one name per line; a CSV's first column wo
 random fraction. The test sequences used are written to ``OUT/test_sequences.txt`` so a split can be
 reused. (The released 262/68 split lists are not available to this project.)
 
-    python -m sarwmix.sen12_data_prep ALIGNED_ROOT S1LIST_JSON OUT [--test_sequences FILE | --test_fraction 0.2]
+    python -m sarwmix.prep.sen12_data_prep ALIGNED_ROOT S1LIST_JSON OUT [--test_sequences FILE | --test_fraction 0.2]
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from rasterio.errors import RasterioIOError
 
 from sarwmix.cli import ArgumentParser
 from sarwmix.constants import CHANNELS
+from sarwmix.data.sen12flood_pairs import pair_name, parse_pair_label
 from sarwmix.errors import ConfigError, DataError, SarwmixError
 
 PAIR_SIZE = 512
@@ -151,20 +152,6 @@ def make_pairs(entries: list[S1Entry]) -> list[tuple[S1Entry, S1Entry, int]]:
                 # A flood before a non-flood date (not monotone): the non-flood image still goes first.
                 pairs.append((late, early, 1))
     return pairs
-
-
-def pair_name(seq: str, first: S1Entry, second: S1Entry, label: int) -> str:
-    """``<seq>__<file1>__<file2>__<label>.npy``."""
-    return f"{seq}__{first.filename}__{second.filename}__{label}.npy"
-
-
-
-def parse_pair_label(path: Path) -> int:
-    """The label (0 or 1) of a pair file named ``<seq>__<file1>__<file2>__<label>.npy``."""
-    parts = Path(path).stem.split("__")
-    if len(parts) != 4 or parts[3] not in ("0", "1"):
-        raise DataError(f"{path}: expected a name <seq>__<file1>__<file2>__<0|1>.npy")
-    return int(parts[3])
 
 
 def count_labels(root: Path) -> dict[str, tuple[int, int]]:
@@ -296,7 +283,7 @@ def _write_sequence(folder: Path, entries: list[S1Entry], out_dir: Path, counts:
                   f"{b.shape[1:]} is not {PAIR_SIZE}x{PAIR_SIZE}")
             counts["skipped_size"] += 1
             continue
-        np.save(out_dir / pair_name(folder.name, first, second, label), np.stack([a, b]))
+        np.save(out_dir / pair_name(folder.name, first.filename, second.filename, label), np.stack([a, b]))
         counts[split] += 1
         counts[f"{split}_flood"] += label
 
@@ -320,7 +307,7 @@ def prepare_pairs(aligned_root: Path, s1_list: Path, out: Path, test_sequences: 
     """
     aligned_root, out = Path(aligned_root), Path(out)
     if not aligned_root.is_dir():
-        raise DataError(f"aligned root not found: {aligned_root} (run python -m sarwmix.sen12_align_s1_to_s2)")
+        raise DataError(f"aligned root not found: {aligned_root} (run python -m sarwmix.prep.sen12_align_s1_to_s2)")
     listing = read_s1_list(s1_list)
     no_s2, skipped_entries = _read_align_report(aligned_root)
     _prepare_out(out, overwrite)
@@ -366,7 +353,7 @@ def resolve_test_sequences(sequences: list[str], list_file: Path | None, test_fr
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Build SEN12-FLOOD image pairs from aligned S1.")
-    parser.add_argument("aligned_root", type=Path, help="output folder of sarwmix.sen12_align_s1_to_s2")
+    parser.add_argument("aligned_root", type=Path, help="output folder of sarwmix.prep.sen12_align_s1_to_s2")
     parser.add_argument("s1_list", type=Path, help="S1list.json of the data set")
     parser.add_argument("out", type=Path, help="receives train/ and test/ pair files")
     group = parser.add_mutually_exclusive_group()

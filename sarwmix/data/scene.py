@@ -25,8 +25,9 @@ from rasterio.errors import RasterioError
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from sarwmix.constants import CHANNELS, LINEAR_FLOOR
+from sarwmix.constants import CHANNELS
 from sarwmix.errors import ConfigError, DataError
+from sarwmix.sar.units import linear_to_db
 
 UNITS: tuple[str, ...] = ("auto", "db", "linear")
 SAMPLE_SIDE = 512  # units are detected on a decimated read of at most this many pixels a side
@@ -292,7 +293,7 @@ class Scene:
             valid &= band != np.float32(source.nodata)
         if self.units == "linear":
             valid &= band != 0
-            band = 10.0 * np.log10(np.maximum(band, LINEAR_FLOOR, where=np.isfinite(band), out=band))
+            band = linear_to_db(band)
         return band, valid
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
-"""Converters to the packed format (``sarwmix.packed_format``) and their command line.
+"""Converters to the packed format (``sarwmix.data.packed_format``) and their command line.
 
-    python -m sarwmix.packed convert --source benv1 /data/BigEarthNet-S1-v1.0 /data/benv1_packed
-    python -m sarwmix.packed convert --source synthetic /tmp/packed --n 512
+    python -m sarwmix.data.packed convert --source benv1 /data/BigEarthNet-S1-v1.0 /data/benv1_packed
+    python -m sarwmix.data.packed convert --source synthetic /tmp/packed --n 512
 
 ``packed.json`` is written last, so a folder without it is incomplete.
 """
@@ -16,11 +16,11 @@ import torch
 from tqdm import tqdm
 
 from sarwmix.cli import ArgumentParser, count
-from sarwmix.datasets import build_dataset
+from sarwmix.data.datasets import build_dataset
+from sarwmix.data.packed_format import PACKED_SPLITS, PackedWriter, read_meta
+from sarwmix.data.patches import PatchDataset
+from sarwmix.data.synthetic import convert_synthetic
 from sarwmix.errors import ConfigError, DataError, SarwmixError
-from sarwmix.packed_format import PACKED_SPLITS, PackedWriter, read_meta
-from sarwmix.patches import PatchDataset
-from sarwmix.synthetic import convert_synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def convert(source: str, src: str | Path, out: str | Path, *, splits: tuple[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sarwmix.packed convert --source SOURCE [SRC] OUT [options]``."""
-    parser = ArgumentParser(prog="python -m sarwmix.packed", description="Build a packed data set.")
+    """``python -m sarwmix.data.packed convert --source SOURCE [SRC] OUT [options]``."""
+    parser = ArgumentParser(prog="python -m sarwmix.data.packed", description="Build a packed data set.")
     commands = parser.add_subparsers(dest="command", required=True)
     cmd = commands.add_parser("convert", help="convert a source format (or synthetic data) to packed")
     cmd.add_argument("--source", required=True, choices=SOURCES)
