@@ -31,7 +31,7 @@ from engine import Trainer, TrainSettings
 from models_sen12_ft import PATCH_OPS
 from models_swin import SWIN_WINDOWS, check_input_size
 from sarwmix.cli import ArgumentParser, count
-from sarwmix.data.datasets import build_dataset
+from sarwmix.data.datasets import build_dataset, dataset_spec
 from sarwmix.errors import ConfigError
 from tasks import TASKS, get_task, task_for_dataset
 from util import runner
@@ -154,18 +154,13 @@ def check_backbone(args: argparse.Namespace) -> None:
 
 
 def split_file_of(args: Config, split: str) -> str | None:
-    """BigEarthNet v1 needs one list per split: ``--split_file`` names the folder of train/val/test.csv, or
-    of their ``.csv.gz`` (default: ``splits/`` beside the data, else the official lists in ``datasets/``).
-    v2's metadata file holds every split and is passed as is."""
-    if args.dataset not in ("benv1", "benv1_zarr") or not args.split_file:
+    """The ``--split_file`` of one split: a data set with one list per split (BigEarthNet v1) takes the folder
+    of its lists (default: ``splits/`` beside the data, else the official lists in ``datasets/``); a metadata
+    file holding every split (v2) is passed as is."""
+    spec = dataset_spec(args.dataset)
+    if spec.split_list is None or not args.split_file:
         return args.split_file
-    folder = Path(args.split_file)
-    if not folder.is_dir():
-        raise ConfigError(f"--split_file {folder}: for BigEarthNet v1 finetuning give the folder holding "
-                          f"train.csv, val.csv and test.csv (one list cannot define three splits)")
-    compressed = folder / f"{split}.csv.gz"  # the layout of the shipped datasets/
-    return str(compressed if compressed.is_file() and not (folder / f"{split}.csv").is_file()
-               else folder / f"{split}.csv")
+    return spec.split_list(args.split_file, split)
 
 
 def build_split(args: Config, split: str):

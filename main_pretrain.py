@@ -17,7 +17,7 @@ import backbones
 from engine import Trainer, TrainSettings
 from engine_pretrain import make_pretrain_step, save_reconstructions
 from sarwmix.cli import ArgumentParser, count
-from sarwmix.data.datasets import DATASET_NAMES
+from sarwmix.data.datasets import dataset_names
 from sarwmix.errors import ConfigError
 from sarwmix.sar.spectra import check_settings as check_spectral
 from sarwmix.sar.weighting import GRANULARITIES, WEIGHT_NORMS, WEIGHTINGS, check_weight_norm
@@ -64,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--vis_samples", type=count(0), default=4, help="samples in reconstructions.png (0: none)")
     g = parser.add_argument_group("representation probe (k-NN and linear probe of the frozen encoder)")
     g.add_argument("--probe_every", type=count(0), default=0, help="probe every N epochs and at the last (0: off)")
-    g.add_argument("--probe_dataset", default=None, choices=DATASET_NAMES,
+    g.add_argument("--probe_dataset", default=None, choices=dataset_names(),
                    help="labelled probe data (default: --dataset; synthetic: patches of another seed, "
                         "others: their validation split)")
     g.add_argument("--probe_data_path", default=None, help="root of the probe data (default: --data_path)")

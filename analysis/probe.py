@@ -30,7 +30,7 @@ import torch
 import backbones
 from sarwmix.cli import ArgumentParser, count
 from sarwmix.constants import CHANNELS
-from sarwmix.data.datasets import DATASET_NAMES
+from sarwmix.data.datasets import dataset_names
 from sarwmix.errors import SarwmixError
 from util.checkpoint import checkpoint_args, load_checkpoint, model_state
 from util.pretrained import load_pretrained
@@ -134,7 +134,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="encoder name (default: the checkpoint's)")
     p.add_argument("--input_size", type=int, default=None, help="default: the checkpoint's; else 128")
     p.add_argument("--channels", nargs="+", default=None, help="default: the checkpoint's; else VH VV")
-    p.add_argument("--dataset", default="synthetic", choices=DATASET_NAMES)
+    p.add_argument("--dataset", default="synthetic", choices=dataset_names())
     p.add_argument("--data_path", default=None)
     p.add_argument("--samples", type=count(8), default=1024, help="probe patches: 3/4 to fit, 1/4 held out")
     p.add_argument("--knn_k", type=count(1), default=20)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import backbones
+from sarwmix.data.datasets import dataset_spec
 from sarwmix.errors import ConfigError
 
 
@@ -27,7 +28,6 @@ class Task(abc.ABC):
     Attributes:
         name: the ``--task`` value.
         title: the task's name in figures.
-        datasets: the ``--dataset`` values of this task (each data set belongs to one task).
         metrics: the names ``scores`` returns (higher is better), the valid ``--select_metric`` values.
         default_metric: the metric that picks ``checkpoint_best.pth`` unless ``--select_metric`` is given.
         default_input_size: ``--input_size`` when not given.
@@ -38,7 +38,6 @@ class Task(abc.ABC):
 
     name: str = ""
     title: str = ""
-    datasets: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     default_metric: str = ""
     default_input_size: int = 128
@@ -123,9 +122,9 @@ class Task(abc.ABC):
 
 
 def task_of_dataset(tasks: Mapping[str, Task], dataset: str) -> Task:
-    """The one task of ``tasks`` that ``dataset`` belongs to (ConfigError if none or several)."""
-    found = [t for t in tasks.values() if dataset in t.datasets]
-    if len(found) != 1:
-        raise ConfigError(f"--dataset {dataset}: belongs to {len(found)} tasks ({[t.name for t in found]}), "
-                         f"expected exactly one")
-    return found[0]
+    """The task of ``tasks`` whose labels ``dataset`` holds: the data set names it (``DatasetSpec.task``)."""
+    name = dataset_spec(dataset).task
+    if name not in tasks:
+        raise ConfigError(f"--dataset {dataset}: its labels are for task {name!r}, which is none of "
+                          f"{list(tasks)}")
+    return tasks[name]

@@ -17,7 +17,6 @@ from util.metrics import BEN_METRICS, multilabel_metrics
 class BigEarthNet(Task):
     name = "ben"
     title = "BigEarthNet"
-    datasets = ("synthetic", "benv1", "benv1_zarr", "benv2", "benv2_lmdb", "packed")
     metrics = BEN_METRICS
     default_metric = "mAP_macro"
     default_input_size = 128  # the patch side

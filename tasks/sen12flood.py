@@ -30,7 +30,6 @@ log = logging.getLogger("sarwmix")
 class Sen12Flood(Task):
     name = "sen12flood"
     title = "SEN12-FLOOD"
-    datasets = ("sen12flood",)
     metrics = SEN12_METRICS
     default_metric = "f1"
     default_input_size = 512  # the side of the released pair images

@@ -9,9 +9,8 @@ import torch
 
 from sarwmix.constants import DATASET_STATS
 from sarwmix.data.bad_patches import GuardedData
-from sarwmix.data.datasets import DATASET_NAMES, build_dataset
+from sarwmix.data.datasets import DATASETS, build_dataset, write_format
 from sarwmix.data.patches import PatchDataset, channel_indices, resize_db
-from sarwmix.data.synthetic import write_format
 from sarwmix.errors import ConfigError, DataError
 
 N, SEED = 16, 2
@@ -74,7 +73,7 @@ def test_config_errors() -> None:
     with pytest.raises(ConfigError, match="channels"):
         channel_indices(("HH",))
     assert channel_indices(("VV", "VH")) == (1, 0)
-    assert "sen12flood" in DATASET_NAMES and "packed" in DATASET_NAMES
+    assert "sen12flood" in DATASETS and "packed" in DATASETS
 
 
 def test_resize_db() -> None:

@@ -38,7 +38,7 @@ def test_every_project_file_the_docs_name_exists():
 
 
 def test_every_module_run_with_python_m_exists():
-    modules = set(re.findall(r"python -m ((?:sarwmix|util|analysis)\.\w+)", ALL_TEXT))
+    modules = set(re.findall(r"python -m ((?:sarwmix|util|analysis|benchmarks)(?:\.\w+)+)", ALL_TEXT))
     assert modules
     missing = sorted(m for m in modules if not (REPO / (m.replace(".", "/") + ".py")).exists())
     assert not missing, missing

@@ -10,7 +10,7 @@ import backbones
 import engine_finetune as E
 import main_finetune
 from engine import Trainer, TrainSettings
-from sarwmix.data.datasets import DATASET_NAMES
+from sarwmix.data.datasets import DATASETS, DatasetSpec
 from sarwmix.errors import ConfigError, SarwmixError
 from tasks import TASKS, Task, get_task, task_for_dataset
 from tasks.base import task_of_dataset
@@ -23,7 +23,7 @@ from util.runner import Run
 class SingleLabel(Task):
     """A toy single-label task: (2, 4, 4) inputs, 3 classes, cross-entropy, accuracy."""
 
-    name, title, datasets = "toy", "Toy", ("toy_data",)
+    name, title = "toy", "Toy"
     metrics, default_metric = ("accuracy",), "accuracy"
 
     def finetune_model(self, config, num_classes, *, in_chans, drop_path_rate):
@@ -67,9 +67,9 @@ def toy(monkeypatch) -> Task:
     return task
 
 
-def test_every_data_set_belongs_to_exactly_one_task():
-    assert {name: task_for_dataset(name).name for name in DATASET_NAMES} == {
-        name: "sen12flood" if name == "sen12flood" else "ben" for name in DATASET_NAMES}
+def test_every_data_set_names_its_task():
+    assert {name: task_for_dataset(name).name for name in DATASETS} == {
+        name: "sen12flood" if name == "sen12flood" else "ben" for name in DATASETS}
 
 
 def test_the_two_tasks_answer_what_the_run_records():
@@ -83,10 +83,12 @@ def test_the_two_tasks_answer_what_the_run_records():
         get_task("segmentation")
 
 
-def test_a_data_set_of_no_task_or_of_two_is_refused_naming_it(toy):
-    with pytest.raises(ConfigError, match="toy_data: belongs to 2 tasks"):
-        task_of_dataset({**TASKS, "twin": SingleLabel()}, "toy_data")
-    with pytest.raises(ConfigError, match="nowhere: belongs to 0 tasks"):
+def test_a_data_set_of_an_unknown_task_is_refused_naming_it(monkeypatch):
+    monkeypatch.setitem(DATASETS, "toy_data", DatasetSpec(lambda *a, **k: None, task="segmentation"))
+    with pytest.raises(ConfigError, match="--dataset toy_data: its labels are for task 'segmentation', which is "
+                                          "none of"):
+        task_of_dataset(TASKS, "toy_data")
+    with pytest.raises(ConfigError, match="dataset 'nowhere': expected one of"):
         task_of_dataset(TASKS, "nowhere")
 
 

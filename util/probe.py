@@ -27,7 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from sarwmix.data.datasets import build_dataset
+from sarwmix.data.datasets import build_dataset, dataset_spec
 from util.augment import normalize
 from util.metrics import average_precision
 from util.watchdog import heartbeat
@@ -336,7 +336,7 @@ def build_probe_sets(name: str, *, data_path: str | None, input_size: int, chann
     """
     if samples < 8:
         raise ValueError(f"probe samples {samples}: expected at least 8 (a training and a held-out part)")
-    synthetic = name.startswith("synthetic")
+    synthetic = dataset_spec(name).synthetic
     ds = build_dataset(name, data_path=data_path, split="train" if synthetic else "val", input_size=input_size,
                        channels=tuple(channels), num_samples=samples if synthetic else None,
                        seed=seed + PROBE_SEED_OFFSET if synthetic else 0)

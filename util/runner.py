@@ -16,7 +16,7 @@ import yaml
 
 from sarwmix.cli import count
 from sarwmix.constants import CHANNELS
-from sarwmix.data.datasets import DATASET_NAMES, build_dataset
+from sarwmix.data.datasets import build_dataset, dataset_names, dataset_spec
 from sarwmix.errors import ConfigError
 from util.config import RunConfig, coerce, nearest, str2bool, write_config
 from util.device import CPU_MEMORY_MODES, resolve_amp, tune_cpu_memory
@@ -48,7 +48,7 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="mixmim_base", help="model name (see docs/PRETRAIN.md)")
     g.add_argument("--input_size", type=int, default=128, help="image side in pixels")
     g.add_argument("--channels", nargs="+", default=list(CHANNELS), help="subset of VH VV, in that order")
-    g.add_argument("--dataset", default="synthetic", choices=DATASET_NAMES)
+    g.add_argument("--dataset", default="synthetic", choices=dataset_names())
     g.add_argument("--data_path", default=None, help="root of the data set (not needed for synthetic)")
     g.add_argument("--split_file", default=None, help="official split list / CSV to select patches")
     g.add_argument("--num_samples", type=count(1), default=None, help="synthetic: number of training samples")
@@ -258,7 +258,7 @@ def validate_common(args: argparse.Namespace) -> None:
         raise ConfigError(f"--dist_timeout {args.dist_timeout}: expected a positive number of seconds")
     if not 0 <= args.max_bad < 1:
         raise ConfigError(f"--max_bad {args.max_bad}: expected a fraction of the epoch, 0 <= fraction < 1")
-    if args.dataset != "synthetic" and not args.data_path:
+    if not dataset_spec(args.dataset).synthetic and not args.data_path:
         raise ConfigError(f"--dataset {args.dataset} needs --data_path (the folder or file of the data set)")
 
 

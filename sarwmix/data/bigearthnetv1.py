@@ -48,7 +48,7 @@ SNOW_LIST = "patches_with_seasonal_snow.csv"
 CLOUD_LIST = "patches_with_cloud_and_shadow.csv"
 NO_LABEL_LIST = "patches_without_19_class_labels.csv"
 # The official split and exclusion lists, gzip-compressed, shipped with the repository.
-SHIPPED_LISTS = Path(__file__).resolve().parents[1] / "datasets"
+SHIPPED_LISTS = Path(__file__).resolve().parents[2] / "datasets"
 _INDEX_43 = {name: i for i, name in enumerate(BEN_43_CLASSES)}
 _INDEX_19 = {name: i for i, name in enumerate(BEN_19_CLASSES)}
 
@@ -384,6 +384,18 @@ def write_zarr_patch(patches, name: str, sar_db: np.ndarray, meta: dict) -> None
     if meta.get("corresponding_s2_patch"):
         group.attrs["corresponding_s2_patch"] = meta["corresponding_s2_patch"]
     group.attrs["labels"] = list(meta["labels"])
+
+
+def split_list(split_file: str, split: str) -> str:
+    """The list of ``split`` for a finetuning run: v1 needs one list per split, so its ``--split_file`` names the
+    folder of train/val/test.csv, or of their ``.csv.gz`` (the layout of the shipped ``datasets/``)."""
+    folder = Path(split_file)
+    if not folder.is_dir():
+        raise ConfigError(f"--split_file {folder}: for BigEarthNet v1 finetuning give the folder holding "
+                          f"train.csv, val.csv and test.csv (one list cannot define three splits)")
+    compressed = folder / f"{split}.csv.gz"
+    return str(compressed if compressed.is_file() and not (folder / f"{split}.csv").is_file()
+               else folder / f"{split}.csv")
 
 
 def to_zarr(src: str | Path, out: str | Path, zarr_format: int = 3, skip_bad: bool = False) -> dict[str, int]:

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from sarwmix.cli import ArgumentParser, count
-from sarwmix.data.datasets import build_dataset
+from sarwmix.data.datasets import DATASETS, build_dataset, dataset_names
 from sarwmix.data.packed_format import PACKED_SPLITS, PackedWriter, read_meta
 from sarwmix.data.patches import PatchDataset
 from sarwmix.data.synthetic import convert_synthetic
@@ -24,7 +24,6 @@ from sarwmix.errors import ConfigError, DataError, SarwmixError
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("benv1", "benv1_zarr", "benv2", "benv2_lmdb", "synthetic")
 
 
 class _RawItems(torch.utils.data.Dataset):
@@ -56,10 +55,11 @@ def convert(source: str, src: str | Path, out: str | Path, *, splits: tuple[str,
     Returns:
         the packed folder.
     """
-    if source not in SOURCES[:-1]:
-        raise ConfigError(f"--source {source!r}: expected one of {SOURCES}")
+    spec = DATASETS.get(source)
+    if spec is None or spec.pack_label_set is None:
+        raise ConfigError(f"--source {source!r}: expected one of {sources()}")
     writer = PackedWriter(out, dtype, shard_size)
-    label_set = 43 if source.startswith("benv1") else 19
+    label_set = spec.pack_label_set
     skipped = 0
     for split in splits:
         reader = build_dataset(source, data_path=str(src), split=split, input_size=120, split_file=split_file,
@@ -74,7 +74,12 @@ def convert(source: str, src: str | Path, out: str | Path, *, splits: tuple[str,
                 writer.add(item[0], "val" if split == "validation" else split, item[1], item[2])
     if skipped:
         logger.warning("convert: %d bad patches skipped (listed above)", skipped)
-    return writer.close(stats="benv1" if source.startswith("benv1") else "benv2", source=f"{source}:{src}")
+    return writer.close(stats=spec.pack_stats, source=f"{source}:{src}")
+
+
+def sources() -> tuple[str, ...]:
+    """What ``convert --source`` takes: the data sets that can be packed, and the synthetic generator."""
+    return dataset_names(synthetic=True) + tuple(n for n, s in DATASETS.items() if s.pack_label_set is not None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m sarwmix.data.packed", description="Build a packed data set.")
     commands = parser.add_subparsers(dest="command", required=True)
     cmd = commands.add_parser("convert", help="convert a source format (or synthetic data) to packed")
-    cmd.add_argument("--source", required=True, choices=SOURCES)
+    cmd.add_argument("--source", required=True, choices=sources())
     cmd.add_argument("paths", nargs="+", metavar="SRC OUT", help="source folder and output folder "
                      "(synthetic: output folder only)")
     cmd.add_argument("--split", nargs="+", default=list(PACKED_SPLITS), choices=PACKED_SPLITS)
@@ -97,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        if len(args.paths) != (1 if args.source == "synthetic" else 2):
-            raise ConfigError(f"--source {args.source}: expected {'OUT' if args.source == 'synthetic' else 'SRC OUT'}"
+        generated = DATASETS[args.source].synthetic
+        if len(args.paths) != (1 if generated else 2):
+            raise ConfigError(f"--source {args.source}: expected {'OUT' if generated else 'SRC OUT'}"
                               f", got {args.paths}")
-        if args.source == "synthetic":
+        if generated:
             out = convert_synthetic(args.paths[0], args.n, args.seed, args.dtype, args.shard_size)
         else:
             out = convert(args.source, args.paths[0], args.paths[1], splits=tuple(args.split), dtype=args.dtype,

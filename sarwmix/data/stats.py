@@ -18,7 +18,7 @@ import torch
 
 from sarwmix.cli import ArgumentParser, count
 from sarwmix.constants import CHANNELS
-from sarwmix.data.datasets import DATASET_NAMES, build_dataset
+from sarwmix.data.datasets import build_dataset, dataset_names
 from sarwmix.errors import DataError, SarwmixError
 
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m sarwmix.data.stats --dataset NAME --data_path P [--split train] [--input_size 128] [--json]``."""
     parser = ArgumentParser(prog="python -m sarwmix.data.stats",
                             description="Per-channel mean/std (dB) of a data set, both conventions.")
-    parser.add_argument("--dataset", required=True, choices=[n for n in DATASET_NAMES if n != "sen12flood"])
+    parser.add_argument("--dataset", required=True, choices=dataset_names(pairs=False))
     parser.add_argument("--data_path", default=None)
     parser.add_argument("--split", default="train")
     parser.add_argument("--split_file", default=None)

@@ -39,7 +39,6 @@ from sarwmix.data.bigearthnetv2 import (
 from sarwmix.data.geotiff import utm_transform, write_band
 from sarwmix.data.packed_format import PackedWriter
 from sarwmix.data.patches import PatchDataset
-from sarwmix.data.sen12flood_synthetic import write_sen12flood
 from sarwmix.errors import ConfigError, SarwmixError
 
 # Land cover -> (VV dB, VH dB, field-to-field spread dB, fine texture std dB, sampling weight).
@@ -331,7 +330,6 @@ _TILES = (
     ("35VNL", "Finland", 32635, 499980.0, 6800040.0), ("29UPV", "Ireland", 32629, 600000.0, 5900040.0),
     ("29TNE", "Portugal", 32629, 499980.0, 4500000.0), ("32TLT", "Switzerland", 32632, 300000.0, 5200020.0),
 )
-WRITE_FORMATS = ("benv1", "benv1_zarr", "benv2", "benv2_lmdb", "sen12flood", "packed")
 
 
 def _stamp(time: np.datetime64) -> str:
@@ -519,30 +517,19 @@ def convert_synthetic(out: str | Path, n: int, seed: int = 0, dtype: str = "floa
     return writer.close(stats="benv1", source=source)
 
 
-def write_format(fmt: str, out: Path, n: int, seed: int = 0, scene: str = "mosaic") -> Path:
-    """Write ``n`` seeded synthetic patches (or SEN12-FLOOD sequences) in format ``fmt`` under ``out``
-    (``scene``: see ``generate_patch``; SEN12-FLOOD sequences have their own generator)."""
-    if fmt not in WRITE_FORMATS:
-        raise ConfigError(f"--format {fmt!r}: expected one of {WRITE_FORMATS}")
-    if n < 1:
-        raise ConfigError(f"--n {n}: expected at least 1")
-    if fmt == "sen12flood":
-        write_sen12flood(Path(out), n, seed)
-        return Path(out)
-    if fmt == "packed":
-        return convert_synthetic(Path(out), n, seed, scene=scene)
-    writer = {"benv1": write_benv1, "benv1_zarr": write_benv1_zarr, "benv2": write_benv2,
-              "benv2_lmdb": write_benv2_lmdb}[fmt]
-    return writer(Path(out), n, seed, scene=scene)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sarwmix.data.synthetic write --format FORMAT --n N [--seed S] OUT``."""
+    """``python -m sarwmix.data.synthetic write --format FORMAT --n N [--seed S] OUT``.
+
+    The formats are the data sets of ``sarwmix.data.datasets.DATASETS`` that have a writer; the table is read
+    here, in the command line only (it lists this module's writers, so a module-level import would be a cycle).
+    """
+    from sarwmix.data.datasets import dataset_spec, writable_formats, write_format
+
     parser = ArgumentParser(prog="python -m sarwmix.data.synthetic",
                             description="Write seeded synthetic Sentinel-1 data in a real layout.")
     commands = parser.add_subparsers(dest="command", required=True)
     write = commands.add_parser("write", help="write N patches (sen12flood: N sequences) into OUT")
-    write.add_argument("--format", required=True, choices=WRITE_FORMATS)
+    write.add_argument("--format", required=True, choices=writable_formats())
     write.add_argument("--n", type=count(1), default=64)
     write.add_argument("--seed", type=int, default=0)
     write.add_argument("--scene", default="mosaic", choices=SCENES,
@@ -554,9 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     except SarwmixError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    unit = "sequences" if args.format == "sen12flood" else "patches"
-    print(f"wrote {args.n} synthetic {args.format} {unit} to {path}"
-          + (" (snow/cloud-flagged ones left out)" if args.format == "packed" else ""))
+    spec = dataset_spec(args.format)
+    print(f"wrote {args.n} synthetic {args.format} {'sequences' if spec.pairs else 'patches'} to {path}"
+          + spec.write_note)
     return 0
 
 
