@@ -200,7 +200,7 @@ def check_args(args: argparse.Namespace) -> None:
 
     SimMIM runs check the backbone's own size rule and mask cell; MixMIM runs need a backbone with a MixMIM
     model; without a ``mode``, a Swin's ``input_size`` is checked (finetuning checks the side the task's encoder
-    sees instead: ``main_finetune.resolve_task``).
+    sees instead: ``finetuning.settle``).
     """
     mode = getattr(args, "mode", None)
     bb = BACKBONES.get(args.model)

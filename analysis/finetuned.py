@@ -15,10 +15,11 @@ import torch
 
 import backbones
 import engine_finetune as E
-import main_finetune
+import finetuning
 from analysis.logs import output_parser
 from sarwmix.cli import ArgumentParser
 from sarwmix.errors import ConfigError
+from tasks import Task
 from util import runner
 from util.checkpoint import checkpoint_args, load_checkpoint, model_state
 from util.config import parse_with_config
@@ -61,7 +62,7 @@ class Finetuned:
 def script_parser(description: str) -> argparse.ArgumentParser:
     """``main_finetune.py``'s parser plus the analysis output flags, ``CHECKPOINT`` and ``--split``."""
     parser = ArgumentParser(description=description, allow_abbrev=False, conflict_handler="resolve",
-                            parents=[main_finetune.get_args_parser(), output_parser()],
+                            parents=[finetuning.args_parser(), output_parser()],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("checkpoint")
     g.add_argument("checkpoint", type=Path, help="finetuned ViT checkpoint (e.g. checkpoint_best.pth)")
@@ -70,23 +71,24 @@ def script_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
+def parse_script_args(parser: argparse.ArgumentParser,
+                      argv: list[str] | None) -> tuple[argparse.Namespace, dict, Task]:
     """Parse with precedence: parser defaults < the checkpoint's stored args < --config < --override < flags.
 
     Returns:
-        (resolved arguments, the loaded checkpoint).
+        (resolved arguments, the loaded checkpoint, the task).
     """
     first = parser.parse_args(argv)
     ckpt = load_checkpoint(first.checkpoint)
     parser.set_defaults(**checkpoint_args(ckpt).pick(INHERITED))
     args = parse_with_config(parser, argv, extra=runner.override_values)
-    main_finetune.resolve_task(args)
+    task = finetuning.settle(args)
     if args.model not in backbones.names("token_drop"):
         raise ConfigError(f"{args.checkpoint}: model {args.model!r} is not a ViT; token dropping needs one of "
                           f"{', '.join(backbones.names('token_drop'))}")
     if args.out is None:
         args.out = args.checkpoint.parent
-    return args, ckpt
+    return args, ckpt, task
 
 
 def load_finetuned(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Finetuned:
@@ -96,9 +98,9 @@ def load_finetuned(parser: argparse.ArgumentParser, argv: list[str] | None = Non
         CheckpointError for a missing / unreadable file or one that does not fit the model exactly;
         ConfigError for bad flags or a non-ViT model.
     """
-    args, ckpt = parse_script_args(parser, argv)
-    dataset = main_finetune.build_split(args, args.split)
-    model = main_finetune.build_model(args, dataset.num_classes)
+    args, ckpt, task = parse_script_args(parser, argv)
+    dataset = finetuning.build_split(args, args.split)
+    model = finetuning.build_model(args, task, dataset.num_classes)
     load_pretrained(model, model_state(ckpt, args.checkpoint), args.checkpoint, keep_head=True)
     device = torch.device("cuda" if wants_cuda(args.device) else "cpu")
     model.to(device).eval()

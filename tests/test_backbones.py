@@ -10,8 +10,10 @@ from conftest import REPO
 
 import backbones
 import engine_finetune as E
+import finetuning
 import main_finetune
 from models_vit import VisionTransformer, vit_layer_id
+from tasks import get_task
 from util.lr_decay import param_groups
 
 MICRO = {"patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -38,14 +40,14 @@ def micro(monkeypatch):
 
 def finetune_args(model: str) -> argparse.Namespace:
     args = main_finetune.parse_args(["--model", model, "--input_size", "32", "--dataset", "synthetic"])
-    main_finetune.resolve_task(args)
+    finetuning.settle(args)
     return args
 
 
 def test_one_entry_finetunes_one_step(micro):
     args = finetune_args(micro)
     backbones.check_args(args)
-    model = main_finetune.build_model(args, 19)
+    model = finetuning.build_model(args, get_task(args.task), 19)
     assert isinstance(model, VisionTransformer) and len(model.blocks) == 2
     groups = param_groups(model, 0.05, model.layer_id, model.num_layers, 0.7)
     opt = torch.optim.AdamW(groups, lr=1e-3)

@@ -45,7 +45,7 @@ def test_pretrain_configs_parse_and_validate(path):
 def test_finetune_configs_parse_and_validate(path):
     main_finetune = pytest.importorskip("main_finetune")
     args = main_finetune.parse_args(["--config", str(path), "--data_path", "/data"])
-    main_finetune.resolve_task(args)
+    pytest.importorskip("finetuning").settle(args)
     backbones.check_args(args)
     runner.validate_common(args)
     for key, value in yaml.safe_load(path.read_text()).items():
@@ -229,11 +229,12 @@ def test_eval_config_yaml_is_the_configuration_the_run_used(tmp_path, monkeypatc
     torch.save({"model": {}, "epoch": 3, "args": argparse.Namespace(**stored) if released else stored}, ckpt)
     used = {}
 
-    def capture(config, world_size):
+    def capture(config, task, world_size):
         used["config"] = config
         raise _Stop
 
-    monkeypatch.setattr(main_finetune, "build_splits", capture)  # the first use of the settled configuration
+    finetuning = pytest.importorskip("finetuning")
+    monkeypatch.setattr(finetuning, "build_splits", capture)  # the first use of the settled configuration
     args = main_finetune.parse_args(["--eval", "--resume", str(ckpt), "--dataset", "sen12flood", "--data_path",
                                      str(tmp_path / "pairs"), "--seed", "5", "--val_fraction", "0.6",
                                      "--output_dir", str(tmp_path / "ev"), "--device", "cpu", "--no-progress"])

@@ -13,11 +13,13 @@ import yaml
 from _finetune_helpers import eval_rank, released_checkpoint, toy_dataset, toy_model, write_sen12_pairs
 
 import engine_finetune as E
+import finetuning
 import main_finetune
 import main_pretrain
 from sarwmix.data.sen12flood_pairs import pair_sequence
 from sarwmix.data.synthetic import write_benv2
 from sarwmix.errors import CheckpointError, ConfigError
+from tasks import get_task
 from tasks.sen12flood import holdout_by_sequence
 from util.checkpoint import known_hashes, load_checkpoint, sha256_of
 from util.config import run_cli
@@ -127,8 +129,8 @@ def test_train_fraction_subsets_are_nested_and_seeded():
     def train_indices(fraction: float, seed: int = 0) -> list[int]:
         args = main_finetune.parse_args(["--num_samples", "64", "--train_fraction", str(fraction),
                                          "--seed", str(seed), "--batch_size", "1"])
-        main_finetune.resolve_task(args)
-        train = main_finetune.build_splits(args, world_size=1)["train"]
+        finetuning.settle(args)
+        train = finetuning.build_splits(args, get_task(args.task), world_size=1)["train"]
         return list(range(64)) if fraction == 1.0 else train.indices
 
     subsets = [set(train_indices(f)) for f in (1.0, 0.5, 0.25, 0.125)]
@@ -136,7 +138,7 @@ def test_train_fraction_subsets_are_nested_and_seeded():
     assert all(small < big for big, small in itertools.pairwise(subsets))
     assert train_indices(0.25) == train_indices(0.25) != train_indices(0.25, seed=1)
     with pytest.raises(ConfigError, match="train_fraction"):
-        main_finetune.resolve_task(main_finetune.parse_args(["--train_fraction", "0"]))
+        finetuning.settle(main_finetune.parse_args(["--train_fraction", "0"]))
 
 
 def test_sen12_validation_holds_out_whole_training_sequences():
@@ -227,18 +229,18 @@ def test_task_and_flags_are_checked_before_anything_runs():
                         (["--layer_decay", "-0.7"], r"--layer_decay -0\.7: expected 0 < decay <= 1"),
                         (["--layer_decay", "0"], r"--layer_decay 0\.0: expected")):
         with pytest.raises(ConfigError, match=match):
-            main_finetune.resolve_task(main_finetune.parse_args(argv))
+            finetuning.settle(main_finetune.parse_args(argv))
     args = main_finetune.parse_args(["--freeze_encoder"])
-    main_finetune.resolve_task(args)
+    finetuning.settle(args)
     assert args.drop_path == 0.0 and args.input_size == 128 and args.select_metric == "mAP_macro"
     assert isinstance(args, argparse.Namespace)
 
 
 def test_freeze_encoder_trains_the_head_only():
     args = main_finetune.parse_args(["--freeze_encoder", "--input_size", "32"])
-    main_finetune.resolve_task(args)
-    model = main_finetune.build_model(args, 19)
-    groups = main_finetune.optimizer_groups(args, model)
+    finetuning.settle(args)
+    model = finetuning.build_model(args, get_task(args.task), 19)
+    groups = finetuning.optimizer_groups(args, model)
     trained = {id(p) for g in groups for p in g["params"]}
     assert trained == {id(model.head.weight), id(model.head.bias)}
     assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("head."))
@@ -247,7 +249,7 @@ def test_freeze_encoder_trains_the_head_only():
 @pytest.mark.parametrize("name", ["finetune_benv1_base", "finetune_benv2_base", "finetune_sen12flood_base"])
 def test_released_recipe_configs_parse(name):
     args = main_finetune.parse_args(["--config", str(REPO / "configs" / f"{name}.yaml"), "--data_path", "x"])
-    main_finetune.resolve_task(args)
+    finetuning.settle(args)
     assert (args.model, args.blr, args.warmup_epochs, args.epochs) == ("mixmim_base", 5e-4, 5, 50)
     assert (args.layer_decay, args.drop_path, args.weight_decay) == (0.7, 0.1, 0.05)
     assert args.input_size == (512 if args.task == "sen12flood" else 128)
@@ -258,15 +260,15 @@ def test_eval_reads_the_pretrain_epoch_the_training_run_recorded():
     """A run finetuned from ``checkpoint.pth`` (no epoch in the name) still reports its pretraining epoch."""
     args = main_finetune.parse_args(["--eval", "--resume", "x.pth"])
     stored = {"finetune": "output_dir/checkpoint.pth", "pretrain_epoch": 4, "train_fraction": 0.5}
-    assert main_finetune.provenance(args, None, {"args": stored}) == {
+    assert finetuning.provenance(args, None, {"args": stored}) == {
         "finetune": "output_dir/checkpoint.pth", "pretrain_epoch": 4, "train_fraction": 0.5, "freeze_encoder": None}
     older = {k: v for k, v in stored.items() if k != "pretrain_epoch"}  # before it was recorded: unknown
-    assert main_finetune.provenance(args, None, {"args": older})["pretrain_epoch"] is None
+    assert finetuning.provenance(args, None, {"args": older})["pretrain_epoch"] is None
     # The protocol of the evaluated model is the one it was trained with, whatever this command line says.
     probe = main_finetune.parse_args(["--eval", "--resume", "x.pth", "--freeze_encoder"])
     for given, recorded in ((probe, False), (args, True)):
         evaluated = {"args": {**stored, "freeze_encoder": recorded}}
-        assert main_finetune.provenance(given, None, evaluated)["freeze_encoder"] is recorded
+        assert finetuning.provenance(given, None, evaluated)["freeze_encoder"] is recorded
 
 
 def test_a_flood_less_sen12_validation_split_is_warned(tmp_path, caplog):
@@ -274,12 +276,12 @@ def test_a_flood_less_sen12_validation_split_is_warned(tmp_path, caplog):
     root = write_sen12_pairs(tmp_path / "pairs", {"train": [("0001", 0), ("0001", 1)], "val": [("0002", 0)],
                                                   "test": [("0009", 0)]})
     args = main_finetune.parse_args(["--dataset", "sen12flood", "--data_path", str(root), "--batch_size", "1"])
-    main_finetune.resolve_task(args)
-    main_finetune.build_splits(args, world_size=1)
+    finetuning.settle(args)
+    finetuning.build_splits(args, get_task(args.task), world_size=1)
     assert any("holds no flood pair" in r.getMessage() for r in caplog.records)
     caplog.clear()
     args.select_metric = "accuracy"
-    main_finetune.build_splits(args, world_size=1)
+    finetuning.build_splits(args, get_task(args.task), world_size=1)
     assert not any("holds no flood pair" in r.getMessage() for r in caplog.records)
 
 

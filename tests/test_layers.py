@@ -54,7 +54,7 @@ def test_an_upward_import_from_a_package_into_a_top_level_module_breaks_the_laye
 
     result = lint_reordered(tmp_path, to_bottom)
     assert result.returncode != 0
-    assert "analysis.finetuned -> main_finetune" in result.stdout
+    assert "analysis.finetuned -> finetuning" in result.stdout
 
 
 def _toml(lint_config: dict) -> str:
@@ -75,7 +75,7 @@ def test_top_level_modules_are_scanned():
 
     graph = grimp.build_graph("sarwmix", "util", include_external_packages=True, cache_dir=None)
     add_top_level_modules(graph)
-    assert graph.direct_import_exists(importer="main_finetune", imported="backbones")
+    assert graph.direct_import_exists(importer="finetuning", imported="backbones")
     assert graph.direct_import_exists(importer="backbones", imported="models_mixmim")
     assert not graph.direct_import_exists(importer="models_mixmim", imported="torch")  # externals left out
 

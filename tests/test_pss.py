@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import finetuning
 import main_finetune
 import main_pretrain
 from backbones import build_simmim
@@ -179,7 +180,7 @@ def test_pss_with_a_swin_or_on_sen12flood_is_refused_in_one_line(capsys):
                         (["--model", "vit_tiny", "--pss", "linear", "--compile"], "without --compile"),
                         (["--model", "vit_gigantic"], "unknown model 'vit_gigantic'; choices: mixmim_tiny")):
         with pytest.raises(ConfigError, match=match):
-            main_finetune.resolve_task(main_finetune.parse_args(argv))
+            finetuning.settle(main_finetune.parse_args(argv))
 
 
 def read_jsonl(path: Path) -> list[dict]:

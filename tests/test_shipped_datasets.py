@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import sarwmix.data.bigearthnetv1 as v1
-from main_finetune import split_file_of
+from finetuning import split_file_of
 from sarwmix.constants import BEN_19_CLASSES, BEN_19_FROM_43, BEN_43_CLASSES, BEN_43_TO_19
 from sarwmix.data.bigearthnetv1 import BenV1Folder, read_name_list
 from sarwmix.errors import ConfigError

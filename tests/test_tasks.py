@@ -8,6 +8,7 @@ from torch import nn
 
 import backbones
 import engine_finetune as E
+import finetuning
 import main_finetune
 from engine import Trainer, TrainSettings
 from sarwmix.data.datasets import DATASETS, DatasetSpec
@@ -144,12 +145,12 @@ def test_a_task_added_in_a_test_runs_through_the_step_the_loop_and_evaluate(toy,
 def test_the_entry_point_settles_a_task_from_its_table(toy):
     """--select_metric is checked against the task's metrics, and the task's default fills it."""
     args = main_finetune.parse_args([])
-    main_finetune.resolve_task(args)
+    finetuning.settle(args)
     assert (args.task, args.select_metric) == ("ben", "mAP_macro")
     with pytest.raises(ConfigError, match=r"--select_metric 'f1': expected one of \['mAP_macro'"):
-        main_finetune.resolve_task(main_finetune.parse_args(["--select_metric", "f1"]))
+        finetuning.settle(main_finetune.parse_args(["--select_metric", "f1"]))
     with pytest.raises(ConfigError, match="takes mixmim_tiny.*vit_small is finetuned on BigEarthNet"):
-        main_finetune.resolve_task(main_finetune.parse_args(["--dataset", "sen12flood", "--data_path", "x",
+        finetuning.settle(main_finetune.parse_args(["--dataset", "sen12flood", "--data_path", "x",
                                                              "--model", "vit_small"]))
 
 
@@ -183,5 +184,5 @@ def test_sen12flood_checks_the_size_rule_on_its_tiles_not_on_the_pair_side(tmp_p
         main_finetune.main(args)
     assert "input_size" not in str(refused.value) and "absent" in str(refused.value)
     with pytest.raises(ConfigError, match="--tile_size 48"):
-        main_finetune.resolve_task(main_finetune.parse_args(["--dataset", "sen12flood", "--data_path", "x",
+        finetuning.settle(main_finetune.parse_args(["--dataset", "sen12flood", "--data_path", "x",
                                                              "--tile_size", "48", "--input_size", "96"]))

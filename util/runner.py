@@ -1,7 +1,7 @@
-"""What both entry points share: common flags, run setup, the epoch loop with checkpoints, and teardown.
+"""What both kinds of run share before and after the training loop: the common flags, the run's set-up
+(distributed start, logging, seeding, the settled configuration and ``config.yaml``) and its teardown.
 
-``main_pretrain.py`` and ``main_finetune.py`` only parse their own flags, build their model and step, and
-hand them to ``Trainer``; the loop, logging, resume and checkpoint code exists once, here.
+The loop itself, with its logging, resume and checkpoints, is ``engine.Trainer``.
 """
 from __future__ import annotations
 
@@ -246,7 +246,7 @@ def validate_common(args: argparse.Namespace) -> None:
     """Refuse bad flags before any data or model is built (one clear line each).
 
     The backbone and its input size are checked by the entry point first (``backbones.check_args``; finetuning:
-    ``main_finetune.resolve_task``, on the side the task's encoder sees).
+    ``finetuning.settle``, on the side the task's encoder sees).
     """
     for name in ("batch_size", "epochs", "accum_iter", "stop_epoch"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
