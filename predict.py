@@ -30,11 +30,12 @@ import rasterio
 import torch
 from tqdm import tqdm
 
-from predictor import Predictor, load_predictor
+from predictor import ENCODER, Predictor, load_predictor
 from sarwmix.cli import ArgumentParser, count
 from sarwmix.constants import CHANNELS
 from sarwmix.data.scene import UNITS, MapWriter, Scene, WindowGrid, block_mean, check_same_grid, fill_nodata
 from sarwmix.errors import ConfigError, DataError
+from tasks import TASKS
 from util.config import run_cli
 from util.quicklook import NO_CLASS, class_colours, save_quicklook
 
@@ -66,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_nodata", type=float, default=0.5, help="skip windows (and blank cells) with more nodata")
     p.add_argument("--class_map", action="store_true",
                    help="also write <out>_class.tif: the most probable class, with a colour table")
-    p.add_argument("--task", default=None, choices=("ben", "sen12flood", "encoder"),
+    p.add_argument("--task", default=None, choices=(*TASKS, ENCODER),
                    help="what the checkpoint must be (default: what it records)")
     p.add_argument("--stats", default=None, help="benv1, benv2 or sen12flood: statistics for a checkpoint that "
                                                  "records none (the released files)")
@@ -296,14 +297,14 @@ def write_quicklook(args: argparse.Namespace, predictor: Predictor, scene: Scene
     shape = (max(1, round(rows / max(scale, 1))), max(1, round(cols / max(scale, 1))))
     with rasterio.open(out) as src:
         values = src.read(out_shape=(src.count, *shape))
-    if predictor.kind == "ben":
+    kind = predictor.task.quicklook if predictor.task is not None else "embedding"
+    if kind == "class":
         finite = np.isfinite(values).all(0)
-        kind, shown = "class", np.where(finite, np.nan_to_num(values, nan=-1).argmax(0), NO_CLASS)
-        names = predictor.names
-    elif predictor.kind == "sen12flood":
-        kind, shown, names = "probability", values[-1], [predictor.names[-1]]
+        shown, names = np.where(finite, np.nan_to_num(values, nan=-1).argmax(0), NO_CLASS), predictor.names
+    elif kind == "probability":
+        shown, names = values[-1], [predictor.names[-1]]
     else:
-        kind, shown, names = "embedding", values, []
+        shown, names = values, []
     title = f"{', '.join(args.input)}  |  {Path(args.checkpoint).name} ({predictor.title})"
     return save_quicklook(out.with_suffix(".png"), db, shown, kind, names, title)
 
@@ -331,7 +332,7 @@ def run(args: argparse.Namespace) -> dict:
             raise DataError(f"{scenes[0].name}: {scenes[0].height} x {scenes[0].width} px, smaller than one window "
                             f"of {window} px (--window)")
         grid = WindowGrid(scenes[0].height, scenes[0].width, window, args.stride or window)
-        if args.class_map and predictor.kind == "encoder":
+        if args.class_map and predictor.task is None:
             raise ConfigError("--class_map: a pretraining checkpoint gives embeddings, not classes")
         settings = {"checkpoint": str(Path(args.checkpoint).resolve()), "task": predictor.kind,
                     "input": [str(Path(p).resolve()) for p in args.input],

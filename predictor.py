@@ -28,18 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import backbones
-from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, CHANNELS, DATASET_STATS
+from sarwmix.constants import CHANNELS, DATASET_STATS
 from sarwmix.data.geotiff import PATCH_SIZE
 from sarwmix.errors import CheckpointError, ConfigError
-from tasks import get_task
+from tasks import TASKS, Task
 from util.augment import normalize
 from util.checkpoint import StoredArgs, checkpoint_args, load_checkpoint, model_state
 from util.distributed import wants_cuda
 from util.pretrained import PRETRAIN_ONLY, filter_state, load_pretrained
 
 log = logging.getLogger("sarwmix")
-FLOOD_CLASSES: tuple[str, ...] = ("no flood", "flood")
-KINDS: dict[str, str] = {"ben": "BigEarthNet", "sen12flood": "SEN12-FLOOD", "encoder": "pretrained encoder"}
+ENCODER = "encoder"  # what a pretraining checkpoint predicts: no task, the encoder's pooled embedding
 
 
 @dataclass
@@ -47,14 +46,13 @@ class Predictor:
     """A model ready for windows.
 
     Attributes:
-        kind: ``ben``, ``sen12flood`` or ``encoder``.
+        task: the finetuning task of the model (``tasks.Task``), None for a pretraining checkpoint's encoder.
         names: one per output value (class names, or ``embedding_<k>``).
-        dates: images per window (2 for SEN12-FLOOD pairs).
         channels: the model's input channels; ``channel_index``: their positions in ``CHANNELS``.
         input_size: side the windows are resized to; ``default_window``: the window side read by default.
     """
 
-    kind: str
+    task: Task | None
     model: nn.Module
     model_name: str
     names: list[str]
@@ -67,12 +65,18 @@ class Predictor:
     amp_dtype: torch.dtype | None
 
     @property
+    def kind(self) -> str:
+        """The task's name, or ``encoder``."""
+        return self.task.name if self.task is not None else ENCODER
+
+    @property
     def title(self) -> str:
-        return KINDS[self.kind]
+        return title(self.kind)
 
     @property
     def dates(self) -> int:
-        return 2 if self.kind == "sen12flood" else 1
+        """Images per window (2 for SEN12-FLOOD pairs)."""
+        return self.task.dates if self.task is not None else 1
 
     @property
     def channel_index(self) -> list[int]:
@@ -90,25 +94,31 @@ class Predictor:
         x = normalize(x, self.mean, self.std)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            if self.kind == "sen12flood":
-                out = self.model(x.view(b, dates, c, self.input_size, self.input_size)).float().softmax(-1)
-            elif self.kind == "ben":
-                out = self.model(x).float().sigmoid()
-            else:
+            if self.task is None:
                 out = self.model.forward_features(x).float().mean(dim=1)
+            else:
+                out = self.task.probabilities(self.model(x.view(b, dates, c, *x.shape[-2:]) if dates > 1 else x)
+                                              .float())
         return out.cpu().numpy()
 
 
-def checkpoint_kind(state: dict[str, torch.Tensor], args: StoredArgs, path: str | Path) -> str:
-    """``ben``, ``sen12flood`` or ``encoder`` from a checkpoint's keys and recorded task."""
+def title(kind: str) -> str:
+    """What a task name (or ``encoder``) stands for, in messages."""
+    return TASKS[kind].title if kind in TASKS else "pretrained encoder"
+
+
+def checkpoint_task(state: dict[str, torch.Tensor], args: StoredArgs, path: str | Path) -> Task | None:
+    """The task of a finetuned checkpoint (recorded, else the one whose class counts fit its head), or None for
+    a pretraining checkpoint (its encoder gives embeddings)."""
     keys = [k.removeprefix("module.") for k in state]
     if "head.weight" in keys:
-        recorded = args.get("task")
-        if recorded in ("ben", "sen12flood"):
-            return recorded
-        return "sen12flood" if state[next(k for k in state if k.endswith("head.weight"))].shape[0] == 2 else "ben"
-    if any(PRETRAIN_ONLY.match(k) for k in keys) or args.get("mode") in ("mixmim", "simmim"):
-        return "encoder"
+        if args.get("task") in TASKS:
+            return TASKS[args.get("task")]
+        outputs = state[next(k for k in state if k.endswith("head.weight"))].shape[0]
+        single = next(t for t in TASKS.values() if t.dates == 1)  # a head of another size: one image per window
+        return next((t for t in TASKS.values() if outputs in t.class_counts), single)
+    if any(PRETRAIN_ONLY.match(k) for k in keys) or args.get("mode") is not None:
+        return None
     raise CheckpointError(f"{path}: neither a finetuned model (no head.weight) nor a pretraining checkpoint (no "
                           f"decoder or mask token); expected a main_finetune.py or main_pretrain.py checkpoint")
 
@@ -154,16 +164,10 @@ def _backbone_name(args: StoredArgs, state: dict[str, torch.Tensor], in_chans: i
     return backbones.infer_swin_name(filter_state(state, keep_head=False)[0], in_chans, size)
 
 
-def _class_names(kind: str, n: int) -> list[str]:
-    if kind == "sen12flood":
-        return list(FLOOD_CLASSES) if n == 2 else [f"class_{k}" for k in range(n)]
-    return list({19: BEN_19_CLASSES, 43: BEN_43_CLASSES}.get(n, [f"class_{k}" for k in range(n)]))
-
-
-def build_model(kind: str, name: str, args: StoredArgs, state: dict, in_chans: int, path: str | Path
+def build_model(task: Task | None, name: str, args: StoredArgs, state: dict, in_chans: int, path: str | Path
                 ) -> tuple[nn.Module, int, list[str]]:
     """The model of a checkpoint with its weights, its input size and output names."""
-    if kind == "encoder":
+    if task is None:
         size = args.input_size or 128
         bb = backbones.get(name, "finetune")
         if bb.timm_name is not None:
@@ -174,14 +178,13 @@ def build_model(kind: str, name: str, args: StoredArgs, state: dict, in_chans: i
         with torch.inference_mode():
             dim = model.forward_features(torch.zeros(1, in_chans, size, size)).shape[-1]
         return model, size, [f"embedding_{k}" for k in range(dim)]
-    task = get_task(kind)
     size = args.input_size or task.default_input_size
     config = SimpleNamespace(model=name, input_size=size, tile_size=args.get("tile_size") or 128,
                              patch_op=args.get("patch_op") or "avg")
     n_classes = int(state[next(k for k in state if k.endswith("head.weight"))].shape[0])
     model = task.finetune_model(config, n_classes, in_chans=in_chans, drop_path_rate=0.0)
     load_pretrained(model, state, path, keep_head=True)
-    return model, size, _class_names(kind, n_classes)
+    return model, size, task.class_names(n_classes)
 
 
 def load_predictor(path: str | Path, *, task: str | None = None, stats: str | None = None,
@@ -197,19 +200,20 @@ def load_predictor(path: str | Path, *, task: str | None = None, stats: str | No
     """
     ckpt = load_checkpoint(path, sha256=sha256)
     state, args = model_state(ckpt, path), checkpoint_args(ckpt)
-    kind = checkpoint_kind(state, args, path)
+    found = checkpoint_task(state, args, path)
+    kind = found.name if found is not None else ENCODER
     if task is not None and task != kind:
-        raise CheckpointError(f"{path}: a {KINDS[kind]} checkpoint ({kind}), but --task {task} asks for a "
-                              f"{KINDS[task]} one")
+        raise CheckpointError(f"{path}: a {title(kind)} checkpoint ({kind}), but --task {task} asks for a "
+                              f"{title(task)} one")
     in_chans = _in_chans(state, args, path)
     channels = _channels(args, in_chans, path)
     mean, std = _stats(ckpt, stats, channels, path)
     name = _backbone_name(args, state, in_chans, args.input_size or 128)
-    model, size, names = build_model(kind, name, args, state, in_chans, path)
+    model, size, names = build_model(found, name, args, state, in_chans, path)
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: torch sees no CUDA device; use --device cpu or auto")
     dev = torch.device("cuda" if wants_cuda(device) else "cpu")
     amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and dev.type == "cuda") else None
-    window = size if kind == "sen12flood" else PATCH_SIZE
-    return Predictor(kind, model.to(dev).eval(), name, names, channels, size, window,
+    window = found.scene_window(size) if found is not None else PATCH_SIZE
+    return Predictor(found, model.to(dev).eval(), name, names, channels, size, window,
                      torch.tensor(mean, device=dev), torch.tensor(std, device=dev), dev, amp_dtype)

@@ -34,6 +34,10 @@ class Task(abc.ABC):
         backbone_role: the wrapper of the backbone table (``backbones.Backbone``) the task's model is built
             with: ``finetune`` (one image -> logits) or ``pair_finetune`` (a pair of tiled images -> logits);
             the backbones that have it are the ``--model`` choices of the task.
+        dates: images per sample (2 for a pair of dates).
+        class_counts: the numbers of classes its models are built with (a checkpoint's head tells its task).
+        quicklook: how a map of its probabilities is drawn (``util.quicklook``): ``class`` (the most probable
+            class) or ``probability`` (that of the last class).
     """
 
     name: str = ""
@@ -42,6 +46,23 @@ class Task(abc.ABC):
     default_metric: str = ""
     default_input_size: int = 128
     backbone_role: str = "finetune"
+    dates: int = 1
+    class_counts: tuple[int, ...] = ()
+    quicklook: str = "class"
+
+    # --- applying a model ----------------------------------------------------------------------------
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's logits as class probabilities (default: independent classes, sigmoid)."""
+        return logits.sigmoid()
+
+    def class_names(self, n: int) -> list[str]:
+        """Names of the ``n`` outputs (default: ``class_<k>``)."""
+        return [f"class_{k}" for k in range(n)]
+
+    def scene_window(self, input_size: int) -> int:
+        """Side of the scene window one prediction covers (default: the model's input size)."""
+        return input_size
 
     # --- configuration ------------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES
+from sarwmix.data.geotiff import PATCH_SIZE
 from tasks.base import Task
 from util.metrics import BEN_METRICS, multilabel_metrics
 
@@ -20,6 +22,13 @@ class BigEarthNet(Task):
     metrics = BEN_METRICS
     default_metric = "mAP_macro"
     default_input_size = 128  # the patch side
+    class_counts = (19, 43)
+
+    def class_names(self, n: int) -> list[str]:
+        return list({19: BEN_19_CLASSES, 43: BEN_43_CLASSES}.get(n, super().class_names(n)))
+
+    def scene_window(self, input_size: int) -> int:
+        return PATCH_SIZE  # the models saw 120 px patches resized to their input size
 
     def finetune_model(self, config, num_classes: int, *, in_chans: int, drop_path_rate: float) -> nn.Module:
         return self.wrapper(config)(num_classes, img_size=config.input_size, in_chans=in_chans,

@@ -34,6 +34,15 @@ class Sen12Flood(Task):
     default_metric = "f1"
     default_input_size = 512  # the side of the released pair images
     backbone_role = "pair_finetune"
+    dates = 2
+    class_counts = (2,)
+    quicklook = "probability"
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(-1)
+
+    def class_names(self, n: int) -> list[str]:
+        return ["no flood", "flood"] if n == 2 else super().class_names(n)
 
     def check(self, config) -> None:
         tile = config.tile_size
