@@ -20,9 +20,9 @@ def test_default_run_excludes_heavy_and_faults_and_ci_runs_them():
 def test_docs_state_both_commands():
     """The README's tests section gives both commands; docs/TESTING.md gives them with their times."""
     readme = (REPO / "README.md").read_text().split("## Tests and project layout", 1)[1].split("\n## ", 1)[0]
-    assert "pytest -m heavy" in readme and "docs/TESTING.md" in readme
+    assert 'pytest -m "heavy or faults"' in readme and "docs/TESTING.md" in readme
     testing = (REPO / "docs" / "TESTING.md").read_text()
-    assert "pytest -m heavy" in testing and "minutes" in testing
+    assert 'pytest -m "heavy or faults"' in testing and "minutes" in testing
 
 
 def _default_run_figures(text: str) -> list[tuple[int, int]]:
