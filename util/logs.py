@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from util.files import write_text_atomic
@@ -46,32 +47,23 @@ class JsonLines:
             self._fh.close()
 
 
-def truncate_jsonl(path: Path, keep: callable) -> None:
-    """Rewrite a JSON-lines log keeping the records for which ``keep(record)`` holds (used on resume)."""
+def truncate_lines(path: Path, keep: Callable[[object], bool], parse: Callable[[str], object] = str) -> None:
+    """Rewrite a text log keeping the lines for which ``keep(parse(line))`` holds (used on resume).
+
+    A line that does not parse (one cut by a kill) is dropped.
+    """
     if not path.exists():
         return
     lines = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if keep(rec):
-            lines.append(line)
-    write_text_atomic(path, "".join(x + "\n" for x in lines))
-
-
-def truncate_lines(path: Path, keep: callable) -> None:
-    """Rewrite a text file keeping the lines for which ``keep(line)`` holds (unparsable lines are dropped)."""
-    if not path.exists():
-        return
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if keep(line):
+            if keep(parse(line)):
                 lines.append(line)
-        except (ValueError, IndexError):
-            continue  # a line cut by a kill
+        except (ValueError, IndexError):  # json.JSONDecodeError is a ValueError
+            continue
     write_text_atomic(path, "".join(x + "\n" for x in lines))
 
 
+def truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
+    """``truncate_lines`` of a JSON-lines log, ``keep`` deciding on each record."""
+    truncate_lines(path, keep, json.loads)
