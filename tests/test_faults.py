@@ -303,3 +303,26 @@ def test_sbatch_run_requeues_a_preempted_job_until_it_is_done(tmp_path, referenc
     assert proc.returncode == 0 and "at epoch 0, iteration 4 of 6" in proc.stdout, proc.stdout[-3000:]
     assert (tmp_path / "scheduler.log").read_text().count("requeue") == 1
     assert_identical(weights(tmp_path / "out" / "pretrain_synthetic_tiny" / "checkpoint.pth"), reference)
+
+
+def test_bad_patches_are_counted_over_ranks(tmp_path):
+    """--skip_bad with 2 ranks: each epoch's count in log.txt is the bad patches of both ranks, each once, and
+    bad_patches.txt lists them."""
+    from sarwmix.data.datasets import build_dataset
+    from sarwmix.data.synthetic import write_benv1
+    from tests._bigearthnet_helpers import poke_nan
+
+    write_benv1(tmp_path / "data", 24, seed=4)
+    train = build_dataset("benv1", data_path=str(tmp_path / "data"), split="train", input_size=64)
+    bad = [train.patch_name(i) for i in (1, len(train) - 2)]  # every patch is drawn once an epoch, by either rank
+    for name in bad:
+        poke_nan(tmp_path / "data" / "BigEarthNet-S1-v1.0" / name / f"{name}_VV.tif")
+    run = [a for a in RUN if a not in ("--num_samples", "24")]
+    args = ["main_pretrain.py", *run, "--dataset", "benv1", "--data_path", str(tmp_path / "data"), "--batch_size",
+            str(len(train) // 2), "--skip_bad", "--max_bad", "0.5", "--output_dir", str(tmp_path / "out")]
+    proc = launch(torchrun(*args), run_env())
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    epochs = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    assert [e["bad_patches"] for e in epochs] == [2, 2]
+    listed = [line.split("\t")[:2] for line in (tmp_path / "out" / "bad_patches.txt").read_text().splitlines()]
+    assert sorted(listed) == sorted([str(e), n] for e in (0, 1) for n in bad)
