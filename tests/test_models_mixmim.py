@@ -74,7 +74,7 @@ def test_no_masked_attention_leaks_without_mask_bias(monkeypatch):
     mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
     y = x.clone()
     y[3] = torch.randn(2, 64, 64) * 3
-    monkeypatch.setattr(M, "window_mixing_bias", lambda *a, **k: None)  # mixing without the attention mask
+    monkeypatch.setattr(S, "window_mixing_bias", lambda *a, **k: None)  # mixing without the attention mask
     tokens_only = [m.forward_encoder(v, mask) for v in (x, y)]
     own = mask[0] == 0
     assert not torch.allclose(tokens_only[0][0, own], tokens_only[1][0, own], atol=1e-4)

@@ -11,7 +11,7 @@ from models_mixmim_ft import build_mixmim_ft
 from models_sen12_ft import build_sen12_ft
 from sarwmix.errors import CheckpointError
 from util.checkpoint import save_atomic, sha256_of
-from util.pos_embed import resize_pos_embed, resize_rel_pos_table
+from util.pos_embed import relative_position_index, resize_pos_embed, resize_rel_pos_table
 from util.pretrained import checkpoint_epoch, filter_state, load_pretrained, load_pretrained_file
 
 
@@ -99,7 +99,7 @@ def test_smaller_input_resizes_position_embedding_and_window_tables(pretrain_64)
     assert own[key].shape == (49, 6)
     assert torch.equal(own[key], resize_rel_pos_table(pretrain_64[key], 4))
     assert torch.equal(own["absolute_pos_embed"], resize_pos_embed(pretrain_64["absolute_pos_embed"], (8, 8)))
-    assert torch.equal(own["layers.1.blocks.0.attn.relative_position_index"], M.relative_position_index(4))
+    assert torch.equal(own["layers.1.blocks.0.attn.relative_position_index"], relative_position_index(4))
     assert model(torch.randn(1, 2, 32, 32)).shape == (1, 19)
 
 
