@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import backbones
+from modes import MODES
 from sarwmix.constants import BEN_19_CLASSES, BEN_43_CLASSES, CHANNELS, DATASET_STATS
 from sarwmix.data.geotiff import PATCH_SIZE
 from sarwmix.errors import CheckpointError, ConfigError
@@ -107,7 +108,7 @@ def checkpoint_kind(state: dict[str, torch.Tensor], args: StoredArgs, path: str 
         if recorded in ("ben", "sen12flood"):
             return recorded
         return "sen12flood" if state[next(k for k in state if k.endswith("head.weight"))].shape[0] == 2 else "ben"
-    if any(PRETRAIN_ONLY.match(k) for k in keys) or args.get("mode") in ("mixmim", "simmim"):
+    if any(PRETRAIN_ONLY.match(k) for k in keys) or args.get("mode") in MODES:
         return "encoder"
     raise CheckpointError(f"{path}: neither a finetuned model (no head.weight) nor a pretraining checkpoint (no "
                           f"decoder or mask token); expected a main_finetune.py or main_pretrain.py checkpoint")
