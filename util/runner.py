@@ -1,7 +1,8 @@
-"""What both entry points share: common flags, run setup, the epoch loop with checkpoints, and teardown.
+"""What both runs share around the training loop: common flags, run setup (distributed mode, logging, seeding,
+the settled configuration and its ``config.yaml``), the training data, and teardown.
 
-``main_pretrain.py`` and ``main_finetune.py`` only parse their own flags, build their model and step, and
-hand them to ``Trainer``; the loop, logging, resume and checkpoint code exists once, here.
+The runs (``pretraining.pretrain``, ``main_finetune.py``) start here, build their model and step, and hand them
+to ``engine.Trainer``, where the loop, logging, resume and checkpoint code exists once.
 """
 from __future__ import annotations
 
