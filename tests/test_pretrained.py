@@ -7,6 +7,7 @@ import torch
 from _finetune_helpers import released_checkpoint, state_from_manifest
 
 import models_mixmim as M
+import models_swin as S
 from models_mixmim_ft import build_mixmim_ft
 from models_sen12_ft import build_sen12_ft
 from sarwmix.errors import CheckpointError
@@ -100,7 +101,7 @@ def test_smaller_input_resizes_position_embedding_and_window_tables(pretrain_64)
     assert own[key].shape == (49, 6)
     assert torch.equal(own[key], resize_rel_pos_table(pretrain_64[key], 4))
     assert torch.equal(own["absolute_pos_embed"], resize_pos_embed(pretrain_64["absolute_pos_embed"], (8, 8)))
-    assert torch.equal(own["layers.1.blocks.0.attn.relative_position_index"], M.relative_position_index(4))
+    assert torch.equal(own["layers.1.blocks.0.attn.relative_position_index"], S.relative_position_index(4))
     assert model(torch.randn(1, 2, 32, 32)).shape == (1, 19)
 
 

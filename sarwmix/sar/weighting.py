@@ -18,6 +18,9 @@ channel for ``per_channel``) instead and clips ``x~`` to [0, 1], so the weights 
 The released code applied the weights after ``Normalize(mean, std)`` (z-scores), so its "linear" domain
 was ``lin ** (1/std)``. ``zscore_compat=True`` reproduces that for re-running the paper's recipe; it is
 never the default.
+
+These settings travel together as one frozen ``WeightSpec``, checked when it is built (``WeightSpec.of`` reads
+them from a run's flags); ``weight_map(sar_db, spec)`` computes the map.
 """
 from __future__ import annotations
 
