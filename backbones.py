@@ -159,12 +159,16 @@ def names(role: str) -> list[str]:
     return [n for n, b in BACKBONES.items() if getattr(b, role)]
 
 
-def get(name: str, role: str = "simmim") -> Backbone:
-    """The entry of ``name``; ConfigError listing the backbones of ``role`` when there is none."""
+def get(name: str, role: str, kind: str = "model") -> Backbone:
+    """The entry of ``name``; ConfigError calling it an unknown ``kind`` and listing the backbones of ``role``
+    when there is none."""
     if name not in BACKBONES:
-        kind = "SimMIM backbone" if role == "simmim" else "model"
         raise ConfigError(f"unknown {kind} {name!r}; choices: {', '.join(names(role))}")
     return BACKBONES[name]
+
+
+def _simmim_backbone(name: str) -> Backbone:
+    return get(name, "simmim", "SimMIM backbone")
 
 
 def timm_name(name: str) -> str | None:
@@ -175,12 +179,12 @@ def timm_name(name: str) -> str | None:
 
 def valid_sizes(name: str, mask_patch_size: int = 32) -> list[int]:
     """Input sizes accepted for backbone ``name`` with this SimMIM mask cell (up to 512 px)."""
-    return [s for s in get(name).sizes(512) if s % mask_patch_size == 0]
+    return [s for s in _simmim_backbone(name).sizes(512) if s % mask_patch_size == 0]
 
 
 def check_simmim_size(name: str, img_size: int, mask_patch_size: int = 32) -> None:
     """Refuse an input size (or mask cell) that ``name`` cannot take, naming the valid sizes."""
-    bb = get(name)
+    bb = _simmim_backbone(name)
     if bb.simmim is None:
         raise ConfigError(f"--model {name} has no SimMIM model; choices: {', '.join(names('simmim'))}")
     if mask_patch_size % bb.patch:
@@ -195,40 +199,40 @@ def check_simmim_size(name: str, img_size: int, mask_patch_size: int = 32) -> No
                           f"{mask_patch_size}); valid sizes: {', '.join(map(str, valid))}")
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """The backbone and input size of a run, before anything is built (one clear line each).
-
-    SimMIM runs check the backbone's own size rule and mask cell; MixMIM runs need a backbone with a MixMIM
-    model; without a ``mode``, a Swin's ``input_size`` is checked (finetuning checks the side the task's encoder
-    sees instead: ``finetuning.settle``).
-    """
-    mode = getattr(args, "mode", None)
-    bb = BACKBONES.get(args.model)
-    if mode == "simmim":
-        check_simmim_size(args.model, args.input_size, args.mask_patch_size)
-    elif bb is not None and bb.mixmim is not None:
-        check_input_size(args.input_size, SWIN_WINDOWS)
-    elif mode == "mixmim":
-        raise ConfigError(f"unknown model {args.model!r}; choices: {', '.join(names('mixmim'))} "
+def check_mixmim_size(name: str, img_size: int) -> None:
+    """Refuse a backbone without a MixMIM model, or an input size its windows do not tile."""
+    bb = BACKBONES.get(name)
+    if bb is None or bb.mixmim is None:
+        raise ConfigError(f"unknown model {name!r}; choices: {', '.join(names('mixmim'))} "
                           f"(timm Swin and ViT backbones need --mode simmim)")
+    check_input_size(img_size, SWIN_WINDOWS)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The input size of a run on the project's Swin, before anything is built (one clear line).
+
+    Pretraining checks its backbone as its mode has it (``modes.PretrainMode.check_model``); finetuning checks
+    the side the task's encoder sees instead (``finetuning.settle``).
+    """
+    bb = BACKBONES.get(args.model)
+    if bb is not None and bb.mixmim is not None:
+        check_input_size(args.input_size, SWIN_WINDOWS)
 
 
 def build_simmim(name: str, img_size: int, in_chans: int, mask_ratio: float = 0.6, mask_patch_size: int = 32,
                  loss: str = "l1") -> nn.Module:
     """A SimMIM model, e.g. ``build_simmim("swinv2_tiny_w8", img_size=256, in_chans=1)``."""
     check_simmim_size(name, img_size, mask_patch_size)
-    return get(name).simmim(img_size=img_size, in_chans=in_chans, mask_ratio=mask_ratio,
-                            mask_patch_size=mask_patch_size, loss=loss)
+    return _simmim_backbone(name).simmim(img_size=img_size, in_chans=in_chans, mask_ratio=mask_ratio,
+                                         mask_patch_size=mask_patch_size, loss=loss)
 
 
-def build_pretrain(mode: str, name: str, img_size: int, in_chans: int, **kwargs) -> nn.Module:
-    """The pretraining model of ``mode`` (``mixmim`` or ``simmim``) for backbone ``name``.
+def build_mixmim_pretrain(name: str, img_size: int, in_chans: int, **kwargs) -> nn.Module:
+    """A MixMIM pretraining model, e.g. ``build_mixmim_pretrain("mixmim_base", img_size=128, in_chans=2)``.
 
     ``kwargs`` go to the model (``mask_ratio``, ...); left out, they take the model's defaults, which are the
     command line's.
     """
-    if mode == "simmim":
-        return build_simmim(name, img_size, in_chans, **kwargs)
     bb = get(name, "mixmim")
     if bb.mixmim is None:
         raise ConfigError(f"--model {name} has no MixMIM model; choices: {', '.join(names('mixmim'))} "

@@ -8,19 +8,16 @@ import torch.nn as nn
 
 from engine import StepFn
 from sarwmix.constants import CHANNELS
-from sarwmix.sar.weighting import weight_map
+from sarwmix.sar.weighting import DEFAULT_WEIGHTS, WeightSpec, weight_map
 from util.augment import check_finite, normalize, random_flips
 
 
-def make_pretrain_step(device: torch.device, mean: list[float], std: list[float], weighting: str = "per_channel",
-                       exp_scale: float = 1.0, granularity: str = "pixel", token_size: int = 32,
-                       zscore_compat: bool = False, flips: bool = True, weight_norm: str = "minmax",
-                       weight_norm_low: float = 1.0, weight_norm_high: float = 99.0) -> StepFn:
-    """Pretraining step: flips, weight map from the raw dB batch, normalisation, model loss.
+def make_pretrain_step(device: torch.device, mean: list[float], std: list[float],
+                       weights: WeightSpec = DEFAULT_WEIGHTS, flips: bool = True) -> StepFn:
+    """Pretraining step: flips, weight map from the raw dB batch (``weights``), normalisation, model loss.
 
-    ``weight_norm`` (``minmax | percentile``) and its percentiles go to ``sarwmix.sar.weighting.weight_map``.
-
-    The weights are computed on the device from raw dB: cheap there, free for the loaders.
+    The weights are computed on the device from raw dB: cheap there, free for the loaders. Logged with the
+    loss: the mean weight, the masked fraction and, for a loss of several terms, each term (unweighted).
     """
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
     std_t = torch.tensor(std, dtype=torch.float32, device=device)
@@ -30,27 +27,20 @@ def make_pretrain_step(device: torch.device, mean: list[float], std: list[float]
         check_finite(sar_db, "the pretraining input")
         if flips:
             sar_db = random_flips(sar_db, gen)
-        w = None
-        if weighting != "none":
-            w = weight_map(sar_db, weighting, exp_scale, granularity, token_size, zscore_compat, mean_t, std_t,
-                           weight_norm, weight_norm_low, weight_norm_high)
-        loss, _, mask = model(normalize(sar_db, mean_t, std_t), weights=w, generator=gen)
+        w = None if weights.uniform else weight_map(sar_db, weights, mean_t, std_t)
+        out = model(normalize(sar_db, mean_t, std_t), weights=w, generator=gen)
         extras = {"weight_mean": float(w.mean()) if w is not None else 1.0,
-                  "mask_ratio": float(mask.float().mean())}
-        terms = getattr(getattr(model, "module", model), "loss_terms", {})
-        if "spectral_loss" in terms:  # the loss has two terms: log each (unweighted)
-            extras.update({k: float(v) for k, v in terms.items()})
-        return loss, extras, sar_db.shape[0]
+                  "mask_ratio": float(out.mask.float().mean())}
+        if len(out.terms) > 1:  # a loss of one term is the loss itself
+            extras.update({k: float(v) for k, v in out.terms.items()})
+        return out.loss, extras, sar_db.shape[0]
 
     return step
 
 
-
 @torch.no_grad()
-def save_reconstructions(model: nn.Module, dataset, path, n: int = 4, weighting: str = "per_channel",
-                         exp_scale: float = 1.0, seed: int = 0, granularity: str = "pixel", token_size: int = 32,
-                         zscore_compat: bool = False, weight_norm: str = "minmax", weight_norm_low: float = 1.0,
-                         weight_norm_high: float = 99.0) -> object:
+def save_reconstructions(model: nn.Module, dataset, path, weights: WeightSpec = DEFAULT_WEIGHTS, n: int = 4,
+                         seed: int = 0) -> object:
     """PNG of the first ``n`` samples of a MixMIM or SimMIM model, every channel in dB (``util.visualize``):
     input, what the encoder saw, raw prediction, visible cells pasted back, weight map of the run."""
     from util import visualize  # matplotlib (pyplot): loaded only by the runs that draw
@@ -65,11 +55,10 @@ def save_reconstructions(model: nn.Module, dataset, path, n: int = 4, weighting:
                              generator=torch.Generator().manual_seed(seed))
     model.train(was_training)
     panels, mask, kind = visualize.reconstruction_panels({k: v.cpu() for k, v in cols.items()}, sar_db, mean, std)
-    weights = weight_map(sar_db, weighting, exp_scale, granularity, token_size, zscore_compat,
-                         torch.tensor(mean), torch.tensor(std), norm=weight_norm, low=weight_norm_low,
-                         high=weight_norm_high)
-    caption = visualize.reconstruction_caption(kind, weighting, exp_scale, getattr(model, "norm_pix_loss", False))
+    weight = weight_map(sar_db, weights, torch.tensor(mean), torch.tensor(std))
+    caption = visualize.reconstruction_caption(kind, weights.weighting, weights.exp_scale,
+                                               getattr(model, "norm_pix_loss", False))
     names = tuple(getattr(dataset, "channels", CHANNELS[-sar_db.shape[1]:]))
-    return visualize.save_reconstruction_figure(path, panels, mask, weights, visualize.weight_range(exp_scale),
+    return visualize.save_reconstruction_figure(path, panels, mask, weight, visualize.weight_range(weights.exp_scale),
                                                 title=f"{kind} reconstructions (dB)", caption=caption,
                                                 channel_names=names)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,20 @@ from sarwmix.errors import ConfigError
 from sarwmix.sar import spectra
 from util.masking import flip_batch, pixel_mask, sample_mixing_mask, upsample_mask
 from util.pos_embed import sincos_2d
+
+
+class PretrainOutput(NamedTuple):
+    """What a pretraining model's ``forward`` returns (MixMIM and SimMIM alike).
+
+    ``loss``: the scalar to minimise; ``pred``: the reconstruction, in the model's layout; ``mask``: the mask
+    it used (1 = hidden); ``terms``: each term of ``loss``, detached and unweighted, by name (``pixel_loss``,
+    ``spectral_loss``, ...), for the logs. A new term of a model's loss is added to its ``forward_loss`` alone.
+    """
+
+    loss: torch.Tensor
+    pred: torch.Tensor
+    mask: torch.Tensor
+    terms: dict[str, torch.Tensor]
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
@@ -56,9 +71,9 @@ def unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
 class MixMIM(SwinEncoder):
     """MixMIM pretraining model: mixed input, masked window attention, unmixing decoder.
 
-    ``forward(x, weights, mask)`` returns ``(loss, pred, mask)``: ``pred`` (B, L, stride^2*C) is the
-    unmixed reconstruction of every cell of every image, ``mask`` (1, L) the mixing mask on the final grid.
-    ``loss_terms`` holds the detached terms of the last loss (``pixel_loss``, and ``spectral_loss`` with
+    ``forward(x, weights, mask)`` returns ``PretrainOutput(loss, pred, mask, terms)``: ``pred``
+    (B, L, stride^2*C) is the unmixed reconstruction of every cell of every image, ``mask`` (1, L) the mixing
+    mask on the final grid, ``terms`` the loss's terms (``pixel_loss``, and ``spectral_loss`` with
     ``spectral_weight``).
 
     ``spectral_weight`` > 0 adds a phase-free texture target (``sarwmix.sar.spectra``): a linear head on the
@@ -93,7 +108,6 @@ class MixMIM(SwinEncoder):
             bins = spectra.spectral_bins(self.encoder_stride, *n_bins)
             self.register_buffer("spectral_bin_matrix", bins, persistent=False)
             self.decoder_spec = nn.Linear(decoder_dim, bins.shape[1] * self.in_chans)
-        self.loss_terms: dict[str, torch.Tensor] = {}
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -131,10 +145,11 @@ class MixMIM(SwinEncoder):
         return self.decoder_pred(x), (self.decoder_spec(x) if self.decoder_spec is not None else None)
 
     def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
-                     weights: torch.Tensor | None = None,
-                     spec_pred: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     weights: torch.Tensor | None = None, spec_pred: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted MSE over every pixel of every image, plus ``spectral_weight`` times the MSE of the
-        predicted log spectra of every cell. Returns (loss, unmixed reconstruction)."""
+        predicted log spectra of every cell. Returns (loss, unmixed reconstruction, terms): ``terms`` holds
+        each term detached and unweighted (``pixel_loss``, and ``spectral_loss`` with ``spec_pred``)."""
         target = patchify(x, self.encoder_stride)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
@@ -146,17 +161,17 @@ class MixMIM(SwinEncoder):
         if weights is not None:
             err = err * patchify(weights.float(), self.encoder_stride)
         loss = err.mean()
-        self.loss_terms = {"pixel_loss": loss.detach()}
+        terms = {"pixel_loss": loss.detach()}
         if spec_pred is not None:
             spec_target = spectra.standardise(spectra.cell_log_spectra(x, self.encoder_stride,
                                                                        self.spectral_bin_matrix))
             spec_loss = ((unmix(spec_pred.float(), m) - spec_target) ** 2).mean()
-            self.loss_terms["spectral_loss"] = spec_loss.detach()
+            terms["spectral_loss"] = spec_loss.detach()
             loss = loss + self.spectral_weight * spec_loss
-        return loss, rec
+        return loss, rec, terms
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None) -> PretrainOutput:
         """x: (B, C, S, S) normalised dB; weights: (B, C, S, S) or None; mask: (1, L) 0/1 or None."""
         n_cells = (self.img_size // self.encoder_stride) ** 2
         if mask is None:
@@ -167,8 +182,8 @@ class MixMIM(SwinEncoder):
                              f"shared by the batch")
         z = self.forward_encoder(x, mask)
         pred, spec_pred = self.forward_decoder(z, mask)
-        loss, rec = self.forward_loss(x, pred, mask, weights, spec_pred)
-        return loss, rec, mask
+        loss, rec, terms = self.forward_loss(x, pred, mask, weights, spec_pred)
+        return PretrainOutput(loss, rec, mask, terms)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None,
@@ -176,7 +191,7 @@ class MixMIM(SwinEncoder):
         """Images for inspection, (B, C, S, S) in normalised dB: ``input``, ``mixed input`` and ``prediction``
         (the unmixed reconstruction of every cell; with ``norm_pix_loss`` de-normalised with each target
         patch's own mean and std), and ``mask`` (1, 1, S, S), 1 on the cells taken from the partner image."""
-        loss, rec, mask = self.forward(x, mask=mask, generator=generator)
+        _, rec, mask, _ = self.forward(x, mask=mask, generator=generator)
         p, g = self.encoder_stride, self.img_size // self.encoder_stride
         if self.norm_pix_loss:
             rec = denorm_patches(rec, patchify(x, p))

@@ -18,7 +18,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from models_mixmim import unpatchify
+from models_mixmim import PretrainOutput, unpatchify
 from models_swin import SwinEncoder, encoder_kwargs
 from models_vit import MaskedPatchHead, build_vit
 from sarwmix.errors import ConfigError
@@ -30,8 +30,9 @@ LOSSES: tuple[str, ...] = ("l1", "mse")
 class SimMIM(nn.Module):
     """Masking, mask token, decoder, masked loss. Subclasses provide ``embed`` and ``encode``.
 
-    ``forward(x, weights, mask, generator)`` returns ``(loss, rec, mask)``: ``rec`` (B, C, S, S) the
-    reconstruction in normalised dB, ``mask`` (B, (S/mask_patch_size)^2) 0/1 with 1 = masked.
+    ``forward(x, weights, mask, generator)`` returns ``PretrainOutput(loss, rec, mask, terms)``: ``rec``
+    (B, C, S, S) the reconstruction in normalised dB, ``mask`` (B, (S/mask_patch_size)^2) 0/1 with 1 = masked,
+    ``terms`` the loss's one term (``pixel_loss``).
     """
 
     def __init__(self, encoder: nn.Module, *, img_size: int, in_chans: int, patch_size: int, embed_dim: int,
@@ -78,15 +79,17 @@ class SimMIM(nn.Module):
         return self.decoder(z)
 
     def forward_loss(self, x: torch.Tensor, rec: torch.Tensor, mask: torch.Tensor,
-                     weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean (weighted) L1 or squared error per masked pixel and channel; visible pixels do not count."""
+                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean (weighted) L1 or squared error per masked pixel and channel; visible pixels do not count.
+        Returns (loss, terms): ``terms`` holds the loss detached as ``pixel_loss``."""
         m_pix = pixel_mask(mask, self.mask_grid, self.img_size).float()  # (B, 1, S, S)
         diff = rec.float() - x.float()
         err = diff.abs() if self.loss == "l1" else diff * diff
         if weights is not None:
             err = err * weights.float()
         # SimMIM's normalisation: per masked pixel (the 1e-5 guards an empty mask), then per channel.
-        return (err * m_pix).sum() / (m_pix.sum() + 1e-5) / self.in_chans
+        loss = (err * m_pix).sum() / (m_pix.sum() + 1e-5) / self.in_chans
+        return loss, {"pixel_loss": loss.detach()}
 
     def sample_mask(self, batch: int, device: torch.device,
                     generator: torch.Generator | None = None) -> torch.Tensor:
@@ -94,7 +97,7 @@ class SimMIM(nn.Module):
         return sample_simmim_mask(batch, self.mask_grid**2, self.mask_ratio, generator).to(device)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None) -> PretrainOutput:
         """x: (B, C, S, S) normalised dB; weights: (B, C, S, S) or None; mask: (B, mask_grid^2) or None."""
         if mask is None:
             mask = self.sample_mask(x.shape[0], x.device, generator)
@@ -102,14 +105,15 @@ class SimMIM(nn.Module):
             raise ValueError(f"mask of shape {tuple(mask.shape)}: expected "
                              f"({x.shape[0]}, {self.mask_grid**2})")
         rec = self.forward_decoder(self.forward_encoder(x, mask), mask)
-        return self.forward_loss(x, rec, mask, weights), rec, mask
+        loss, terms = self.forward_loss(x, rec, mask, weights)
+        return PretrainOutput(loss, rec, mask, terms)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Images for inspection, (B, C, S, S) normalised dB: ``input``, ``masked input`` (masked cells 0),
         ``prediction`` (the decoder's output on every cell), and ``mask`` (B, 1, S, S), 1 = masked."""
-        _, rec, mask = self.forward(x, mask=mask, generator=generator)
+        _, rec, mask, _ = self.forward(x, mask=mask, generator=generator)
         m_pix = pixel_mask(mask, self.mask_grid, self.img_size).to(x)
         return {"input": x, "masked input": x * (1 - m_pix), "prediction": rec.float().to(x.dtype),
                 "mask": m_pix}

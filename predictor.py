@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import backbones
+from modes import MODES
 from sarwmix.constants import CHANNELS, DATASET_STATS
 from sarwmix.data.geotiff import PATCH_SIZE
 from sarwmix.errors import CheckpointError, ConfigError
@@ -117,7 +118,7 @@ def checkpoint_task(state: dict[str, torch.Tensor], args: StoredArgs, path: str 
         outputs = state[next(k for k in state if k.endswith("head.weight"))].shape[0]
         single = next(t for t in TASKS.values() if t.dates == 1)  # a head of another size: one image per window
         return next((t for t in TASKS.values() if outputs in t.class_counts), single)
-    if any(PRETRAIN_ONLY.match(k) for k in keys) or args.get("mode") is not None:
+    if any(PRETRAIN_ONLY.match(k) for k in keys) or args.get("mode") in MODES:
         return None
     raise CheckpointError(f"{path}: neither a finetuned model (no head.weight) nor a pretraining checkpoint (no "
                           f"decoder or mask token); expected a main_finetune.py or main_pretrain.py checkpoint")

@@ -34,15 +34,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-import main_pretrain
+import pretraining
+from models_mixmim import MixMIM
+from models_simmim import SimMIM
+from modes import get_mode
 from sarwmix.cli import ArgumentParser
 from sarwmix.constants import CHANNELS
 from sarwmix.data.geotiff import read_band
 from sarwmix.data.patches import resize_db
 from sarwmix.errors import CheckpointError, DataError
-from sarwmix.sar.weighting import WEIGHTINGS, weight_map
+from sarwmix.sar.weighting import WEIGHTINGS, WeightSpec, weight_map
 from util.augment import normalize
 from util.checkpoint import check_keys, check_shapes, checkpoint_args, load_checkpoint, model_state
+from util.config import RunConfig
 from util.masking import pixel_mask
 
 log = logging.getLogger("sarwmix")
@@ -87,31 +91,30 @@ def read_real_patches(root: str | Path) -> tuple[np.ndarray, list[str]]:
     return np.stack(patches).astype(np.float32), names
 
 
-def build_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, argparse.Namespace, dict]:
-    """The pretraining model of a ``checkpoint.pth`` (its recorded args), with its weights, in eval mode."""
+def build_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, RunConfig, dict]:
+    """The pretraining model of a ``checkpoint.pth`` (its recorded configuration, the command line's defaults
+    for what it does not record), with its weights, in eval mode."""
     ckpt = load_checkpoint(path)
     saved = checkpoint_args(ckpt)
     if "model" not in saved or "stats" not in ckpt:
         raise CheckpointError(f"{path}: expected a pretraining checkpoint of this project (checkpoint.pth, "
                               f"with 'args' and 'stats'); got keys {sorted(ckpt)[:8]}")
-    args = main_pretrain.parse_args([])
-    for key, value in saved.as_dict().items():
-        setattr(args, key, value)
-    model = main_pretrain.build_model(args)
+    config = RunConfig({**vars(pretraining.parse_args([])), **saved.as_dict()})
+    model = get_mode(config.mode).model(config)
     state = model_state(ckpt, path)
     check_shapes(model, state, path)
     check_keys(model, state, path)
     model.load_state_dict(state, strict=True)
-    return model.eval(), args, ckpt["stats"]
+    return model.eval(), config, ckpt["stats"]
 
 
-def mean_prediction(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+def mean_prediction(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The mean predictor in the layout of the model's prediction (what ``forward_loss`` takes).
 
     MixMIM: (2B, L, p*p*C); branch 1 predicts image i's cells where the mask is 1 (the visible pixels of
     image i are those where it is 0), branch 2 image B-1-i's cells where it is 0. SimMIM: (B, C, S, S).
     """
-    if mode == "simmim":
+    if isinstance(model, SimMIM):
         m = pixel_mask(mask, model.mask_grid, model.img_size).to(x)  # (B, 1, S, S)
         vis = (x * (1 - m)).sum((-2, -1)) / (1 - m).sum((-2, -1)).clamp_min(1)
         return vis[..., None, None].expand_as(x)
@@ -131,30 +134,28 @@ def mean_prediction(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor,
 def check_checkpoint(path: str | Path, patches: np.ndarray, *, weighting: str = "per_channel",
                      seed: int = 0) -> list[dict]:
     """Rows (one per predictor) of masked reconstruction loss, unweighted and weighted, on ``patches``."""
-    model, args, stats = build_from_checkpoint(path)
-    idx = [CHANNELS.index(c) for c in args.channels]
-    sar_db = torch.stack([resize_db(torch.from_numpy(p[idx]), args.input_size) for p in patches])
-    if args.mode == "mixmim" and len(sar_db) % 2:  # an odd batch would mix its middle image with itself
+    model, config, stats = build_from_checkpoint(path)
+    idx = [CHANNELS.index(c) for c in config.channels]
+    sar_db = torch.stack([resize_db(torch.from_numpy(p[idx]), config.input_size) for p in patches])
+    if isinstance(model, MixMIM) and len(sar_db) % 2:  # an odd batch would mix its middle image with itself
         sar_db = sar_db[:-1]
     x = normalize(sar_db, torch.tensor(stats["mean"]), torch.tensor(stats["std"]))
-    w = weight_map(sar_db, weighting)
+    w = weight_map(sar_db, WeightSpec(weighting))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        random_model = main_pretrain.build_model(args).eval()
-    _, _, mask = model(x, generator=torch.Generator().manual_seed(seed))
+        random_model = get_mode(config.mode).model(config).eval()
+    mask = model(x, generator=torch.Generator().manual_seed(seed)).mask
     rows = []
     for name in PREDICTORS:
         losses = []
         for weights in (None, w):
             if name == "mean":
-                loss = model.forward_loss(x, mean_prediction(model, x, mask, args.mode), mask, weights)
-                losses.append(float(loss[0] if isinstance(loss, tuple) else loss))
+                losses.append(float(model.forward_loss(x, mean_prediction(model, x, mask), mask, weights)[0]))
             else:
                 net = model if name == "model" else random_model
-                loss = net(x, weights=weights, mask=mask)[0]
                 # the pixel term only: a spectral target's term has no counterpart in the mean predictor
-                losses.append(float(getattr(net, "loss_terms", {}).get("pixel_loss", loss)))
-        rows.append({"checkpoint": str(path), "mode": args.mode, "model": args.model, "predictor": name,
+                losses.append(float(net(x, weights=weights, mask=mask).terms["pixel_loss"]))
+        rows.append({"checkpoint": str(path), "mode": config.mode, "model": config.model, "predictor": name,
                      "loss_unweighted": losses[0], "loss_weighted": losses[1], "n_patches": len(x)})
     return rows
 

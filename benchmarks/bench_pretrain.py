@@ -37,10 +37,10 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-import backbones
 from benchmarks import device_timing as dev
 from engine import adamw
 from engine_pretrain import make_pretrain_step
+from modes import MODES
 from sarwmix.cli import ArgumentParser, count
 from sarwmix.constants import CHANNELS
 from util.device import CPU_MEMORY_MODES, cpu_supports_bf16, tune_cpu_memory
@@ -68,7 +68,7 @@ class Setting:
 def build(s: Setting, path: str):
     """Model, the callable that runs it (compiled or not) and the training optimizer, for one path."""
     extra = {"spectral_weight": SPECTRAL_WEIGHT} if path == "spectral" else {}
-    model = backbones.build_pretrain(s.mode, s.model, s.img, len(CHANNELS), **extra).to(s.device)  # flags' defaults
+    model = MODES[s.mode].build(s.model, s.img, len(CHANNELS), **extra).to(s.device)  # flags' defaults
     eager = path == "eager"
     for m in model.modules():
         if hasattr(m, "attn_impl"):
@@ -312,7 +312,7 @@ def format_row(r: dict, batch: int, amp: str, peak: float, base_img_s: float, un
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["mixmim_base"])
-    p.add_argument("--mode", default="mixmim", choices=("mixmim", "simmim"))
+    p.add_argument("--mode", default="mixmim", choices=tuple(MODES))
     p.add_argument("--device", default=dev.default_device(), choices=("cpu", "cuda"),
                    help="where the step runs (default: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--batch_size", nargs="+", type=count(1), default=[8])
@@ -344,8 +344,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.device = dev.resolve_device(a.device)
     except ValueError as e:
         p.error(str(e))
-    if a.spectral and a.mode != "mixmim":
-        p.error("--spectral times MixMIM's spectral target; SimMIM has none")
+    if a.spectral and "spectral_weight" not in MODES[a.mode].flags:
+        p.error(f"--spectral times MixMIM's spectral target; {MODES[a.mode].title} has none")
     if a.breakdown and a.device.type == "cuda":
         p.error("--breakdown times every op on the host, which a GPU's queued kernels make meaningless; "
                 "use it with --device cpu")

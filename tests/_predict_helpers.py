@@ -11,7 +11,7 @@ import rasterio
 import torch
 from rasterio.transform import Affine
 
-import backbones
+from modes import MODES
 from sarwmix.constants import CHANNELS, DATASET_STATS
 from sarwmix.data.synthetic import generate_patch
 from tasks import get_task
@@ -70,7 +70,7 @@ def pretrain_checkpoint(path: Path, model: str = "mixmim_study", input_size: int
     """A ``main_pretrain.py``-format checkpoint of a seeded MixMIM or SimMIM model (decoder and mask token
     included)."""
     torch.manual_seed(seed)
-    net = backbones.build_pretrain(mode, model, input_size, 2)
+    net = MODES[mode].build(model, input_size, 2)
     args = {"mode": mode, "model": model, "input_size": input_size, "channels": list(CHANNELS)}
     return _save(path, net, args)
 

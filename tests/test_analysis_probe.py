@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-import main_pretrain
+import pretraining
 from analysis import probe as P
 from backbones import export_checkpoint
+from modes import MODES
 from sarwmix.errors import SarwmixError
 from util.config import plain_dict
 
@@ -16,9 +17,9 @@ STATS = {"name": "benv1", "mean": [-19.2309, -12.5951], "std": [3.2, 2.9]}
 
 
 def _pretrain_checkpoint(tmp_path, *extra):
-    args = main_pretrain.parse_args([*TINY, *extra])
+    args = pretraining.parse_args([*TINY, *extra])
     torch.manual_seed(3)
-    model = main_pretrain.build_model(args)
+    model = MODES[args.mode].model(args)
     path = tmp_path / f"checkpoint_{args.mode}.pth"
     torch.save({"model": model.state_dict(), "args": plain_dict(args), "epoch": 0, "stats": STATS}, path)
     return model, path
@@ -30,10 +31,10 @@ def test_checkpoint_encoder_carries_the_trained_weights(tmp_path, mode):
     enc, size, chans = P.checkpoint_encoder(path, None, None, None)
     assert size == 64 and chans == ("VH", "VV")
     x = torch.randn(2, 2, 64, 64)
-    source = model.encoder if mode == "simmim" else model
+    source = MODES[mode].probe_encoder(model)
     with torch.no_grad():
         assert torch.allclose(enc.eval().forward_features(x), source.eval().forward_features(x), atol=1e-5)
-    if mode == "simmim":  # the exported backbone (a plain state dict) loads the same, given the model
+    if MODES[mode].exports_backbone:  # the exported backbone (a plain state dict) loads the same, given the model
         exported = export_checkpoint(path, tmp_path / "backbone.pth")[0]
         with pytest.raises(SarwmixError, match="--model"):
             P.checkpoint_encoder(exported, None, None, None)

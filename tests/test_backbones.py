@@ -13,6 +13,7 @@ import engine_finetune as E
 import finetuning
 import main_finetune
 from models_vit import VisionTransformer, vit_layer_id
+from modes import MODES
 from tasks import get_task
 from util.lr_decay import param_groups
 
@@ -77,20 +78,20 @@ def test_the_entry_layer_id_is_the_models():
 def test_unknown_models_name_the_choices():
     args = argparse.Namespace(model="mixmim_giant", input_size=128, mode="mixmim")
     with pytest.raises(backbones.ConfigError, match="choices: mixmim_tiny"):
-        backbones.check_args(args)
+        MODES[args.mode].check_model(args)
     assert "swin_tiny" in backbones.names("simmim") and "swin_tiny" not in backbones.names("finetune")
 
 
 def test_an_entry_without_pretraining_models_is_refused_by_pretraining(micro):
     with pytest.raises(backbones.ConfigError, match="no SimMIM model"):
-        backbones.build_pretrain("simmim", micro, 32, 2, mask_patch_size=16)
+        MODES["simmim"].build(micro, 32, 2, mask_patch_size=16)
     with pytest.raises(backbones.ConfigError, match="no MixMIM model; choices: mixmim_tiny"):
-        backbones.build_pretrain("mixmim", micro, 32, 2)
+        MODES["mixmim"].build(micro, 32, 2)
 
 
-def test_build_pretrain_takes_the_flags_defaults():
-    mixmim = backbones.build_pretrain("mixmim", "mixmim_tiny", 64, 2)
-    simmim = backbones.build_pretrain("simmim", "vit_tiny", 64, 1, mask_patch_size=16)
+def test_the_modes_builders_take_the_flags_defaults():
+    mixmim = MODES["mixmim"].build("mixmim_tiny", 64, 2)
+    simmim = MODES["simmim"].build("vit_tiny", 64, 1, mask_patch_size=16)
     assert (mixmim.mask_ratio, mixmim.range_mask_ratio, mixmim.norm_pix_loss) == (0.5, 0.0, True)
     assert (simmim.mask_ratio, simmim.loss) == (0.6, "l1")
 

@@ -92,7 +92,9 @@ def test_count_converts_config_file_values_without_silent_casts():
 # (module, how its command line is parsed, a misspelled flag of it, the flag it must suggest)
 ENTRY_POINTS = [
     ("main_pretrain", "parse_args", ["--epoch", "2"], "--epochs"),
+    ("pretraining", "parse_args", ["--mask_ratios", "0.5"], "--mask_ratio"),
     ("main_finetune", "parse_args", ["--finetun", "x.pth"], "--finetune"),
+    ("finetuning", "parse_args", ["--finetun", "x.pth"], "--finetune"),
     ("sarwmix.data.synthetic", "main", ["write", "out", "--format", "benv1", "--seeds", "1"], "--seed"),
     ("sarwmix.data.stats", "main", ["--dataset", "benv1", "--max_sample", "3"], "--max_samples"),
     ("sarwmix.data.packed", "main", ["convert", "--source", "synthetic", "o", "--shard_siz", "8"], "--shard_size"),

@@ -8,6 +8,7 @@ from conftest import REPO
 
 import backbones
 import main_pretrain
+from modes import MODES
 from sarwmix.errors import ConfigError
 from util import runner
 from util.config import RunConfig, plain_dict
@@ -35,7 +36,7 @@ def test_every_config_is_a_pretrain_or_finetune_file():
 @pytest.mark.parametrize("path", PRETRAIN, ids=lambda p: p.name)
 def test_pretrain_configs_parse_and_validate(path):
     args = parse("--config", str(path), "--data_path", "/data")
-    backbones.check_args(args)  # backbone and input size, then the common flags: what main() checks first
+    MODES[args.mode].check_model(args)  # backbone and input size, then the common flags, as a run checks them
     runner.validate_common(args)
     for key, value in yaml.safe_load(path.read_text()).items():
         assert getattr(args, key) == value, key

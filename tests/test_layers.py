@@ -36,15 +36,15 @@ def lint_reordered(tmp_path, reorder) -> subprocess.CompletedProcess:
 
 
 def test_an_upward_import_between_top_level_modules_breaks_the_layers(tmp_path):
-    """The entry points below their engine: the check sees the imports of single-file modules, which grimp
-    alone does not scan."""
+    """A run below its engine: the check sees the imports of single-file modules, which grimp alone does not
+    scan."""
     def swap(layers: list[str]) -> None:
-        i, j = layers.index("main_pretrain | main_finetune"), layers.index("engine_pretrain | engine_finetune")
+        i, j = layers.index("finetuning | pretraining"), layers.index("engine_pretrain | engine_finetune")
         layers[i], layers[j] = layers[j], layers[i]
 
     result = lint_reordered(tmp_path, swap)
     assert result.returncode != 0
-    assert "main_pretrain -> engine_pretrain" in result.stdout
+    assert "pretraining -> engine_pretrain" in result.stdout
 
 
 def test_an_upward_import_from_a_package_into_a_top_level_module_breaks_the_layers(tmp_path):
@@ -80,16 +80,19 @@ def test_top_level_modules_are_scanned():
     assert not graph.direct_import_exists(importer="models_mixmim", imported="torch")  # externals left out
 
 
-def test_the_tasks_sit_between_the_backbone_table_and_the_engines(tmp_path):
-    """tasks/ asks the backbone table for its models and the finetuning engine asks the tasks: a task package
-    below the table, or above the engine, is an upward import."""
+def test_the_tasks_and_modes_sit_between_the_backbone_table_and_the_engines(tmp_path):
+    """tasks/ and modes ask the backbone table for their models, the finetuning engine asks the tasks and the
+    pretraining run the modes: a task package or the mode table below the backbone table, or above the engine
+    and the run, is an upward import."""
     def swap(upper: str, lower: str):
         def reorder(layers: list[str]) -> None:
             i, j = layers.index(upper), layers.index(lower)
             layers[i], layers[j] = layers[j], layers[i]
         return reorder
 
-    below = lint_reordered(tmp_path, swap("tasks", "backbones"))
-    assert below.returncode != 0 and "tasks.base -> backbones" in below.stdout
-    above = lint_reordered(tmp_path, swap("engine_pretrain | engine_finetune", "tasks"))
+    below = lint_reordered(tmp_path, swap("tasks | modes", "backbones"))
+    assert below.returncode != 0 and "tasks.base -> backbones" in below.stdout and "modes -> backbones" in below.stdout
+    above = lint_reordered(tmp_path, swap("engine_pretrain | engine_finetune", "tasks | modes"))
     assert above.returncode != 0 and "engine_finetune -> tasks" in above.stdout
+    run_below = lint_reordered(tmp_path, swap("finetuning | pretraining", "tasks | modes"))
+    assert run_below.returncode != 0 and "pretraining -> modes" in run_below.stdout

@@ -20,10 +20,11 @@ def test_forward_shapes_and_explicit_mask():
     m = tiny()
     x = torch.randn(4, 2, 64, 64)
     mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
-    loss, pred, out_mask = m(x, mask=mask)
+    loss, pred, out_mask, terms = m(x, mask=mask)
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert pred.shape == (4, 4, 32 * 32 * 2)
     assert torch.equal(out_mask, mask)
+    assert list(terms) == ["pixel_loss"] and torch.equal(terms["pixel_loss"], loss.detach())
 
 
 @pytest.mark.parametrize("bad", [torch.ones(4), torch.ones(2, 4), torch.ones(1, 16)])
@@ -40,15 +41,15 @@ def test_mask_ratio_outside_unit_interval_is_refused(ratio, extra):
 
 def test_in_chans_flows_to_the_decoder():
     m = M.mixmim_tiny(img_size=64, in_chans=1)
-    loss, pred, _ = m(torch.randn(2, 1, 64, 64))
+    loss, pred, _, _ = m(torch.randn(2, 1, 64, 64))
     assert pred.shape[-1] == 32 * 32 * 1 and torch.isfinite(loss)
 
 
 def test_sampled_mask_count_and_seed():
     m = tiny()
     x = torch.randn(2, 2, 64, 64)
-    _, _, a = m(x, generator=torch.Generator().manual_seed(5))
-    _, _, b = m(x, generator=torch.Generator().manual_seed(5))
+    a = m(x, generator=torch.Generator().manual_seed(5)).mask
+    b = m(x, generator=torch.Generator().manual_seed(5)).mask
     assert torch.equal(a, b) and int(a.sum()) == 2
 
 
@@ -87,8 +88,8 @@ def test_loss_unmixes_both_branches():
     target = M.patchify(x, 32)
     # branch 1 predicts each image, branch 2 predicts its partner: the unmixed reconstruction is exact
     perfect = torch.cat([target, target.flip(0)])
-    loss, rec = m.forward_loss(x, perfect, mask)
-    assert loss.item() == 0.0 and torch.equal(rec, target)
+    loss, rec, terms = m.forward_loss(x, perfect, mask)
+    assert loss.item() == 0.0 and torch.equal(rec, target) and terms == {"pixel_loss": loss}
     wrong = torch.cat([target, target])
     assert m.forward_loss(x, wrong, mask)[0] > 0
 
@@ -111,14 +112,14 @@ def test_norm_pix_target_uses_unbiased_variance():
     mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
     t = M.patchify(x, 32)
     t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, unbiased=True, keepdim=True) + 1e-6) ** 0.5
-    loss, rec = m.forward_loss(x, torch.cat([t, t.flip(0)]), mask)
+    loss = m.forward_loss(x, torch.cat([t, t.flip(0)]), mask)[0]
     assert loss.item() < 1e-10
 
 
 def test_every_parameter_gets_a_gradient():
     m = tiny().train()
     x = torch.randn(4, 2, 64, 64)
-    loss, _, _ = m(x, weights=torch.rand_like(x) + 1, generator=torch.Generator().manual_seed(0))
+    loss = m(x, weights=torch.rand_like(x) + 1, generator=torch.Generator().manual_seed(0)).loss
     loss.backward()
     missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
     assert missing == []

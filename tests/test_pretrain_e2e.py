@@ -7,6 +7,7 @@ import torch
 from conftest import REPO, TINY_PRETRAIN, run_py
 
 import main_pretrain
+import pretraining
 from sarwmix.errors import CheckpointError, ConfigError, TrainingError
 from util.checkpoint import load_checkpoint, save_atomic
 
@@ -70,8 +71,8 @@ def _weights(path):
 # machine, however fast or loaded (no polling of the log against a clock).
 KILL_SELF = """
 import os, signal, sys
-import main_pretrain
-real = main_pretrain.make_pretrain_step
+import main_pretrain, pretraining
+real = pretraining.make_pretrain_step
 def make(*args, **kwargs):
     step, calls = real(*args, **kwargs), [0]
     def wrapped(model, batch, gen):
@@ -80,7 +81,7 @@ def make(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
         return step(model, batch, gen)
     return wrapped
-main_pretrain.make_pretrain_step = make
+pretraining.make_pretrain_step = make
 main_pretrain.main(main_pretrain.parse_args(sys.argv[1:]))
 """
 
@@ -104,8 +105,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
 
 def _poison_steps(monkeypatch, poison) -> None:
-    """Wrap main_pretrain's training step: ``poison(call_number, model, loss)`` returns the loss to use."""
-    real = main_pretrain.make_pretrain_step
+    """Wrap the pretraining run's step: ``poison(call_number, model, loss)`` returns the loss to use."""
+    real = pretraining.make_pretrain_step
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -117,7 +118,7 @@ def _poison_steps(monkeypatch, poison) -> None:
             return poison(calls["n"], model, loss), extras, n
         return wrapped
 
-    monkeypatch.setattr(main_pretrain, "make_pretrain_step", poisoned)
+    monkeypatch.setattr(pretraining, "make_pretrain_step", poisoned)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
@@ -274,10 +275,10 @@ def test_token_granularity_uses_the_target_patch_of_the_mode(tmp_path, monkeypat
     seen = {}
 
     def capture(*args, **kwargs):
-        seen["token"] = args[6]
+        seen["token"] = args[3].token_size
         raise KeyboardInterrupt  # stop before training
 
-    monkeypatch.setattr(main_pretrain, "make_pretrain_step", capture)
+    monkeypatch.setattr(pretraining, "make_pretrain_step", capture)
     args = main_pretrain.parse_args([*TINY_PRETRAIN, "--output_dir", str(tmp_path), "--mode", mode,
                                      "--mask_patch_size", "16", "--weight_granularity", "token"])
     with pytest.raises(KeyboardInterrupt):

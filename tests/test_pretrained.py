@@ -39,11 +39,12 @@ def test_filter_drops_decoder_mask_token_head_and_module_prefix():
 
 
 def test_simmim_run_state_loads_like_its_exported_encoder():
-    import main_pretrain
+    import pretraining
+    from modes import MODES
 
     torch.manual_seed(2)
-    simmim = main_pretrain.build_model(main_pretrain.parse_args(["--mode", "simmim", "--model", "mixmim_tiny",
-                                                                 "--input_size", "64"]))
+    simmim = MODES["simmim"].model(pretraining.parse_args(["--mode", "simmim", "--model", "mixmim_tiny",
+                                                           "--input_size", "64"]))
     state = {f"module.{k}": v for k, v in simmim.state_dict().items()}
     model = ft()
     report = load_pretrained(model, state, "simmim.pth")

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import main_pretrain
+import pretraining
 from analysis import real_s1_check as R
+from modes import MODES
 from sarwmix.data.geotiff import utm_transform, write_band
 from util.config import plain_dict
 from util.masking import pixel_mask
@@ -15,9 +16,9 @@ TINY = ["--model", "mixmim_tiny", "--input_size", "64"]
 
 
 def _checkpoint(tmp_path: Path, *extra: str) -> Path:
-    args = main_pretrain.parse_args([*TINY, *extra])
+    args = pretraining.parse_args([*TINY, *extra])
     torch.manual_seed(1)
-    model = main_pretrain.build_model(args)
+    model = MODES[args.mode].model(args)
     path = tmp_path / f"checkpoint_{args.mode}.pth"
     torch.save({"model": model.state_dict(), "args": plain_dict(args), "epoch": 0,
                 "stats": {"name": "benv1", "mean": [-19.2309, -12.5951], "std": [3.2, 2.9]}}, path)
@@ -66,21 +67,22 @@ def test_a_spectral_checkpoint_is_scored_on_its_pixel_loss(tmp_path):
     x = R.normalize(torch.stack([R.resize_db(torch.from_numpy(p), 64) for p in patches]),
                     torch.tensor(stats["mean"]), torch.tensor(stats["std"]))
     with torch.no_grad():
-        full, _, _ = model(x, mask=model(x, generator=torch.Generator().manual_seed(0))[2])
-    assert rows["model"]["loss_unweighted"] == pytest.approx(float(model.loss_terms["pixel_loss"]), rel=1e-5)
+        full, _, _, terms = model(x, mask=model(x, generator=torch.Generator().manual_seed(0)).mask)
+    assert rows["model"]["loss_unweighted"] == pytest.approx(float(terms["pixel_loss"]), rel=1e-5)
     assert float(full) > rows["model"]["loss_unweighted"] + 1.0  # the weight-100 spectral term left out
     assert rows["mean"]["loss_unweighted"] == pytest.approx(1.0, abs=1e-3)  # the same scale as the model's
 
 
 def test_simmim_mean_baseline_is_the_visible_mean(tmp_path):
     ckpt = _checkpoint(tmp_path, "--mode", "simmim", "--loss", "l1")
-    model, args, stats = R.build_from_checkpoint(ckpt)
+    model, config, stats = R.build_from_checkpoint(ckpt)
+    assert (config.mode, config.loss, config.spectral_weight) == ("simmim", "l1", 0.0)  # recorded, and defaults
     x = torch.randn(3, 2, 64, 64)
     mask = model.sample_mask(3, torch.device("cpu"), torch.Generator().manual_seed(0))
     m = pixel_mask(mask, model.mask_grid, 64).float()
     vis_mean = (x * (1 - m)).sum((-2, -1), keepdim=True) / (1 - m).sum((-2, -1), keepdim=True)
     expected = ((x - vis_mean).abs() * m).sum() / m.sum() / 2
-    got = model.forward_loss(x, R.mean_prediction(model, x, mask, "simmim"), mask)
+    got = model.forward_loss(x, R.mean_prediction(model, x, mask), mask)[0]
     assert float(got) == pytest.approx(float(expected), rel=1e-4)
 
 

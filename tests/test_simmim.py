@@ -26,7 +26,7 @@ def test_forward_masks_ceil_cells_per_sample(vit64, ratio):
     vit64.mask_ratio = ratio
     x = torch.randn(5, 2, 64, 64)
     with torch.no_grad():
-        _, rec, mask = vit64(x, generator=torch.Generator().manual_seed(1))
+        _, rec, mask, _ = vit64(x, generator=torch.Generator().manual_seed(1))
     assert mask.shape == (5, 16) and rec.shape == x.shape
     assert mask.sum(dim=1).tolist() == [math.ceil(16 * ratio)] * 5
     assert len({tuple(r.tolist()) for r in mask}) > 1  # drawn per sample, not shared by the batch
@@ -74,7 +74,7 @@ def test_mask_token_replaces_exactly_the_masked_tokens(vit64, monkeypatch):
 
 
 def _loss(model, x, rec, mask, w=None):
-    return model.forward_loss(x, rec, mask, w)
+    return model.forward_loss(x, rec, mask, w)[0]
 
 
 @pytest.mark.parametrize("loss", ["l1", "mse"])
@@ -117,7 +117,7 @@ def test_reconstruct_columns(vit64):
     assert cols["mask"].shape == (2, 1, 64, 64) and 0 < cols["mask"].mean() < 1
     hidden = cols["mask"].bool().expand_as(x)
     assert torch.equal(cols["masked input"][~hidden], x[~hidden]) and not cols["masked input"][hidden].any()
-    _, rec, _ = vit64(x, mask=cols["mask"][:, 0, ::16, ::16].flatten(1))
+    rec = vit64(x, mask=cols["mask"][:, 0, ::16, ::16].flatten(1)).pred
     assert torch.equal(cols["prediction"], rec)  # the raw decoder output on every cell, not a composite
     assert all(cols[k].shape == x.shape for k in ("input", "masked input", "prediction"))
 
@@ -146,9 +146,10 @@ def test_every_backbone_trains_every_parameter(name, in_chans):
             nn.init.ones_(m.weight)
     batch = 2 if size == 64 else 1
     x = torch.randn(batch, in_chans, size, size)
-    loss, rec, mask = model(x, weights=1 + torch.rand_like(x), generator=torch.Generator().manual_seed(0))
+    loss, rec, mask, terms = model(x, weights=1 + torch.rand_like(x), generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and rec.shape == x.shape and mask.shape == (batch, (size // 32) ** 2)
+    assert terms == {"pixel_loss": loss.detach()}
     dead = [n for n, p in model.named_parameters()
             if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not dead, dead[:5]
@@ -161,7 +162,7 @@ def test_every_valid_size_builds_and_reconstructs(name):
     for size in valid_sizes(name):
         with torch.device("meta"):
             model = build_simmim(name, img_size=size, in_chans=1)
-            _, rec, mask = model(torch.empty(1, 1, size, size))
+            _, rec, mask, _ = model(torch.empty(1, 1, size, size))
         assert rec.shape == (1, 1, size, size) and mask.shape == (1, (size // 32) ** 2), (name, size)
 
 

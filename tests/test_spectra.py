@@ -86,8 +86,8 @@ def test_spectral_target_off_keeps_the_released_layout_and_loss():
     assert not any("spec" in k for k in off.state_dict())
     assert list(plain.state_dict()) == list(off.state_dict())
     x, mask = torch.randn(4, 2, 64, 64), torch.tensor([[1.0, 0.0, 0.0, 1.0]])
-    loss = off(x, mask=mask)[0]
-    assert torch.equal(loss, plain(x, mask=mask)[0]) and set(off.loss_terms) == {"pixel_loss"}
+    out = off(x, mask=mask)
+    assert torch.equal(out.loss, plain(x, mask=mask).loss) and set(out.terms) == {"pixel_loss"}
 
 
 def test_spectral_loss_adds_to_the_pixel_loss_and_unmixes_like_the_pixels():
@@ -95,16 +95,17 @@ def test_spectral_loss_adds_to_the_pixel_loss_and_unmixes_like_the_pixels():
     assert {"decoder_spec.weight", "decoder_spec.bias"} <= set(m.state_dict())
     assert "spectral_bin_matrix" not in m.state_dict()  # rebuilt from the flags, not saved
     x, mask = torch.randn(4, 2, 64, 64), torch.tensor([[1.0, 0.0, 1.0, 0.0]])
-    loss = m(x, mask=mask)[0]
-    terms = m.loss_terms
+    loss, _, _, terms = m(x, mask=mask)
+    assert list(terms) == ["pixel_loss", "spectral_loss"] and not any(t.requires_grad for t in terms.values())
     torch.testing.assert_close(loss, terms["pixel_loss"] + 0.5 * terms["spectral_loss"])
     # each image's target in branch 1, its partner's in branch 2 (as the pixels): spectral loss 0
     target = spectra.standardise(spectra.cell_log_spectra(x, 32, m.spectral_bin_matrix))
     pixels = M.patchify(x, 32)
-    m.forward_loss(x, torch.cat([pixels, pixels.flip(0)]), mask, spec_pred=torch.cat([target, target.flip(0)]))
-    assert m.loss_terms["spectral_loss"].item() < 1e-10 and m.loss_terms["pixel_loss"].item() == 0.0
-    m.forward_loss(x, torch.cat([pixels, pixels]), mask, spec_pred=torch.cat([target, target]))
-    assert m.loss_terms["spectral_loss"].item() > 0.1
+    perfect = torch.cat([target, target.flip(0)])
+    terms = m.forward_loss(x, torch.cat([pixels, pixels.flip(0)]), mask, spec_pred=perfect)[2]
+    assert terms["spectral_loss"].item() < 1e-10 and terms["pixel_loss"].item() == 0.0
+    terms = m.forward_loss(x, torch.cat([pixels, pixels]), mask, spec_pred=torch.cat([target, target]))[2]
+    assert terms["spectral_loss"].item() > 0.1
 
 
 def test_spectral_head_and_encoder_get_gradients():

@@ -8,9 +8,8 @@ import matplotlib.image
 import pytest
 import torch
 
-import models_mixmim as M
-from backbones import build_simmim
 from engine_pretrain import save_reconstructions
+from modes import MODES
 from sarwmix.data.synthetic import SyntheticS1
 from util.augment import normalize
 from util.visualize import (
@@ -78,13 +77,13 @@ def test_caption_and_weight_range() -> None:
     assert NORM_PIX_NOTE not in simmim and "mask token" in simmim and "shared_avg" in simmim
 
 
-@pytest.mark.parametrize("mode", ["mixmim", "simmim"])
-def test_figure_is_written_for_one_and_two_channels(mode: str, tmp_path) -> None:
+@pytest.mark.parametrize("mode,backbone,options", [("mixmim", "mixmim_tiny", {}),
+                                                  ("simmim", "vit_tiny", {"mask_patch_size": 16})])
+def test_figure_is_written_for_one_and_two_channels(mode: str, backbone: str, options: dict, tmp_path) -> None:
     heights = {}
     for channels in (("VV",), ("VH", "VV")):
         torch.manual_seed(0)
-        model = (M.mixmim_tiny(img_size=64, in_chans=len(channels)) if mode == "mixmim"
-                 else build_simmim("vit_tiny", img_size=64, in_chans=len(channels), mask_patch_size=16))
+        model = MODES[mode].build(backbone, 64, len(channels), **options)
         data = SyntheticS1(n=2, input_size=64, channels=channels)
         path = save_reconstructions(model, data, tmp_path / f"{mode}_{len(channels)}.png", n=2)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

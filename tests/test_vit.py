@@ -98,7 +98,7 @@ def test_simmim_vit_prediction_lives_in_masked_patches():
     mask[0, 4] = 1
     mask[1, [0, 8]] = 1
     with torch.no_grad():
-        loss, rec, _ = model(x, mask=mask)
+        loss, rec, _, _ = model(x, mask=mask)
     per_patch = patchify(rec, 16).abs().sum(-1)  # (2, 36) tokens of 16 px
     token_mask = torch.zeros(2, 6, 6)
     token_mask[0, 2:4, 2:4] = 1

@@ -11,6 +11,7 @@ import main_finetune
 from models_mixmim_ft import build_mixmim_ft
 from models_swin import ENCODER_CONFIGS
 from models_vit import VIT_CONFIGS, build_vit
+from modes import MODES
 from sarwmix.constants import CHANNELS
 from util.checkpoint import save_atomic
 from util.config import run_cli
@@ -28,9 +29,9 @@ def _meta_state(build) -> dict[str, torch.Tensor]:
                                                                               "mixmim_huge")])
 def test_a_swin_is_told_from_its_shapes(name):
     assert backbones.model_of_state(_meta_state(lambda: build_mixmim_ft(name, 19, img_size=64))) == name
-    mixmim = _meta_state(lambda: backbones.build_pretrain("mixmim", name, 64, 2))
+    mixmim = _meta_state(lambda: MODES["mixmim"].build(name, 64, 2))
     assert backbones.model_of_state(mixmim) == name  # decoder and mask token looked through
-    simmim = _meta_state(lambda: backbones.build_pretrain("simmim", name, 64, 2))
+    simmim = _meta_state(lambda: MODES["simmim"].build(name, 64, 2))
     assert backbones.model_of_state(simmim) == name  # encoder.* keys
 
 

@@ -206,6 +206,10 @@ class RunConfig(Mapping):
         """Plain values (lists, not tuples): what ``config.yaml`` and checkpoints store."""
         return plain_dict(self._values)
 
+    def replace(self, **values) -> RunConfig:
+        """A copy with ``values`` set: known keys keep their place, new ones come last."""
+        return RunConfig({**self._values, **values})
+
 
 def run_cli(main: Callable[[argparse.Namespace], object], parse: Callable[[], argparse.Namespace]) -> None:
     """Parse and run; a user error (SarwmixError) ends with one line on stderr and exit code 2; a run stopped

@@ -1,7 +1,8 @@
-"""What both kinds of run share before and after the training loop: the common flags, the run's set-up
-(distributed start, logging, seeding, the settled configuration and ``config.yaml``) and its teardown.
+"""What both runs share around the training loop: common flags, run setup (distributed mode, logging, seeding,
+the settled configuration and its ``config.yaml``), the training data, and teardown.
 
-The loop itself, with its logging, resume and checkpoints, is ``engine.Trainer``.
+The runs (``pretraining.pretrain``, ``finetuning.finetune``) start here, build their model and step, and hand
+them to ``engine.Trainer``, where the loop, logging, resume and checkpoint code exists once.
 """
 from __future__ import annotations
 
@@ -189,24 +190,25 @@ class Run:
     step_log: JsonLines = field(default_factory=lambda: JsonLines(None))
 
 
-def derive(args: argparse.Namespace, world_size: int) -> None:
-    """Effective batch and absolute lr, computed in one place and printed once."""
-    args.channels = list(args.channels)
-    args.eff_batch_size = args.batch_size * args.accum_iter * world_size
-    if args.lr is None:
-        args.lr = args.blr * args.eff_batch_size / 256
-    log.info("effective batch %d = %d x %d (accum) x %d (processes); lr %.3e", args.eff_batch_size,
-             args.batch_size, args.accum_iter, world_size, args.lr)
+def derive(args: argparse.Namespace | RunConfig, world_size: int) -> dict:
+    """Effective batch and absolute lr, computed in one place and printed once: the values to settle."""
+    eff_batch_size = args.batch_size * args.accum_iter * world_size
+    lr = args.blr * eff_batch_size / 256 if args.lr is None else args.lr
+    log.info("effective batch %d = %d x %d (accum) x %d (processes); lr %.3e", eff_batch_size,
+             args.batch_size, args.accum_iter, world_size, lr)
+    return {"channels": list(args.channels), "eff_batch_size": eff_batch_size, "lr": lr}
 
 
-def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] = (),
+def start(args: argparse.Namespace | RunConfig, task: str, not_applicable: Collection[str] = (),
           record: bool = True) -> Run:
     """Distributed setup, logging, seeding, output folder, resolved config; validates cheap flags first.
 
+    ``args``: the parsed flags. Frozen (a ``RunConfig``), they are settled with the derived values
+    (``derive``) into ``run.config``. A Namespace gets the derived values set on it, for an entry point that
+    still settles values after ``start`` (a checkpoint's hold-out adopted by ``--eval``, the epoch of the
+    ``--finetune`` file): it passes ``record=False`` and calls ``record_config`` once they are settled.
     ``not_applicable``: flags left out of ``config.yaml`` because this run does not use them.
-    ``record``: settle the configuration now (``record_config``: ``run.config``, ``config.yaml``); an entry
-    point that still settles values after ``start`` (a checkpoint's hold-out adopted by ``--eval``, the epoch
-    of the ``--finetune`` file) passes False and calls ``record_config`` once they are settled.
+    ``record``: settle the configuration now (``record_config``: ``run.config``, ``config.yaml``).
     """
     validate_common(args)
     info, device = init_distributed(args.device, args.dist_url, args.dist_timeout)
@@ -214,7 +216,11 @@ def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] =
         torch.set_num_threads(args.num_threads)
     memory = tune_cpu_memory(args.cpu_memory) if device.type == "cpu" else "device memory"
     setup_logging(info.is_main)
-    derive(args, info.world_size)
+    derived = derive(args, info.world_size)
+    if isinstance(args, RunConfig):
+        args = args.replace(**derived)
+    else:
+        vars(args).update(derived)
     torch.manual_seed(args.seed + info.rank)
     out = Path(args.output_dir)
     # A stop signal during start-up (indexing the data, building the model) is kept: the first step saves.
@@ -228,7 +234,7 @@ def start(args: argparse.Namespace, task: str, not_applicable: Collection[str] =
     return run
 
 
-def record_config(run: Run, args: argparse.Namespace, not_applicable: Collection[str] = ()) -> RunConfig:
+def record_config(run: Run, args: argparse.Namespace | RunConfig, not_applicable: Collection[str] = ()) -> RunConfig:
     """Freeze the settled ``args`` into ``run.config`` and write it as ``config.yaml`` (main process only).
 
     The run reads its settings from the returned ``RunConfig`` from here on, so the file holds exactly
@@ -242,11 +248,11 @@ def record_config(run: Run, args: argparse.Namespace, not_applicable: Collection
     return run.config
 
 
-def validate_common(args: argparse.Namespace) -> None:
+def validate_common(args: argparse.Namespace | RunConfig) -> None:
     """Refuse bad flags before any data or model is built (one clear line each).
 
-    The backbone and its input size are checked by the entry point first (``backbones.check_args``; finetuning:
-    ``finetuning.settle``, on the side the task's encoder sees).
+    The backbone and its input size are checked by the entry point first (pretraining: its mode's
+    ``check_model``; finetuning: ``finetuning.settle``, on the side the task's encoder sees).
     """
     for name in ("batch_size", "epochs", "accum_iter", "stop_epoch"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
@@ -262,7 +268,7 @@ def validate_common(args: argparse.Namespace) -> None:
         raise ConfigError(f"--dataset {args.dataset} needs --data_path (the folder or file of the data set)")
 
 
-def build_train_data(args: argparse.Namespace, run: Run, split: str = "train"):
+def build_train_data(args: argparse.Namespace | RunConfig, run: Run, split: str = "train"):
     return build_dataset(args.dataset, data_path=args.data_path, split=split, input_size=args.input_size,
                          channels=tuple(args.channels), split_file=args.split_file,
                          num_samples=args.num_samples if split == "train" else None, seed=args.seed,

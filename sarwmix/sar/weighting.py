@@ -18,8 +18,13 @@ channel for ``per_channel``) instead and clips ``x~`` to [0, 1], so the weights 
 The released code applied the weights after ``Normalize(mean, std)`` (z-scores), so its "linear" domain
 was ``lin ** (1/std)``. ``zscore_compat=True`` reproduces that for re-running the paper's recipe; it is
 never the default.
+
+These settings travel together as one frozen ``WeightSpec``, checked when it is built (``WeightSpec.of`` reads
+them from a run's flags); ``weight_map(sar_db, spec)`` computes the map.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -75,44 +80,81 @@ def check_weight_norm(norm: str, low: float, high: float) -> None:
         raise ValueError(f"weight norm percentiles low={low}, high={high}: expected 0 <= low < high <= 100")
 
 
-def weight_map(sar_db: torch.Tensor, mode: str = "per_channel", exp_scale: float = 1.0,
-               granularity: str = "pixel", token_size: int = 32, zscore_compat: bool = False,
-               mean: torch.Tensor | None = None, std: torch.Tensor | None = None, norm: str = "minmax",
-               low: float = 1.0, high: float = 99.0) -> torch.Tensor:
+@dataclass(frozen=True)
+class WeightSpec:
+    """How a run weighs its reconstruction error: every setting of ``weight_map``, checked once when built.
+
+    Attributes:
+        weighting: ``none | per_channel | shared_avg``.
+        exp_scale: ``s`` in ``exp(s * (1 - x~))``; weights lie in ``[1, e^s]``.
+        granularity: ``pixel`` (the released behaviour) or ``token``: the mean of each ``token_size`` x
+            ``token_size`` cell, broadcast back to its pixels.
+        token_size: the cell of ``token`` granularity in pixels (a SimMIM mask cell, a MixMIM target patch).
+        zscore_compat: reproduce the released code's defect (weights from z-scores); ``weight_map`` then
+            needs the data set's mean and std.
+        norm: ``minmax`` or ``percentile`` (between the ``low`` and ``high`` percentiles, 0-100, of the linear
+            power per image and channel, or per image for ``shared_avg``; clipped to [0, 1]).
+    Raises:
+        ValueError: an unknown weighting, granularity or norm, or percentiles outside ``0 <= low < high <= 100``.
+    """
+
+    weighting: str = "per_channel"
+    exp_scale: float = 1.0
+    granularity: str = "pixel"
+    token_size: int = 32
+    zscore_compat: bool = False
+    norm: str = "minmax"
+    low: float = 1.0
+    high: float = 99.0
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"weight granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        check_weight_norm(self.norm, self.low, self.high)
+
+    @classmethod
+    def of(cls, config, token_size: int) -> WeightSpec:
+        """The weighting flags of a run's configuration (``--weighting``, ``--weight_*``), with the cell of
+        ``token`` granularity that the pretraining mode uses."""
+        return cls(config.weighting, config.weight_exp_scale, config.weight_granularity, token_size,
+                   config.weight_zscore_compat, config.weight_norm, config.weight_norm_low, config.weight_norm_high)
+
+    @property
+    def uniform(self) -> bool:
+        """Every weight is 1 (``weighting none``): the loss is the plain one."""
+        return self.weighting == "none"
+
+
+DEFAULT_WEIGHTS = WeightSpec()  # the command line's defaults
+
+
+def weight_map(sar_db: torch.Tensor, spec: WeightSpec = DEFAULT_WEIGHTS, mean: torch.Tensor | None = None,
+               std: torch.Tensor | None = None) -> torch.Tensor:
     """Per-pixel reconstruction weights from a raw dB batch.
 
     Args:
         sar_db: (B, C, H, W) raw backscatter in dB (not normalised), any float dtype, on any device.
-        mode: ``none | per_channel | shared_avg``.
-        exp_scale: ``s`` in ``exp(s * (1 - x~))``; weights lie in ``[1, e^s]``.
-        granularity: ``pixel`` (the released behaviour) or ``token``: the mean of each
-            ``token_size`` x ``token_size`` cell, broadcast back to its pixels.
-        zscore_compat: reproduce the released code's defect (weights from z-scores); needs mean and std
-            of shape (C,) in dB.
-        norm: ``minmax`` or ``percentile`` (between the ``low`` and ``high`` percentiles, 0-100, of the
-            linear power per image and channel, or per image for ``shared_avg``; clipped to [0, 1]).
+        spec: the weighting, its scale, granularity and norm (``WeightSpec``).
+        mean, std: (C,) of the data set in dB; needed by ``spec.zscore_compat`` only.
     Returns:
         (B, C, H, W) float32 weights.
     """
-    if mode not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {mode!r}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"weight granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    check_weight_norm(norm, low, high)
-    if mode == "none":
+    if spec.uniform:
         return torch.ones_like(sar_db, dtype=torch.float32)
     x = sar_db.float()
-    if zscore_compat:
+    if spec.zscore_compat:
         if mean is None or std is None:
             raise ValueError("zscore_compat weighting needs the dataset mean and std")
         x = (x - mean.view(1, -1, 1, 1).to(x)) / std.view(1, -1, 1, 1).to(x)
     lin = db_to_linear(x)
-    if mode == "shared_avg":
+    if spec.weighting == "shared_avg":
         lin = lin.mean(dim=1, keepdim=True)
-    scaled = _minmax(lin) if norm == "minmax" else _percentile_norm(lin, low, high)
-    w = torch.exp(exp_scale * (1.0 - scaled)).expand_as(x)
-    if granularity == "token":
-        w = token_average(w, token_size)
+    scaled = _minmax(lin) if spec.norm == "minmax" else _percentile_norm(lin, spec.low, spec.high)
+    w = torch.exp(spec.exp_scale * (1.0 - scaled)).expand_as(x)
+    if spec.granularity == "token":
+        w = token_average(w, spec.token_size)
     return w.contiguous()
 
 
