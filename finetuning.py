@@ -42,7 +42,7 @@ from util.pss import PSS_KINDS, PatchSchedule, keep_count
 from util.subsets import SubsetView, fraction_indices
 
 log = logging.getLogger("sarwmix")
-Config = argparse.Namespace | RunConfig  # parsed flags while they settle, the frozen configuration after
+Config = argparse.Namespace | RunConfig  # settled flags (the analysis scripts) or a run's frozen configuration
 
 
 def args_parser() -> argparse.ArgumentParser:
@@ -237,45 +237,49 @@ def provenance(args: Config, init: dict | None, evaluated: dict) -> dict:
             "freeze_encoder": frozen if isinstance(frozen, bool) else None}
 
 
-def adopt_holdout(args: argparse.Namespace, task: Task, evaluated: dict) -> None:
+def adopt_holdout(flags: RunConfig, task: Task, evaluated: dict) -> dict:
     """--eval of SEN12-FLOOD without a val/ folder: hold out the sequences the evaluated run held out.
 
     Its validation pairs were carved from the training split by ``--seed`` and ``--val_fraction``; the
     checkpoint's values win over this command line's, so "val" never holds sequences the model trained on.
+
+    Returns:
+        the values to settle instead of the command line's (empty: none).
     """
-    if not task.holds_out_validation(args.data_path):
-        return
+    if not task.holds_out_validation(flags.data_path):
+        return {}
     stored = checkpoint_args(evaluated)
+    adopted = {}
     for name in ("seed", "val_fraction"):
         value = getattr(stored, name)
-        if value is not None and value != getattr(args, name):
+        if value is not None and value != getattr(flags, name):
             log.warning("--eval: --%s %s from the checkpoint instead of %s, so that val holds the sequences its "
-                        "training held out", name, value, getattr(args, name))
-            setattr(args, name, value)
+                        "training held out", name, value, getattr(flags, name))
+            adopted[name] = value
+    return adopted
 
 
-def read_checkpoints(args: argparse.Namespace, task: Task,
-                     run: runner.Run) -> tuple[Path | None, dict | None, dict | None]:
-    """Read the checkpoint whose recorded values settle the configuration, before it is frozen.
+def read_checkpoints(flags: RunConfig, task: Task, run: runner.Run) -> tuple[Path | None, dict | None, dict | None,
+                                                                            dict]:
+    """Read the checkpoint whose recorded values settle the configuration, before it is recorded.
 
     --eval: the evaluated checkpoint (its hold-out is adopted, ``adopt_holdout``); training from
     ``--finetune``: the pretraining checkpoint (its epoch is recorded as ``pretrain_epoch``, stored with the
     args of every checkpoint of this run, for an --eval of a ``checkpoint.pth``-named source).
 
     Returns:
-        (evaluated path, evaluated checkpoint, pretraining checkpoint), None where not applicable.
+        (evaluated path, evaluated checkpoint, pretraining checkpoint, values to settle), None where not
+        applicable.
     """
-    channels = tuple(args.channels)
-    if args.eval:
-        chosen = run.output_dir / "checkpoint_best.pth" if args.resume == "auto" else Path(args.resume)
-        ckpt = read_pretrained(chosen, args.checkpoint_sha256, channels)
-        adopt_holdout(args, task, ckpt)
-        return chosen, ckpt, None
-    if not args.finetune:
-        return None, None, None
-    init = read_pretrained(args.finetune, args.checkpoint_sha256, channels)
-    args.pretrain_epoch = checkpoint_epoch(args.finetune, init)
-    return None, None, init
+    channels = tuple(flags.channels)
+    if flags.eval:
+        chosen = run.output_dir / "checkpoint_best.pth" if flags.resume == "auto" else Path(flags.resume)
+        ckpt = read_pretrained(chosen, flags.checkpoint_sha256, channels)
+        return chosen, ckpt, None, adopt_holdout(flags, task, ckpt)
+    if not flags.finetune:
+        return None, None, None, {}
+    init = read_pretrained(flags.finetune, flags.checkpoint_sha256, channels)
+    return None, None, init, {"pretrain_epoch": checkpoint_epoch(flags.finetune, init)}
 
 
 def evaluator(args: Config, task: Task, run: runner.Run, dataset):
@@ -337,12 +341,12 @@ def train(args: RunConfig, task: Task, run: runner.Run, model, splits: dict) -> 
     return best
 
 
-def finetune(args: argparse.Namespace) -> dict:
-    """The whole run: settle, train (or only evaluate, --eval), score the chosen checkpoint on val and test."""
-    task = settle(args)  # the backbone and the side its encoder sees, as the task has them
-    run = runner.start(args, task=f"finetune ({task.name})", record=False)
-    chosen, ckpt, init = read_checkpoints(args, task, run)
-    config = runner.record_config(run, args)  # settled (config.yaml written): read-only from here on
+def finetune(flags: RunConfig, task: Task) -> dict:
+    """The whole run of the settled, frozen ``flags`` (``settle`` gave ``task``): train (or only evaluate,
+    --eval) and score the chosen checkpoint on val and test."""
+    run = runner.start(flags, task=f"finetune ({task.name})", record=False)
+    chosen, ckpt, init, adopted = read_checkpoints(run.flags, task, run)
+    config = runner.record_config(run, **adopted)  # config.yaml written: the run reads this from here on
     splits = build_splits(config, task, run.info.world_size)
     model = build_model(config, task, splits["train"].num_classes).to(run.device)
     if config.eval:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import finetuning
-from util.config import run_cli
+from util.config import RunConfig, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    return finetuning.finetune(args)
+    """Finetune (or evaluate) with the parsed flags; returns what ``results.json`` holds."""
+    task = finetuning.settle(args)  # task, input size and selection metric settled on the flags
+    flags = RunConfig(vars(args))  # frozen once, here: the library never sees the Namespace
+    return finetuning.finetune(flags, task)
 
 
 if __name__ == "__main__":

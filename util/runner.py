@@ -184,6 +184,7 @@ class Run:
     output_dir: Path
     amp_dtype: torch.dtype | None
     tb: object = None
+    flags: RunConfig | None = None  # the flags with the derived values (``start``), not yet recorded
     config: RunConfig | None = None  # set by record_config once every value is settled
     preemption: PreemptionSignal | None = None  # SIGTERM / SIGUSR1 recorded from start-up on
     epoch_log: JsonLines = field(default_factory=lambda: JsonLines(None))
@@ -203,12 +204,12 @@ def start(args: argparse.Namespace | RunConfig, task: str, not_applicable: Colle
           record: bool = True) -> Run:
     """Distributed setup, logging, seeding, output folder, resolved config; validates cheap flags first.
 
-    ``args``: the parsed flags. Frozen (a ``RunConfig``), they are settled with the derived values
-    (``derive``) into ``run.config``. A Namespace gets the derived values set on it, for an entry point that
-    still settles values after ``start`` (a checkpoint's hold-out adopted by ``--eval``, the epoch of the
-    ``--finetune`` file): it passes ``record=False`` and calls ``record_config`` once they are settled.
+    ``args``: the parsed flags (a Namespace is frozen here). They are settled with the derived values
+    (``derive``) into ``run.flags``. ``record``: record them now (``record_config``: ``run.config``,
+    ``config.yaml``). An entry point that still settles values after ``start`` (a checkpoint's hold-out
+    adopted by ``--eval``, the epoch of the ``--finetune`` file) passes ``record=False`` and calls
+    ``record_config`` with those values once they are known.
     ``not_applicable``: flags left out of ``config.yaml`` because this run does not use them.
-    ``record``: settle the configuration now (``record_config``: ``run.config``, ``config.yaml``).
     """
     validate_common(args)
     info, device = init_distributed(args.device, args.dist_url, args.dist_timeout)
@@ -216,33 +217,31 @@ def start(args: argparse.Namespace | RunConfig, task: str, not_applicable: Colle
         torch.set_num_threads(args.num_threads)
     memory = tune_cpu_memory(args.cpu_memory) if device.type == "cpu" else "device memory"
     setup_logging(info.is_main)
-    derived = derive(args, info.world_size)
-    if isinstance(args, RunConfig):
-        args = args.replace(**derived)
-    else:
-        vars(args).update(derived)
-    torch.manual_seed(args.seed + info.rank)
-    out = Path(args.output_dir)
+    flags = RunConfig.freeze(args).replace(**derive(args, info.world_size))
+    torch.manual_seed(flags.seed + info.rank)
+    out = Path(flags.output_dir)
     # A stop signal during start-up (indexing the data, building the model) is kept: the first step saves.
-    run = Run(info, device, out, resolve_amp(args.amp, device), preemption=PreemptionSignal().install())
+    run = Run(info, device, out, resolve_amp(flags.amp, device), flags=flags,
+              preemption=PreemptionSignal().install())
     if info.is_main:  # the folder is made by the first file written to it (config.yaml): none for a failed start
-        run.tb = LazySummaryWriter(args.log_dir or out)  # its events file appears with the first scalar
+        run.tb = LazySummaryWriter(flags.log_dir or out)  # its events file appears with the first scalar
     log.info("%s on %s x%d (%s launcher), amp=%s, %s, output %s", task, device, info.world_size,
              info.launcher, run.amp_dtype, memory, out.resolve())
     if record:
-        record_config(run, args, not_applicable)
+        record_config(run, not_applicable=not_applicable)
     return run
 
 
-def record_config(run: Run, args: argparse.Namespace | RunConfig, not_applicable: Collection[str] = ()) -> RunConfig:
-    """Freeze the settled ``args`` into ``run.config`` and write it as ``config.yaml`` (main process only).
+def record_config(run: Run, not_applicable: Collection[str] = (), **settled) -> RunConfig:
+    """Record ``run.flags`` with the ``settled`` values as ``run.config`` and write ``config.yaml`` (main
+    process only).
 
     The run reads its settings from the returned ``RunConfig`` from here on, so the file holds exactly
     the values the run uses (less the ``not_applicable`` flags, which it does not use).
     """
     if run.config is not None:
         raise RuntimeError("record_config: the run configuration is already settled")
-    run.config = RunConfig.freeze(args)
+    run.config = run.flags.replace(**settled)
     if run.info.is_main:
         write_config(run.config, run.output_dir / "config.yaml", omit=not_applicable)
     return run.config
