@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 import backbones
-from sarwmix.errors import ConfigError
+from sarwmix.errors import ConfigError, table_entry
 
 Config = Any  # a run's flags, read by attribute: the parsed ones (``check_flags``), else the settled RunConfig
 
@@ -108,8 +108,4 @@ MODES: dict[str, PretrainMode] = {m.name: m for m in (MIXMIM, SIMMIM)}
 
 def get_mode(mode: str | PretrainMode) -> PretrainMode:
     """The mode of a name (as ``--mode`` and ``config.yaml`` record it), or ``mode`` itself."""
-    if isinstance(mode, PretrainMode):
-        return mode
-    if mode not in MODES:
-        raise ConfigError(f"unknown pretraining mode {mode!r}; choices: {', '.join(MODES)}")
-    return MODES[mode]
+    return table_entry(MODES, mode, "pretraining mode")

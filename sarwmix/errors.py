@@ -5,6 +5,11 @@ Messages name the file or value and what was expected.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class SarwmixError(Exception):
     """Base class of every user-facing error of the project."""
@@ -24,3 +29,13 @@ class CheckpointError(SarwmixError, ValueError):
 
 class TrainingError(SarwmixError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss)."""
+
+
+def table_entry(table: Mapping[str, T], key: T | str, what: str) -> T:
+    """The entry of ``key`` in one of the project's tables (data sets, tasks, pretraining modes), or ``key``
+    itself when it is already an entry; ConfigError naming ``what`` and listing the keys when there is none."""
+    if not isinstance(key, str):
+        return key
+    if key not in table:
+        raise ConfigError(f"{what} {key!r}: expected one of {', '.join(table)}")
+    return table[key]

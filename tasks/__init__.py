@@ -8,6 +8,7 @@ engines, entry points and analysis import it.
 """
 from __future__ import annotations
 
+from sarwmix.errors import table_entry
 from tasks.base import Task, task_of_dataset
 from tasks.bigearthnet import BIGEARTHNET
 from tasks.sen12flood import SEN12FLOOD
@@ -17,11 +18,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (BIGEARTHNET, SEN12FLOOD)}
 
 def get_task(task: str | Task) -> Task:
     """The task of a name (as ``--task``, ``config.yaml`` and ``results.json`` record it), or ``task`` itself."""
-    if isinstance(task, Task):
-        return task
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
-    return TASKS[task]
+    return table_entry(TASKS, task, "task")
 
 
 def task_for_dataset(dataset: str) -> Task:

@@ -80,7 +80,7 @@ def test_the_two_tasks_answer_what_the_run_records():
     assert (ben.backbone_role, sen12.backbone_role, get_task(ben)) == ("finetune", "pair_finetune", ben)
     assert set(sen12.scores(torch.eye(2), torch.tensor([0, 1]))) == set(SEN12_METRICS)
     assert sen12.empty_predictions()[0].shape == (0, 2) and ben.empty_predictions()[1].shape == (0, 1)
-    with pytest.raises(ValueError, match="unknown task 'segmentation'"):
+    with pytest.raises(ConfigError, match="task 'segmentation': expected one of ben, sen12flood"):
         get_task("segmentation")
 
 

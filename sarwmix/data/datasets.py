@@ -35,7 +35,7 @@ from sarwmix.data.synthetic import (
     write_benv2,
     write_benv2_lmdb,
 )
-from sarwmix.errors import ConfigError
+from sarwmix.errors import ConfigError, table_entry
 
 SPLITS: tuple[str, ...] = ("train", "val", "validation", "test")
 # build(data_path, split, **options) -> the split's reader; the options are the keyword arguments of
@@ -130,9 +130,7 @@ def dataset_names(**having) -> tuple[str, ...]:
 
 def dataset_spec(name: str) -> DatasetSpec:
     """The entry of ``name``; ConfigError listing the data sets when there is none."""
-    if name not in DATASETS:
-        raise ConfigError(f"dataset {name!r}: expected one of {tuple(DATASETS)}")
-    return DATASETS[name]
+    return table_entry(DATASETS, name, "dataset")
 
 
 def writable_formats() -> tuple[str, ...]:
