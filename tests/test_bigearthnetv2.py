@@ -156,6 +156,20 @@ def test_lmdb_reader_in_forked_dataloader_workers(lmdb_root: Path) -> None:
     np.testing.assert_array_equal(store[0][0].numpy(), first.numpy())  # still readable here afterwards
 
 
+def test_lmdb_of_a_deleted_folder_is_closed_before_the_next_one_opens(lmdb_root: Path, tmp_path: Path) -> None:
+    # py-lmdb refuses an environment whose lock file has the (device, inode) of one still open in the process;
+    # the lock file of a deleted folder is not held open, so its inode is free for reuse by any new file.
+    from sarwmix.data import bigearthnetv2
+
+    gone = copy_tree(lmdb_root, tmp_path / "gone")
+    BenV2Lmdb(gone, "test")[0]
+    assert any(path.startswith(str(gone)) for _, path in bigearthnetv2._LMDB_ENVS)
+    shutil.rmtree(gone)
+    fresh = BenV2Lmdb(copy_tree(lmdb_root, tmp_path / "fresh"), "test", input_size=120)
+    assert fresh[0][0].shape == (2, 120, 120)
+    assert not any(path.startswith(str(gone)) for _, path in bigearthnetv2._LMDB_ENVS)
+
+
 def _lmdb_with(path: Path, key: str, value: bytes) -> None:
     env = lmdb.open(str(path), map_size=2**24)
     with env.begin(write=True) as txn:

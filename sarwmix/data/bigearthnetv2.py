@@ -274,7 +274,10 @@ class BenV2Lmdb(_BenV2Base):
         if key not in _LMDB_ENVS:
             # A forked DataLoader worker inherits the parent's environment: unusable here, and py-lmdb
             # refuses to open the same files again while it is open. Closing it affects this process only.
-            for stale in [k for k in _LMDB_ENVS if k[1] == key[1]]:
+            # An environment whose folder was deleted goes too: py-lmdb remembers the (device, inode) of its
+            # lock file, which it does not hold open (lock=False), so a new file may reuse that inode and
+            # an unrelated environment would be refused as "already open in this process".
+            for stale in [k for k in _LMDB_ENVS if k[1] == key[1] or not os.path.isdir(k[1])]:
                 _LMDB_ENVS.pop(stale).close()
             try:
                 _LMDB_ENVS[key] = lmdb.open(key[1], readonly=True, lock=False, readahead=False,
