@@ -1,5 +1,9 @@
 """YAML configs and ``--override KEY=VALUE``: every shipped config parses, types, unknown keys, precedence."""
 import argparse
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,3 +250,14 @@ def test_eval_config_yaml_is_the_configuration_the_run_used(tmp_path, monkeypatc
     assert yaml.safe_load((tmp_path / "ev" / "config.yaml").read_text()) == config.as_dict()
     with pytest.raises(AttributeError, match="settled"):
         config.seed = 5
+
+
+def test_a_process_that_aborts_in_a_library_writes_its_python_stacks_first():
+    """run_cli enables faulthandler: an abort inside C++ code (here os.abort) leaves the Python stack in the log."""
+    code = ("import os; from util.config import run_cli\n"
+            "def main(args):\n    os.abort()\n"
+            "run_cli(main, lambda: None)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"})
+    assert proc.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in proc.stderr and 'line 3 in main' in proc.stderr, proc.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import faulthandler
 import sys
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -213,7 +214,14 @@ class RunConfig(Mapping):
 
 def run_cli(main: Callable[[argparse.Namespace], object], parse: Callable[[], argparse.Namespace]) -> None:
     """Parse and run; a user error (SarwmixError) ends with one line on stderr and exit code 2; a run stopped
-    by a preemption signal after its checkpoint ends with one line and ``EXIT_PREEMPTED`` (75)."""
+    by a preemption signal after its checkpoint ends with one line and ``EXIT_PREEMPTED`` (75).
+
+    A process killed by a fatal signal (an abort or a segmentation fault inside a C++ library: a
+    communication backend, a reader) first writes the Python stacks of its threads to stderr, the job log,
+    so the log says what each rank was doing when it died.
+    """
+    if not faulthandler.is_enabled():  # a caller's own handler (pytest's, PYTHONFAULTHANDLER) stays
+        faulthandler.enable(all_threads=True)
     try:
         main(parse())
     except SarwmixError as e:
