@@ -27,6 +27,16 @@ def doc_files() -> list[Path]:
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _close_lmdb_environments():
+    """After each test, close the LMDB environments it opened: pytest deletes a passed test's folder, and a new
+    file reusing the inode of a deleted, still-open environment's lock file is refused by py-lmdb as already open."""
+    yield
+    readers = sys.modules.get("sarwmix.data.bigearthnetv2")
+    if readers is not None:
+        readers.close_lmdb_environments()
+
+
 def real_s1_dir(part: str = "") -> Path:
     """The folder ``$SARWMIX_REAL_S1/part``, read in place; the calling test is skipped, saying how to run it,
     when the variable is unset or the folder is missing."""

@@ -170,6 +170,18 @@ def test_lmdb_of_a_deleted_folder_is_closed_before_the_next_one_opens(lmdb_root:
     assert not any(path.startswith(str(gone)) for _, path in bigearthnetv2._LMDB_ENVS)
 
 
+def test_close_lmdb_environments_lets_the_files_be_opened_again(lmdb_root: Path, tmp_path: Path) -> None:
+    from sarwmix.data.bigearthnetv2 import close_lmdb_environments
+
+    copy = copy_tree(lmdb_root, tmp_path / "c")
+    BenV2Lmdb(copy, "test")[0]
+    with pytest.raises(lmdb.Error, match="already open in this process"):
+        lmdb.open(str(copy / "BigEarthNet_LMDB"), readonly=True, lock=False)
+    close_lmdb_environments()
+    lmdb.open(str(copy / "BigEarthNet_LMDB"), readonly=True, lock=False).close()
+    assert BenV2Lmdb(copy, "test", input_size=120)[0][0].shape == (2, 120, 120)  # the reader opens it anew
+
+
 def _lmdb_with(path: Path, key: str, value: bytes) -> None:
     env = lmdb.open(str(path), map_size=2**24)
     with env.begin(write=True) as txn:

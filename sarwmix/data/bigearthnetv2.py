@@ -249,6 +249,14 @@ def find_lmdb(data_path: Path) -> Path:
     return found[0]
 
 
+def close_lmdb_environments() -> None:
+    """Close every LMDB environment this process opened. For a long-lived process (a notebook, a test session)
+    that deletes the folders it read: py-lmdb refuses a new environment whose files reuse the inode of one still
+    open in the process, and the lock file of a deleted folder is not held open, so its inode is free for reuse."""
+    while _LMDB_ENVS:
+        _LMDB_ENVS.popitem()[1].close()
+
+
 class BenV2Lmdb(_BenV2Base):
     """BigEarthNet v2 S1 patches from the rico-hdl LMDB (safetensors values keyed by S1 name).
 
