@@ -218,12 +218,13 @@ def provenance(args: Config, init: dict | None, evaluated: dict) -> dict:
     """``finetune``, ``pretrain_epoch``, ``train_fraction`` and ``freeze_encoder`` (the protocol: linear
     probe or finetuning) behind the reported model.
 
-    After training they come from this run (the epoch from the --finetune file). With --eval they come
-    from the evaluated checkpoint's stored args when this command line does not give them (the protocol
-    always: an evaluation trains nothing; None when the checkpoint does not record it).
+    After training they come from this run (``pretrain_epoch``: settled from the --finetune file by
+    ``read_checkpoints``). With --eval they come from the evaluated checkpoint's stored args when this command
+    line does not give them (the protocol always: an evaluation trains nothing; None when the checkpoint does
+    not record it).
     """
     if init is not None:
-        return {"finetune": args.finetune, "pretrain_epoch": checkpoint_epoch(args.finetune, init),
+        return {"finetune": args.finetune, "pretrain_epoch": args.pretrain_epoch,
                 "train_fraction": args.train_fraction, "freeze_encoder": bool(args.freeze_encoder)}
     stored = checkpoint_args(evaluated if args.eval else {})
     source = args.finetune or stored.finetune

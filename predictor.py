@@ -67,8 +67,7 @@ class Predictor:
 
     @property
     def kind(self) -> str:
-        """The task's name, or ``encoder``."""
-        return self.task.name if self.task is not None else ENCODER
+        return kind_of(self.task)
 
     @property
     def title(self) -> str:
@@ -101,6 +100,11 @@ class Predictor:
                 out = self.task.probabilities(self.model(x.view(b, dates, c, *x.shape[-2:]) if dates > 1 else x)
                                               .float())
         return out.cpu().numpy()
+
+
+def kind_of(task: Task | None) -> str:
+    """What a model predicts, by name: its task's, or ``encoder`` for a pretraining checkpoint's encoder."""
+    return task.name if task is not None else ENCODER
 
 
 def title(kind: str) -> str:
@@ -202,7 +206,7 @@ def load_predictor(path: str | Path, *, task: str | None = None, stats: str | No
     ckpt = load_checkpoint(path, sha256=sha256)
     state, args = model_state(ckpt, path), checkpoint_args(ckpt)
     found = checkpoint_task(state, args, path)
-    kind = found.name if found is not None else ENCODER
+    kind = kind_of(found)
     if task is not None and task != kind:
         raise CheckpointError(f"{path}: a {title(kind)} checkpoint ({kind}), but --task {task} asks for a "
                               f"{title(task)} one")
