@@ -261,3 +261,18 @@ def test_a_process_that_aborts_in_a_library_writes_its_python_stacks_first():
                           env={k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"})
     assert proc.returncode == -signal.SIGABRT
     assert "Fatal Python error: Aborted" in proc.stderr and 'line 3 in main' in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("ranked", [False, True])
+def test_a_rank_ends_without_the_interpreter_finalisation(ranked):
+    """end_process: a rank whose process group was destroyed leaves by os._exit with its code, its logs and
+    streams flushed; any other process exits as usual (atexit handlers run)."""
+    code = ("import atexit, logging, sys; from util import distributed\n"
+            f"distributed._ENDED_GROUP = {ranked}\n"
+            "logging.basicConfig(stream=sys.stderr); logging.getLogger('x').warning('logged')\n"
+            "atexit.register(lambda: print('finalised'))\n"
+            "print('printed', end='')\n"
+            "distributed.end_process(75)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 75 and "logged" in proc.stderr and proc.stdout.startswith("printed")
+    assert ("finalised" in proc.stdout) is not ranked

@@ -17,7 +17,7 @@ from types import MappingProxyType
 import yaml
 
 from sarwmix.errors import ConfigError, SarwmixError
-from util.distributed import cleanup_distributed, is_main_process
+from util.distributed import cleanup_distributed, end_process, is_main_process
 from util.files import write_text_atomic
 from util.preemption import EXIT_PREEMPTED, Preempted
 
@@ -218,7 +218,8 @@ def run_cli(main: Callable[[argparse.Namespace], object], parse: Callable[[], ar
 
     A process killed by a fatal signal (an abort or a segmentation fault inside a C++ library: a
     communication backend, a reader) first writes the Python stacks of its threads to stderr, the job log,
-    so the log says what each rank was doing when it died.
+    so the log says what each rank was doing when it died. A rank of a process group ends through
+    ``util.distributed.end_process``, without the interpreter's finalisation.
     """
     if not faulthandler.is_enabled():  # a caller's own handler (pytest's, PYTHONFAULTHANDLER) stays
         faulthandler.enable(all_threads=True)
@@ -226,10 +227,12 @@ def run_cli(main: Callable[[argparse.Namespace], object], parse: Callable[[], ar
         main(parse())
     except SarwmixError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        end_process(2)
     except Preempted as e:
         if is_main_process():  # every rank stops alike: one line for the job
             print(f"preempted: {e}; checkpoint.pth holds the position: run again with --resume auto to "
                   f"continue (exit code {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
         cleanup_distributed()
-        sys.exit(EXIT_PREEMPTED)
+        end_process(EXIT_PREEMPTED)
+    else:
+        end_process()  # a rank of a finished run ends here (see end_process); one process returns

@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -171,9 +172,29 @@ def restart_store(env: Mapping[str, str], info: DistInfo, timeout: datetime.time
     return dist.PrefixStore(f"sarwmix/attempt_{attempt}", store)
 
 
+_ENDED_GROUP = False  # this process was a rank of a process group that cleanup_distributed destroyed
+
+
 def cleanup_distributed() -> None:
+    global _ENDED_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _ENDED_GROUP = True
+
+
+def end_process(code: int | None = None) -> None:
+    """End the command with ``code`` (None: a normal end, the caller returns). A rank of a process group
+    skips the interpreter's finalisation instead (``os._exit`` after flushing the logs and standard
+    streams): rarely, on a loaded machine, a gloo rank aborted there (``terminate called without an active
+    exception``, exit code 134) after every output of its run had been written, turning a finished or
+    preempted run into a failed job."""
+    if _ENDED_GROUP:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    if code is not None:
+        sys.exit(code)
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:
